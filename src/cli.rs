@@ -1,0 +1,283 @@
+//! The command line: `serve`, `check-config`, `dev-pki`.
+
+use std::{collections::BTreeSet, path::PathBuf, process::ExitCode, time::Duration};
+
+use aws_types::os_shim_internal::{Env, Fs};
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{CONFIG_ENV, Config, ConfigError},
+    credentials::IamClients,
+    devpki,
+    iam::Iam,
+    server::{self, Listeners},
+    telemetry, tls,
+};
+
+/// Exit code for bad configuration or usage (EX_USAGE from sysexits.h).
+pub const EX_USAGE: u8 = 64;
+/// Exit code when the service fails at run time (EX_SOFTWARE).
+pub const EX_SOFTWARE: u8 = 70;
+
+/// credgate: changes AWS IAM console passwords for mTLS-authenticated
+/// services, signing with each caller's own IAM user credentials.
+#[derive(Debug, Parser)]
+#[command(name = "credgate", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service: mTLS gRPC on server.listen, health on server.admin_listen.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate the configuration, its files and certificates, and the AWS
+    /// profiles; exit 64 listing every problem.
+    CheckConfig {
+        /// Configuration file (TOML).
+        #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
+        config: PathBuf,
+        /// Also call IAM GetUser with each caller's profile and check that the
+        /// credentials belong to the configured iam_user.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Write a throwaway CA, a server certificate (localhost, 127.0.0.1) and
+    /// client certificates for local runs and demos. Not for production.
+    DevPki {
+        /// Directory to write ca.crt, ca.key, ca.crl, server.crt, server.key,
+        /// client-N.crt and client-N.key into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// SPIFFE ID of a client certificate to issue (repeatable; default
+        /// spiffe://credgate.local/ns/dev/sa/dev-client).
+        #[arg(long = "client", value_name = "SPIFFE_ID")]
+        clients: Vec<String>,
+        /// Extra DNS name for the server certificate (repeatable).
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage_error = e.use_stderr();
+            let _ = e.print();
+            return if usage_error {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("credgate: cannot start the async runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config } => serve(config).await,
+            Command::CheckConfig { config, online } => check_config(config, online).await,
+            Command::DevPki {
+                out,
+                clients,
+                server_names,
+            } => dev_pki(out, &server_names, &clients),
+        }
+    })
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("credgate: {}: {e}", path.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let telemetry = match telemetry::init(config.telemetry.log_format) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("credgate: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let code = run(config).await;
+    // Flushing blocks until the exporter has sent; keep it off the workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
+}
+
+async fn run(config: Config) -> ExitCode {
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    let addr =
+        |r: std::io::Result<std::net::SocketAddr>| r.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        tls_addr = addr(listeners.tls_addr()),
+        admin_addr = addr(listeners.admin_addr()),
+        callers = config.callers.len(),
+        version = env!("CARGO_PKG_VERSION"),
+        "credgate listening"
+    );
+    match server::serve(config, listeners, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            ExitCode::from(EX_SOFTWARE)
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+                _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn check_config(path: PathBuf, online: bool) -> ExitCode {
+    let problems = match Config::load(&path) {
+        Err(ConfigError { problems }) => problems,
+        Ok(config) => {
+            let mut problems = tls::check(&config.tls);
+            problems.extend(check_profiles(&config).await);
+            if online && problems.is_empty() {
+                problems.extend(check_online(&config).await);
+            }
+            if problems.is_empty() {
+                println!(
+                    "{}: OK ({} caller(s); mTLS on {}, health on {}{})",
+                    path.display(),
+                    config.callers.len(),
+                    config.server.listen,
+                    config.server.admin_listen,
+                    if online {
+                        "; IAM identities verified"
+                    } else {
+                        ""
+                    }
+                );
+                return ExitCode::SUCCESS;
+            }
+            problems
+        }
+    };
+    eprintln!("{}: {} problem(s):", path.display(), problems.len());
+    for p in &problems {
+        eprintln!("  - {p}");
+    }
+    ExitCode::from(EX_USAGE)
+}
+
+/// Every `aws_profile` must exist in the shared config/credentials files
+/// (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`).
+async fn check_profiles(config: &Config) -> Vec<String> {
+    let profiles = match aws_config::profile::load(
+        &Fs::real(),
+        &Env::real(),
+        &aws_runtime::env_config::file::EnvConfigFiles::default(),
+        None,
+    )
+    .await
+    {
+        Ok(set) => set,
+        Err(e) => return vec![format!("AWS shared config/credentials files: {e}")],
+    };
+    let wanted: BTreeSet<&str> = config
+        .callers
+        .iter()
+        .map(|c| c.aws_profile.as_str())
+        .collect();
+    wanted
+        .into_iter()
+        .filter(|p| profiles.get_profile(p).is_none())
+        .map(|p| {
+            format!(
+                "aws_profile {p:?} is not in the AWS shared config/credentials files \
+                 (AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE)"
+            )
+        })
+        .collect()
+}
+
+async fn check_online(config: &Config) -> Vec<String> {
+    let iam = Iam::new(
+        IamClients::new(
+            &config.aws,
+            config.callers.iter().map(|c| c.aws_profile.as_str()),
+        )
+        .await,
+    );
+    let mut problems = Vec::new();
+    for caller in &config.callers {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        match iam.user_name(&caller.aws_profile, deadline).await {
+            Ok(name) if name == caller.iam_user => {}
+            Ok(name) => problems.push(format!(
+                "caller {}: profile {:?} signs as IAM user {name:?}, not {:?}",
+                caller.matcher, caller.aws_profile, caller.iam_user
+            )),
+            Err(e) => problems.push(format!(
+                "caller {}: IAM GetUser with profile {:?} failed: {} ({e})",
+                caller.matcher,
+                caller.aws_profile,
+                e.reason()
+            )),
+        }
+    }
+    problems
+}
+
+fn dev_pki(out: PathBuf, server_names: &[String], clients: &[String]) -> ExitCode {
+    match devpki::write(&out, server_names, clients) {
+        Ok(written) => {
+            for file in &written.files {
+                println!("wrote {}", file.display());
+            }
+            for (id, cert) in &written.clients {
+                println!("client {id} -> {}", cert.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("credgate dev-pki: {e}");
+            ExitCode::from(EX_USAGE)
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! Configuration: parse the TOML file, validate every setting, and report all
+//! problems at once.
+//!
+//! Parsing walks the TOML tree by hand instead of deriving `Deserialize` so
+//! that one run lists every unknown key, bad value and missing section rather
+//! than stopping at the first, as serde would.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::de::DeserializeOwned;
+use toml::{Table, Value};
+
+/// Environment variable naming the config file when `--config` is absent.
+pub const CONFIG_ENV: &str = "CREDGATE_CONFIG";
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listeners, deadlines and drain budget.
+    pub server: ServerSettings,
+    /// Server certificate, client CA and optional CRL.
+    pub tls: TlsSettings,
+    /// How IAM is reached.
+    pub aws: AwsSettings,
+    /// Brute-force protection for the old password.
+    pub limits: LimitSettings,
+    /// Log format.
+    pub telemetry: TelemetrySettings,
+    /// Caller identities and the IAM users they act as.
+    pub callers: Vec<CallerSettings>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// mTLS gRPC listener.
+    pub listen: SocketAddr,
+    /// Plaintext health-only listener for Kubernetes probes.
+    pub admin_listen: SocketAddr,
+    /// Budget for a whole RPC, IAM call included.
+    pub request_timeout: Duration,
+    /// Drain budget after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Requests served at once across all connections.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(20),
+            max_concurrent_requests: 512,
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// Optional PEM CRL(s) of the client CA.
+    pub crl: Option<PathBuf>,
+}
+
+/// `[aws]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsSettings {
+    /// Region used to sign IAM requests.
+    pub region: String,
+    /// Override of the IAM endpoint (an emulator or a VPC endpoint).
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for AwsSettings {
+    fn default() -> Self {
+        Self {
+            region: "us-east-1".to_owned(),
+            endpoint_url: None,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSettings {
+    /// Wrong old passwords tolerated per caller within the window.
+    pub failed_attempts: u32,
+    /// Sliding window for `failed_attempts`.
+    pub failed_attempts_window: Duration,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            failed_attempts: 5,
+            failed_attempts_window: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TelemetrySettings {
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// One `[[callers]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerSettings {
+    /// How the caller's certificate is recognised.
+    pub matcher: Matcher,
+    /// The IAM user this caller acts as.
+    pub iam_user: String,
+    /// The shared-config profile holding that user's access key.
+    pub aws_profile: String,
+}
+
+/// The one certificate attribute a caller is recognised by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Matcher {
+    /// The certificate's only URI SAN.
+    SpiffeId(String),
+    /// Any DNS SAN.
+    DnsName(String),
+    /// The subject common name.
+    CommonName(String),
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SpiffeId(v) => write!(f, "spiffe_id {v:?}"),
+            Self::DnsName(v) => write!(f, "dns_name {v:?}"),
+            Self::CommonName(v) => write!(f, "common_name {v:?}"),
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} configuration problem(s):\n  - {}", .problems.len(), .problems.join("\n  - "))]
+pub struct ConfigError {
+    /// One human-readable line per problem, naming the key.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("cannot read {}: {e}", path.display())],
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let root: Table = toml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![format!("not valid TOML: {}", e.message())],
+        })?;
+        let mut p = Problems::default();
+        p.unknown_keys(
+            &root,
+            "",
+            &["server", "tls", "aws", "limits", "telemetry", "callers"],
+        );
+        let server = parse_server(&mut p, &root);
+        let tls = parse_tls(&mut p, &root);
+        let aws = parse_aws(&mut p, &root);
+        let limits = parse_limits(&mut p, &root);
+        let telemetry = parse_telemetry(&mut p, &root);
+        let callers = parse_callers(&mut p, &root);
+        match tls {
+            Some(tls) if p.0.is_empty() => Ok(Self {
+                server,
+                tls,
+                aws,
+                limits,
+                telemetry,
+                callers,
+            }),
+            _ => Err(ConfigError { problems: p.0 }),
+        }
+    }
+}
+
+/// Accumulates problems while the parser keeps going.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, problem: String) {
+        self.0.push(problem);
+    }
+
+    fn unknown_keys(&mut self, table: &Table, prefix: &str, known: &[&str]) {
+        for key in table.keys().filter(|k| !known.contains(&k.as_str())) {
+            self.push(format!("{prefix}{key}: unknown key"));
+        }
+    }
+
+    /// The sub-table `name` of `root`, checked for unknown keys.
+    fn section<'a>(&mut self, root: &'a Table, name: &str, known: &[&str]) -> Option<&'a Table> {
+        match root.get(name) {
+            None => None,
+            Some(Value::Table(t)) => {
+                self.unknown_keys(t, &format!("{name}."), known);
+                Some(t)
+            }
+            Some(other) => {
+                self.push(format!(
+                    "{name}: expected a table, found {}",
+                    other.type_str()
+                ));
+                None
+            }
+        }
+    }
+
+    /// Deserializes `table[key]`, recording a problem on failure.
+    fn value<T: DeserializeOwned>(&mut self, table: &Table, path: &str, key: &str) -> Option<T> {
+        let value = table.get(key)?;
+        match value.clone().try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.push(format!("{path}.{key}: {}", e.message().trim()));
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, table: &Table, path: &str, key: &str) -> Option<SocketAddr> {
+        let text: String = self.value(table, path, key)?;
+        text.parse()
+            .map_err(|_| {
+                self.push(format!(
+                    "{path}.{key}: {text:?} is not an IP:port address (e.g. \"0.0.0.0:8443\")"
+                ))
+            })
+            .ok()
+    }
+
+    fn duration(&mut self, table: &Table, path: &str, key: &str) -> Option<Duration> {
+        let text: String = self.value(table, path, key)?;
+        match humantime::parse_duration(&text) {
+            Ok(d) if d.is_zero() => {
+                self.push(format!("{path}.{key}: must be greater than zero"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.push(format!(
+                    "{path}.{key}: {text:?} is not a duration like \"10s\" or \"15m\": {e}"
+                ));
+                None
+            }
+        }
+    }
+
+    fn positive<T>(&mut self, table: &Table, path: &str, key: &str) -> Option<T>
+    where
+        T: DeserializeOwned + Default + PartialOrd,
+    {
+        let v: T = self.value(table, path, key)?;
+        if v <= T::default() {
+            self.push(format!("{path}.{key}: must be greater than zero"));
+            return None;
+        }
+        Some(v)
+    }
+
+    fn required_string(&mut self, table: &Table, path: &str, key: &str) -> Option<String> {
+        if !table.contains_key(key) {
+            self.push(format!("{path}.{key}: missing"));
+            return None;
+        }
+        let v: String = self.value(table, path, key)?;
+        if v.trim().is_empty() {
+            self.push(format!("{path}.{key}: must not be empty"));
+            return None;
+        }
+        Some(v)
+    }
+}
+
+fn parse_server(p: &mut Problems, root: &Table) -> ServerSettings {
+    let mut s = ServerSettings::default();
+    let known = [
+        "listen",
+        "admin_listen",
+        "request_timeout",
+        "shutdown_grace",
+        "max_concurrent_requests",
+    ];
+    let Some(t) = p.section(root, "server", &known) else {
+        return s;
+    };
+    s.listen = p.addr(t, "server", "listen").unwrap_or(s.listen);
+    s.admin_listen = p
+        .addr(t, "server", "admin_listen")
+        .unwrap_or(s.admin_listen);
+    s.request_timeout = p
+        .duration(t, "server", "request_timeout")
+        .unwrap_or(s.request_timeout);
+    s.shutdown_grace = p
+        .duration(t, "server", "shutdown_grace")
+        .unwrap_or(s.shutdown_grace);
+    s.max_concurrent_requests = p
+        .positive(t, "server", "max_concurrent_requests")
+        .unwrap_or(s.max_concurrent_requests);
+    if s.listen == s.admin_listen {
+        p.push(format!(
+            "server.admin_listen: must differ from server.listen ({})",
+            s.listen
+        ));
+    }
+    s
+}
+
+fn parse_tls(p: &mut Problems, root: &Table) -> Option<TlsSettings> {
+    if !root.contains_key("tls") {
+        p.push("tls: missing section (cert, key and client_ca are required)".to_owned());
+        return None;
+    }
+    let t = p.section(root, "tls", &["cert", "key", "client_ca", "crl"])?;
+    let cert = p.required_string(t, "tls", "cert");
+    let key = p.required_string(t, "tls", "key");
+    let client_ca = p.required_string(t, "tls", "client_ca");
+    let crl: Option<String> = p.value(t, "tls", "crl");
+    Some(TlsSettings {
+        cert: cert?.into(),
+        key: key?.into(),
+        client_ca: client_ca?.into(),
+        crl: crl.map(PathBuf::from),
+    })
+}
+
+fn parse_aws(p: &mut Problems, root: &Table) -> AwsSettings {
+    let mut s = AwsSettings::default();
+    let Some(t) = p.section(root, "aws", &["region", "endpoint_url"]) else {
+        return s;
+    };
+    if t.contains_key("region") {
+        s.region = p.required_string(t, "aws", "region").unwrap_or(s.region);
+    }
+    if let Some(url) = p.value::<String>(t, "aws", "endpoint_url") {
+        if url.starts_with("http://") || url.starts_with("https://") {
+            s.endpoint_url = Some(url);
+        } else {
+            p.push(format!(
+                "aws.endpoint_url: {url:?} must start with http:// or https://"
+            ));
+        }
+    }
+    s
+}
+
+fn parse_limits(p: &mut Problems, root: &Table) -> LimitSettings {
+    let mut s = LimitSettings::default();
+    let Some(t) = p.section(
+        root,
+        "limits",
+        &["failed_attempts", "failed_attempts_window"],
+    ) else {
+        return s;
+    };
+    s.failed_attempts = p
+        .positive(t, "limits", "failed_attempts")
+        .unwrap_or(s.failed_attempts);
+    s.failed_attempts_window = p
+        .duration(t, "limits", "failed_attempts_window")
+        .unwrap_or(s.failed_attempts_window);
+    s
+}
+
+fn parse_telemetry(p: &mut Problems, root: &Table) -> TelemetrySettings {
+    let mut s = TelemetrySettings::default();
+    let Some(t) = p.section(root, "telemetry", &["log_format"]) else {
+        return s;
+    };
+    match p.value::<String>(t, "telemetry", "log_format").as_deref() {
+        None | Some("json") => {}
+        Some("text") => s.log_format = LogFormat::Text,
+        Some(other) => p.push(format!(
+            "telemetry.log_format: {other:?} is not \"json\" or \"text\""
+        )),
+    }
+    s
+}
+
+fn parse_callers(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
+    let entries = match root.get("callers") {
+        None => {
+            p.push("callers: no [[callers]] entries; every caller would be denied".to_owned());
+            return Vec::new();
+        }
+        Some(Value::Array(entries)) => entries,
+        Some(other) => {
+            p.push(format!(
+                "callers: expected an array of tables ([[callers]]), found {}",
+                other.type_str()
+            ));
+            return Vec::new();
+        }
+    };
+    let known = [
+        "spiffe_id",
+        "dns_name",
+        "common_name",
+        "iam_user",
+        "aws_profile",
+    ];
+    let mut seen = HashSet::new();
+    let mut callers = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let path = format!("callers[{i}]");
+        let Value::Table(t) = entry else {
+            p.push(format!("{path}: expected a table"));
+            continue;
+        };
+        p.unknown_keys(t, &format!("{path}."), &known);
+        let mut matchers = Vec::new();
+        if let Some(v) = p.value::<String>(t, &path, "spiffe_id") {
+            if v.starts_with("spiffe://") && v.len() > "spiffe://".len() {
+                matchers.push(Matcher::SpiffeId(v));
+            } else {
+                p.push(format!(
+                    "{path}.spiffe_id: {v:?} is not a SPIFFE ID (spiffe://trust-domain/path)"
+                ));
+                continue;
+            }
+        }
+        if let Some(v) = p.value::<String>(t, &path, "dns_name") {
+            matchers.push(Matcher::DnsName(v));
+        }
+        if let Some(v) = p.value::<String>(t, &path, "common_name") {
+            matchers.push(Matcher::CommonName(v));
+        }
+        let iam_user = p.required_string(t, &path, "iam_user");
+        let aws_profile = p.required_string(t, &path, "aws_profile");
+        if matchers.len() != 1 {
+            p.push(format!(
+                "{path}: needs exactly one of spiffe_id, dns_name, common_name (found {})",
+                matchers.len()
+            ));
+            continue;
+        }
+        let matcher = matchers.remove(0);
+        if let Matcher::DnsName(v) | Matcher::CommonName(v) = &matcher
+            && v.trim().is_empty()
+        {
+            p.push(format!("{path}: identity must not be empty"));
+            continue;
+        }
+        if !seen.insert(matcher.clone()) {
+            p.push(format!(
+                "{path}: duplicate identity {matcher}: each identity maps to exactly one IAM user"
+            ));
+            continue;
+        }
+        if let (Some(iam_user), Some(aws_profile)) = (iam_user, aws_profile) {
+            callers.push(CallerSettings {
+                matcher,
+                iam_user,
+                aws_profile,
+            });
+        }
+    }
+    callers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [tls]
+        cert = "c.pem"
+        key = "k.pem"
+        client_ca = "ca.pem"
+        [[callers]]
+        spiffe_id = "spiffe://corp.example/ns/a/sa/a"
+        iam_user = "a"
+        aws_profile = "a"
+    "#;
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.server, ServerSettings::default());
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(config.server.admin_listen.to_string(), "0.0.0.0:8081");
+        assert_eq!(config.server.request_timeout, Duration::from_secs(10));
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(config.aws.region, "us-east-1");
+        assert_eq!(config.limits.failed_attempts, 5);
+        assert_eq!(config.telemetry.log_format, LogFormat::Json);
+        assert_eq!(
+            config.callers[0].matcher,
+            Matcher::SpiffeId("spiffe://corp.example/ns/a/sa/a".into())
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            colour = "blue"
+            [server]
+            listen = "nowhere"
+            request_timeout = "soon"
+            max_concurrent_requests = 0
+            [telemetry]
+            log_format = "xml"
+            [[callers]]
+            spiffe_id = "spiffe://a/b"
+            dns_name = "b.example"
+            iam_user = "x"
+            aws_profile = "x"
+            [[callers]]
+            common_name = "c"
+            iam_user = "c"
+            aws_profile = "c"
+            [[callers]]
+            common_name = "c"
+            iam_user = "d"
+            aws_profile = "d"
+            extra = 1
+        "#;
+        let err = Config::parse(text).expect_err("invalid");
+        let all = err.problems.join("\n");
+        for needle in [
+            "colour: unknown key",
+            "server.listen",
+            "server.request_timeout",
+            "server.max_concurrent_requests: must be greater than zero",
+            "telemetry.log_format",
+            "tls: missing section",
+            "callers[0]: needs exactly one of",
+            "callers[2]: duplicate identity",
+            "callers[2].extra: unknown key",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(err.problems.len(), 9, "{all}");
+    }
+
+    #[test]
+    fn a_caller_without_any_matcher_is_an_error() {
+        let text = MINIMAL.replace("spiffe_id = \"spiffe://corp.example/ns/a/sa/a\"", "");
+        let err = Config::parse(&text).expect_err("invalid");
+        assert!(err.problems[0].contains("found 0"), "{err}");
+    }
+
+    #[test]
+    fn a_spiffe_id_must_use_the_spiffe_scheme() {
+        let text = MINIMAL.replace("spiffe://corp.example/ns/a/sa/a", "https://a/b");
+        let err = Config::parse(&text).expect_err("invalid");
+        assert!(err.problems[0].contains("is not a SPIFFE ID"), "{err}");
+    }
+}

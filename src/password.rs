@@ -1,0 +1,190 @@
+//! Passwords as a secret type, IAM's character rules, and the account
+//! password policy checks run before IAM is called.
+
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+/// A console password. Its memory is wiped on drop and Debug never shows it.
+#[derive(Clone)]
+pub struct Password(Zeroizing<String>);
+
+impl Password {
+    /// Takes ownership of the text; the caller's `String` buffer moves in, so
+    /// no unwiped copy is left behind.
+    pub fn new(text: String) -> Self {
+        Self(Zeroizing::new(text))
+    }
+
+    /// The password text, for signing the IAM request and nothing else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password([REDACTED])")
+    }
+}
+
+/// One unmet rule, for a `google.rpc.BadRequest` field violation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The request field, e.g. `new_password`.
+    pub field: &'static str,
+    /// What is wrong, never quoting the password.
+    pub description: String,
+}
+
+/// IAM's hard limit for both passwords.
+pub const MAX_LEN: usize = 128;
+
+/// Checks IAM's own rules for `OldPassword`/`NewPassword`: 1..=128 characters
+/// from `[\t\n\r\u{20}-\u{FF}]`.
+pub fn check_charset(field: &'static str, password: &Password) -> Result<(), Violation> {
+    let text = password.expose();
+    let violation = |description: String| Violation { field, description };
+    if text.is_empty() {
+        return Err(violation("must not be empty".to_owned()));
+    }
+    let len = text.chars().count();
+    if len > MAX_LEN {
+        return Err(violation(format!(
+            "must be at most {MAX_LEN} characters (got {len})"
+        )));
+    }
+    if let Some(pos) = text.chars().position(|c| !is_iam_char(c)) {
+        // The position, not the character: quoting it would leak part of the
+        // password.
+        return Err(violation(format!(
+            "character {} is outside IAM's allowed set (tab, newline, carriage return, U+0020..U+00FF)",
+            pos + 1
+        )));
+    }
+    Ok(())
+}
+
+fn is_iam_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{FF}')
+}
+
+/// The account password policy, as IAM reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Minimum number of characters.
+    pub minimum_length: u32,
+    /// At least one of IAM's symbols.
+    pub require_symbols: bool,
+    /// At least one digit.
+    pub require_numbers: bool,
+    /// At least one of A-Z.
+    pub require_uppercase: bool,
+    /// At least one of a-z.
+    pub require_lowercase: bool,
+    /// Whether users may change their own password.
+    pub allow_users_to_change_password: bool,
+    /// Days until expiry; 0 = never.
+    pub max_age_days: u32,
+    /// Previous passwords that cannot be reused; 0 = none.
+    pub reuse_prevention: u32,
+    /// Whether an expired password needs an administrator.
+    pub hard_expiry: bool,
+}
+
+/// The non-alphanumeric characters IAM accepts for `RequireSymbols`.
+const IAM_SYMBOLS: &str = "!@#$%^&*()_+-=[]{}|'";
+
+impl Policy {
+    /// Every rule `new_password` breaks, one violation each, so a UI can show
+    /// them all at once. Reuse prevention cannot be checked here: only IAM
+    /// knows the history.
+    pub fn violations(&self, password: &Password) -> Vec<Violation> {
+        let text = password.expose();
+        let mut out = Vec::new();
+        let mut rule = |unmet: bool, description: String| {
+            if unmet {
+                out.push(Violation {
+                    field: "new_password",
+                    description,
+                });
+            }
+        };
+        let len = text.chars().count();
+        rule(
+            len < self.minimum_length as usize,
+            format!(
+                "must be at least {} characters (got {len})",
+                self.minimum_length
+            ),
+        );
+        rule(
+            self.require_symbols && !text.chars().any(|c| IAM_SYMBOLS.contains(c)),
+            format!("must contain at least one symbol ({IAM_SYMBOLS})"),
+        );
+        rule(
+            self.require_numbers && !text.chars().any(|c| c.is_ascii_digit()),
+            "must contain at least one number (0-9)".to_owned(),
+        );
+        rule(
+            self.require_uppercase && !text.chars().any(|c| c.is_ascii_uppercase()),
+            "must contain at least one uppercase letter (A-Z)".to_owned(),
+        );
+        rule(
+            self.require_lowercase && !text.chars().any(|c| c.is_ascii_lowercase()),
+            "must contain at least one lowercase letter (a-z)".to_owned(),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pw(s: &str) -> Password {
+        Password::new(s.to_owned())
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let shown = format!("{:?}", pw("hunter2-secret"));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("REDACTED"));
+    }
+
+    #[test]
+    fn iam_character_rules_are_enforced() {
+        assert!(check_charset("new_password", &pw("ok\tpass\u{FF}")).is_ok());
+        assert!(check_charset("new_password", &pw(&"a".repeat(128))).is_ok());
+        let empty = check_charset("old_password", &pw("")).expect_err("empty");
+        assert_eq!(empty.field, "old_password");
+        assert!(check_charset("new_password", &pw(&"a".repeat(129))).is_err());
+        let bad = check_charset("new_password", &pw("abc\u{100}")).expect_err("U+0100");
+        assert!(bad.description.contains("character 4"), "{bad:?}");
+        assert!(check_charset("new_password", &pw("a\u{7}b")).is_err());
+    }
+
+    #[test]
+    fn every_unmet_policy_rule_is_listed() {
+        let policy = Policy {
+            minimum_length: 12,
+            require_symbols: true,
+            require_numbers: true,
+            require_uppercase: true,
+            require_lowercase: true,
+            ..Policy::default()
+        };
+        assert_eq!(policy.violations(&pw("short")).len(), 4);
+        assert_eq!(policy.violations(&pw("SHORT")).len(), 4);
+        assert!(policy.violations(&pw("Long-enough-1")).is_empty());
+        let only_symbol = policy.violations(&pw("Longenoughxx1"));
+        assert_eq!(only_symbol.len(), 1);
+        assert!(only_symbol[0].description.contains("symbol"));
+    }
+
+    #[test]
+    fn no_policy_means_no_violation() {
+        assert!(Policy::default().violations(&pw("x")).is_empty());
+    }
+}

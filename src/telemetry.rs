@@ -1,0 +1,288 @@
+//! Logs, traces and metrics: one init function and a guard that flushes.
+//!
+//! - Logs: one JSON object per line on stdout (or text), level from
+//!   `RUST_LOG`, each line inside a span carrying `trace_id`/`span_id`.
+//! - Traces and metrics: OTLP/gRPC, configured only by the standard `OTEL_*`
+//!   variables. Without `OTEL_EXPORTER_OTLP_ENDPOINT` nothing is exported;
+//!   spans are still created in-process so logs and audit records carry trace
+//!   ids that a caller's own trace can be joined on.
+//! - Each layer has its own filter: a global `RUST_LOG=warn` must not starve
+//!   the exporter, and the exporter's own hyper/h2/tonic spans must never be
+//!   exported (a telemetry loop).
+
+use std::{collections::HashMap, fmt, sync::LazyLock};
+
+use opentelemetry::{
+    KeyValue, global,
+    metrics::{Counter, Histogram},
+    propagation::Extractor,
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{
+    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
+    trace::SdkTracerProvider,
+};
+use serde_json::{Map, Value};
+use tracing::{Subscriber, field::Field};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{LevelFilter, Targets},
+    fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
+    layer::SubscriberExt,
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+};
+
+use crate::config::LogFormat;
+
+/// Flushes and stops the exporters when dropped.
+pub struct Telemetry {
+    tracer_provider: SdkTracerProvider,
+    meter_provider: Option<SdkMeterProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is buffered and stops the exporters. Blocks: call it off
+    /// the async workers (`spawn_blocking`) while the runtime still runs, as
+    /// the tonic exporter needs the runtime to send.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.tracer_provider.shutdown() {
+            tracing::debug!(error = %e, "trace exporter shutdown");
+        }
+        if let Some(meters) = &self.meter_provider
+            && let Err(e) = meters.shutdown()
+        {
+            tracing::debug!(error = %e, "metric exporter shutdown");
+        }
+    }
+}
+
+/// Errors setting up telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built from the `OTEL_*` settings.
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+    /// A global subscriber was already installed.
+    #[error("logging: {0}")]
+    Subscriber(String),
+}
+
+fn exporting() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+}
+
+fn resource() -> Resource {
+    let builder = Resource::builder();
+    // OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win; "credgate" otherwise.
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name("credgate").build()
+    }
+}
+
+/// Installs the global subscriber, propagator and (when configured) the OTLP
+/// exporters. Must run inside the tokio runtime: the exporter's channel
+/// spawns onto it.
+pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource());
+    let mut meter_provider = None;
+    if exporting() {
+        let spans = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        tracer_builder = tracer_builder.with_batch_exporter(spans);
+        let metrics = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let meters = SdkMeterProvider::builder()
+            .with_resource(resource())
+            .with_periodic_exporter(metrics)
+            .build();
+        global::set_meter_provider(meters.clone());
+        meter_provider = Some(meters);
+    }
+    let tracer_provider = tracer_builder.build();
+    let tracer = tracer_provider.tracer("credgate");
+    global::set_tracer_provider(tracer_provider.clone());
+
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let log_layer = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .event_format(JsonLines)
+            .with_writer(std::io::stdout)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stdout)
+            .boxed(),
+    };
+    // Our spans, and the AWS SDK's (debug level) nested under the IAM span.
+    // Everything else, notably the exporter's own transport, stays out.
+    let otel_filter = Targets::new()
+        .with_default(LevelFilter::OFF)
+        .with_target("credgate", LevelFilter::INFO)
+        .with_target("aws_sdk_iam", LevelFilter::DEBUG)
+        .with_target("aws_smithy_runtime", LevelFilter::DEBUG);
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(otel_filter);
+    tracing_subscriber::registry()
+        .with(log_layer.with_filter(log_filter))
+        .with(otel_layer)
+        .try_init()
+        .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
+    Ok(Telemetry {
+        tracer_provider,
+        meter_provider,
+    })
+}
+
+/// The trace and span id of the current span, hex-encoded; empty strings when
+/// there is no valid span context.
+pub fn current_ids() -> (String, String) {
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let sc = span.span_context();
+    if sc.is_valid() {
+        (sc.trace_id().to_string(), sc.span_id().to_string())
+    } else {
+        (String::new(), String::new())
+    }
+}
+
+/// Reads W3C `traceparent`/`tracestate` from gRPC metadata (HTTP/2 headers).
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The caller's trace context from request headers; a new root when absent.
+pub fn extract_parent(headers: &http::HeaderMap) -> opentelemetry::Context {
+    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+}
+
+/// The service's metric instruments, created from the global meter provider
+/// on first use (after [`init`]).
+pub struct Metrics {
+    /// `rpc.server.duration`, milliseconds, by method and status code.
+    pub rpc_server_duration: Histogram<f64>,
+    /// `credgate.iam.outcomes`: IAM calls by method and error code.
+    pub iam_outcomes: Counter<u64>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let meter = global::meter("credgate");
+    Metrics {
+        rpc_server_duration: meter
+            .f64_histogram("rpc.server.duration")
+            .with_unit("ms")
+            .with_description("Duration of inbound RPCs")
+            .build(),
+        iam_outcomes: meter
+            .u64_counter("credgate.iam.outcomes")
+            .with_description("IAM calls by outcome (aws.error_code, OK on success)")
+            .build(),
+    }
+});
+
+/// The global instruments.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Records one IAM call's outcome.
+pub fn count_iam_outcome(method: &'static str, code: &str) {
+    metrics().iam_outcomes.add(
+        1,
+        &[
+            KeyValue::new("rpc.method", method),
+            KeyValue::new("aws.error_code", code.to_owned()),
+        ],
+    );
+}
+
+/// One JSON object per line: timestamp, level, target, the event's fields
+/// flattened, the current span's name, and its trace/span ids.
+struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        let mut line = Map::new();
+        line.insert(
+            "timestamp".into(),
+            Value::String(
+                humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            ),
+        );
+        let meta = event.metadata();
+        line.insert("level".into(), Value::String(meta.level().to_string()));
+        line.insert("target".into(), Value::String(meta.target().to_owned()));
+        let mut fields = JsonFields(HashMap::new());
+        event.record(&mut fields);
+        line.extend(fields.0);
+        if let Some(span) = ctx.lookup_current() {
+            line.insert("span".into(), Value::String(span.name().to_owned()));
+            let (trace_id, span_id) = current_ids();
+            if !trace_id.is_empty() {
+                line.insert("trace_id".into(), Value::String(trace_id));
+                line.insert("span_id".into(), Value::String(span_id));
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+struct JsonFields(HashMap<String, Value>);
+
+impl tracing::field::Visit for JsonFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0
+            .insert(field.name().to_owned(), Value::String(value.to_owned()));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+    }
+}
