@@ -1,0 +1,300 @@
+"""Hardening of the rendered objects: a regression in any of these fails CI.
+
+Covers the Pod Security Standard "restricted" profile and the usual
+security-linter findings (kube-score, kubesec, Polaris style) for credgate's
+Deployment, plus its ServiceAccount, Service, PDB, HPA and NetworkPolicy.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+import pytest
+
+from deploy_support import (
+    COMMON_LABELS,
+    NONROOT_ID,
+    SELECTOR_LABELS,
+    config,
+    container,
+    only,
+    pod_spec,
+    port_of,
+    seconds,
+)
+
+QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|k|M|G)?$")
+SECRET_ENV_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+
+
+def quantity(q: str | int) -> float:
+    match = QUANTITY.match(str(q))
+    assert match, f"unsupported quantity {q!r}"
+    number, unit = float(match.group(1)), match.group(2) or ""
+    scale = {"": 1, "m": 0.001, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+    return number * scale[unit]
+
+
+def all_containers(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    spec = pod_spec(objs)
+    return spec["containers"] + spec.get("initContainers", []) + spec.get("ephemeralContainers", [])
+
+
+# ----------------------------------------------------------------- the pod
+
+
+def test_replicas(objects):
+    assert only(objects, "Deployment")["spec"]["replicas"] >= 2
+
+
+def test_rollout_never_drops_below_the_replica_count(objects):
+    strategy = only(objects, "Deployment")["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_pod_security_context(objects):
+    spec = pod_spec(objects)
+    sc = spec["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == NONROOT_ID
+    assert sc["runAsGroup"] == NONROOT_ID
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not spec.get(field, False), field
+    assert not sc.get("sysctls"), "no sysctls"
+    assert 0 not in sc.get("supplementalGroups", [])
+    assert sc.get("appArmorProfile", {"type": "RuntimeDefault"})["type"] != "Unconfined"
+
+
+def test_container_security_context(objects):
+    for c in all_containers(objects):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert not sc["capabilities"].get("add"), "no capability is added back"
+        assert sc.get("privileged", False) is False
+        assert sc.get("runAsNonRoot", True) is True
+        assert sc.get("runAsUser", NONROOT_ID) == NONROOT_ID
+        assert sc.get("runAsGroup", NONROOT_ID) == NONROOT_ID
+        assert sc.get("seccompProfile", {"type": "RuntimeDefault"}) == {"type": "RuntimeDefault"}
+        assert sc.get("procMount", "Default") == "Default"
+        assert not any(p.get("hostPort") for p in c.get("ports", [])), "no hostPort"
+
+
+def test_no_host_paths_or_writable_mounts(objects):
+    spec = pod_spec(objects)
+    for volume in spec["volumes"]:
+        assert set(volume) - {"name"} <= {"configMap", "secret", "emptyDir", "projected"}, volume
+    for mount in container(objects)["volumeMounts"]:
+        assert mount["readOnly"] is True, mount
+        # A subPath mount is never updated by the kubelet: rotations would be missed.
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+        assert PurePosixPath(mount["mountPath"]).is_relative_to("/etc/credgate"), mount
+
+
+def test_secret_and_config_volumes(objects):
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert set(volumes) == {"config", "tls", "aws"}
+    assert "configMap" in volumes["config"]
+    for name in ("tls", "aws"):
+        secret = volumes[name]["secret"]
+        # Readable by the owner and by the pod's fsGroup only.
+        assert secret.get("defaultMode", 0o644) & 0o007 == 0, f"{name} Secret files are world-readable"
+        assert not secret.get("optional", False), f"{name} Secret must exist"
+    assert pod_spec(objects)["securityContext"]["fsGroup"] == NONROOT_ID
+
+
+def test_env_carries_only_file_paths(objects):
+    """Secrets travel as mounted files; env only says where they are."""
+    c = container(objects)
+    assert "envFrom" not in c, "no bulk env from a Secret or ConfigMap"
+    mount_paths = [PurePosixPath(m["mountPath"]) for m in c["volumeMounts"]]
+    names = set()
+    for var in c.get("env", []):
+        names.add(var["name"])
+        assert "valueFrom" not in var, f"{var['name']} takes a value from a Secret/ConfigMap"
+        assert var["name"] not in SECRET_ENV_NAMES
+        if var["name"].startswith("OTEL_"):
+            # DESIGN.md: telemetry export is configured by OTEL_* variables
+            # (endpoints, service name: not secrets). Headers may carry tokens.
+            assert "HEADERS" not in var["name"], f"{var['name']} may carry credentials"
+            continue
+        path = PurePosixPath(var["value"])
+        assert path.is_absolute(), f"{var['name']}={var['value']} is not a file path"
+        assert any(path.is_relative_to(m) for m in mount_paths), f"{path} is on no mounted volume"
+    assert {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"} <= names
+
+
+def test_aws_files_come_from_the_aws_secret(objects):
+    c = container(objects)
+    env = {v["name"]: v["value"] for v in c["env"]}
+    aws_mount = next(m for m in c["volumeMounts"] if m["name"] == "aws")["mountPath"]
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"{aws_mount}/credentials"
+    assert env["AWS_CONFIG_FILE"] == f"{aws_mount}/config"
+
+
+def test_no_service_account_token_and_no_service_links(objects):
+    spec = pod_spec(objects)
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["enableServiceLinks"] is False
+    sa = only(objects, "ServiceAccount", spec["serviceAccountName"])
+    assert sa["automountServiceAccountToken"] is False
+    assert spec["serviceAccountName"] != "default"
+
+
+def test_resources(objects):
+    resources = container(objects)["resources"]
+    for kind in ("cpu", "memory"):
+        request = quantity(resources["requests"][kind])
+        limit = quantity(resources["limits"][kind])
+        assert 0 < request <= limit, (kind, request, limit)
+    # Sane bounds for this service (see the comment in deployment.yaml).
+    assert quantity(resources["limits"]["memory"]) <= 1024**3
+    assert quantity(resources["requests"]["cpu"]) >= 0.01
+
+
+def test_image_is_pinned(objects):
+    c = container(objects)
+    image = c["image"]
+    name, _, tag = image.rpartition(":") if "@" not in image else (image, "", "digest")
+    assert "@sha256:" in image or (name and "/" not in tag and tag not in ("", "latest")), image
+    assert c["imagePullPolicy"] in ("IfNotPresent", "Always")
+
+
+def test_no_shell_is_assumed(objects):
+    """The distroless image has no shell: no exec probes or hooks, and preStop is a native sleep."""
+    c = container(objects)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "exec" not in c[probe]
+    pre_stop = c["lifecycle"]["preStop"]
+    assert set(pre_stop) == {"sleep"}, pre_stop
+    assert pre_stop["sleep"]["seconds"] > 0
+    assert "postStart" not in c["lifecycle"]
+
+
+def test_probes_are_grpc_on_the_admin_port(objects):
+    c = container(objects)
+    admin_port = port_of(config(objects)["server"]["admin_listen"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == admin_port, probe
+        assert c[probe].get("grpc", {}).get("service", "") == ""
+    # A slow start is the startup probe's business, not liveness's.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30
+
+
+def test_termination_grace_exceeds_drain_and_pre_stop(objects):
+    spec = pod_spec(objects)
+    grace = seconds(config(objects)["server"]["shutdown_grace"])
+    pre_stop = container(objects)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert spec["terminationGracePeriodSeconds"] > grace + pre_stop
+
+
+def test_topology_spread_across_nodes(objects):
+    spec = pod_spec(objects)
+    labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    constraints = {c["topologyKey"]: c for c in spec["topologySpreadConstraints"]}
+    node = constraints["kubernetes.io/hostname"]
+    assert node["maxSkew"] == 1
+    assert node["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert node["labelSelector"]["matchLabels"] == SELECTOR_LABELS
+
+
+# ------------------------------------------------------------ companions
+
+
+def test_common_labels(objects):
+    for obj in objects:
+        assert COMMON_LABELS.items() <= obj["metadata"].get("labels", {}).items(), obj["kind"]
+
+
+def test_service(objects):
+    service = only(objects, "Service")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    ports = service["spec"]["ports"]
+    assert len(ports) == 1, "only the mTLS port is exposed; the admin port is for the kubelet"
+    port = ports[0]
+    assert port["appProtocol"] == "grpc"
+    assert port["port"] == 8443
+    assert port["name"] == "grpc"
+    labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"] == SELECTOR_LABELS
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_pod_disruption_budget(objects):
+    pdb = only(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == SELECTOR_LABELS
+
+
+def test_horizontal_pod_autoscaler(objects):
+    hpa = only(objects, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    pdb = only(objects, "PodDisruptionBudget")
+    deployment = only(objects, "Deployment")
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert spec["minReplicas"] >= pdb["spec"]["minAvailable"] + 1
+    assert spec["minReplicas"] <= deployment["spec"]["replicas"] <= spec["maxReplicas"]
+    cpu = [
+        m["resource"]["target"]
+        for m in spec["metrics"]
+        if m["type"] == "Resource" and m["resource"]["name"] == "cpu"
+    ]
+    assert len(cpu) == 1 and cpu[0]["type"] == "Utilization"
+    assert 0 < cpu[0]["averageUtilization"] <= 100
+    # Utilization is relative to the request: there must be one.
+    assert "cpu" in container(objects)["resources"]["requests"]
+
+
+def test_network_policy(objects):
+    netpol = only(objects, "NetworkPolicy")
+    spec = netpol["spec"]
+    assert spec["podSelector"] == {"matchLabels": SELECTOR_LABELS}
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    cfg = config(objects)
+    grpc_port, admin_port = port_of(cfg["server"]["listen"]), port_of(cfg["server"]["admin_listen"])
+
+    allowed_ingress: dict[int, list[Any]] = {}
+    for rule in spec["ingress"]:
+        assert rule.get("ports"), "an ingress rule without ports would open every port"
+        for port in rule["ports"]:
+            assert port.get("protocol", "TCP") == "TCP" and "endPort" not in port
+            allowed_ingress.setdefault(port["port"], []).append(rule.get("from"))
+    assert set(allowed_ingress) == {grpc_port, admin_port}
+    # The mTLS port: only from namespaces labelled as credgate clients.
+    for peers in allowed_ingress[grpc_port]:
+        assert peers, "the gRPC port is not open to everyone"
+        for peer in peers:
+            assert set(peer) == {"namespaceSelector"}, peer
+            assert peer["namespaceSelector"] == {"matchLabels": {"credgate.io/client": "true"}}
+
+    egress = set()
+    for rule in spec["egress"]:
+        assert rule.get("ports"), "an egress rule without ports would allow everything"
+        for port in rule["ports"]:
+            assert "endPort" not in port
+            egress.add((port.get("protocol", "TCP"), port["port"]))
+    assert egress == {("UDP", 53), ("TCP", 53), ("TCP", 443)}
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "PodDisruptionBudget", "NetworkPolicy", "Service"])
+def test_selectors_are_never_empty(objects, kind):
+    """An empty selector in a PDB or NetworkPolicy selects every pod of the namespace."""
+    obj = only(objects, kind)
+    selector = {
+        "Deployment": lambda o: o["spec"]["selector"]["matchLabels"],
+        "PodDisruptionBudget": lambda o: o["spec"]["selector"]["matchLabels"],
+        "NetworkPolicy": lambda o: o["spec"]["podSelector"]["matchLabels"],
+        "Service": lambda o: o["spec"]["selector"],
+    }[kind](obj)
+    assert selector == SELECTOR_LABELS
