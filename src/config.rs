@@ -333,7 +333,8 @@ fn parse_server(p: &mut Problems, root: &Table) -> ServerSettings {
     s.max_concurrent_requests = p
         .positive(t, "server", "max_concurrent_requests")
         .unwrap_or(s.max_concurrent_requests);
-    if s.listen == s.admin_listen {
+    // Port 0 (any free port) on both is fine: each bind gets its own.
+    if s.listen == s.admin_listen && s.listen.port() != 0 {
         p.push(format!(
             "server.admin_listen: must differ from server.listen ({})",
             s.listen

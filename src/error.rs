@@ -166,7 +166,10 @@ impl From<Error> for Status {
         let mut details = ErrorDetails::new();
         let mut metadata = HashMap::new();
         if let Some(aws) = err.aws() {
-            metadata.insert("awsErrorCode".to_owned(), aws.code.clone());
+            // Empty when IAM's answer had no code (e.g. a proxy's bare 503).
+            if !aws.code.is_empty() {
+                metadata.insert("awsErrorCode".to_owned(), aws.code.clone());
+            }
             if let Some(id) = &aws.request_id {
                 metadata.insert("awsRequestId".to_owned(), id.clone());
             }

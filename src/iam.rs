@@ -24,6 +24,7 @@ use crate::{
     error::{AwsContext, Error},
     identity::Caller,
     password::{Password, Policy, Violation},
+    telemetry,
 };
 
 /// Attempts for outcomes that were provably not applied.
@@ -193,7 +194,7 @@ impl Iam {
             })
             .instrument(span.clone())
             .await;
-        record_outcome(&span, &result);
+        record_outcome(&span, "ChangePassword", &result);
         result.map(|(_, request_id)| Changed { request_id })
     }
 
@@ -211,15 +212,15 @@ impl Iam {
             .instrument(span.clone())
             .await;
         match result {
-            Ok((out, request_id)) => {
-                span.record("aws.request_id", &request_id);
-                Ok(out.password_policy().map(policy_from_iam))
+            // IAM's way of saying "this account has no password policy"
+            // (classified as a missing entity, which it is).
+            Err(Error::LoginProfileMissing(aws)) => {
+                telemetry::count_iam_outcome("GetAccountPasswordPolicy", &aws.code);
+                Ok(None)
             }
-            // IAM's way of saying "this account has no password policy".
-            Err(Error::LoginProfileMissing(_)) => Ok(None),
-            Err(e) => {
-                record_outcome::<()>(&span, &Err(e.clone()));
-                Err(e)
+            result => {
+                record_outcome(&span, "GetAccountPasswordPolicy", &result);
+                result.map(|(out, _)| out.password_policy().map(policy_from_iam))
             }
         }
     }
@@ -303,10 +304,17 @@ fn client_span(method: &'static str, region: &str) -> tracing::Span {
     )
 }
 
-fn record_outcome<T>(span: &tracing::Span, result: &Result<(T, String), Error>) {
+/// Records the outcome on the CLIENT span (request id; on failure status
+/// Error and an `exception` event with IAM's code) and in the outcome counter.
+fn record_outcome<T>(
+    span: &tracing::Span,
+    method: &'static str,
+    result: &Result<(T, String), Error>,
+) {
     match result {
         Ok((_, request_id)) => {
             span.record("aws.request_id", request_id.as_str());
+            telemetry::count_iam_outcome(method, "OK");
         }
         Err(err) => {
             if let Some(aws) = err.aws()
@@ -315,7 +323,12 @@ fn record_outcome<T>(span: &tracing::Span, result: &Result<(T, String), Error>) 
                 span.record("aws.request_id", id.as_str());
             }
             span.record("otel.status_code", "ERROR");
-            let code = err.aws().map(|a| a.code.as_str()).unwrap_or(err.reason());
+            let code = err
+                .aws()
+                .map(|a| a.code.as_str())
+                .filter(|c| !c.is_empty())
+                .unwrap_or(err.reason());
+            telemetry::count_iam_outcome(method, code);
             span.in_scope(|| {
                 tracing::event!(
                     tracing::Level::WARN,

@@ -31,6 +31,9 @@ use crate::{
 /// every change anyway.
 const POLICY_TTL: Duration = Duration::from_secs(60);
 
+/// How much earlier than the caller's own deadline credgate gives up.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
 /// Shared state of the service.
 pub struct PasswordGate {
     callers: Callers,
@@ -86,12 +89,17 @@ impl PasswordGate {
 
     /// The RPC deadline: the shorter of `request_timeout` and the caller's
     /// `grpc-timeout`.
+    ///
+    /// The caller's deadline is cut a little short: tonic cancels the call
+    /// when the caller's deadline passes, and the caller should get
+    /// `OUTCOME_UNKNOWN` from us first rather than a bare CANCELLED.
     fn deadline<T>(&self, request: &Request<T>) -> Instant {
         let timeout = request
             .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
+            .map(|t| t.saturating_sub(DEADLINE_MARGIN.min(t / 10)))
             .map_or(self.request_timeout, |t| t.min(self.request_timeout));
         Instant::now() + timeout
     }

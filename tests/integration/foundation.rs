@@ -1,0 +1,660 @@
+//! mTLS, identity mapping, forwarding to IAM, health, reflection, CLI.
+
+use std::{process::Command, time::Duration};
+
+use credgate::devpki::{Authority, ClientSpec};
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::harness::*;
+
+const PORTAL: &str = "spiffe://corp.example/ns/portal/sa/portal";
+
+#[tokio::test]
+async fn a_password_really_changes_and_can_be_changed_back() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Original-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+
+    let response = client
+        .change_password(change("Original-pass-1", "Changed-pass-2"))
+        .await
+        .expect("change")
+        .into_inner();
+    assert_eq!(response.iam_user, user.name);
+    assert!(
+        !response.request_id.is_empty(),
+        "IAM's request id is returned"
+    );
+    assert!(emulator.password_is(&user, "Changed-pass-2").await);
+    assert!(!emulator.password_is(&user, "Original-pass-1").await);
+
+    client
+        .change_password(change("Changed-pass-2", "Original-pass-1"))
+        .await
+        .expect("change back with the new password");
+    assert!(emulator.password_is(&user, "Original-pass-1").await);
+}
+
+#[tokio::test]
+async fn a_wrong_old_password_is_permission_denied() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Right-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+
+    let status = client
+        .change_password(change("Wrong-pass-1", "Next-pass-2"))
+        .await
+        .expect_err("wrong old password");
+    let metadata = expect_error(&status, Code::PermissionDenied, "OLD_PASSWORD_INCORRECT");
+    assert_eq!(metadata["awsErrorCode"], "InvalidUserType");
+    assert!(!metadata["awsRequestId"].is_empty());
+    assert!(
+        emulator.password_is(&user, "Right-pass-1").await,
+        "nothing changed"
+    );
+}
+
+#[tokio::test]
+async fn an_unmapped_caller_is_denied_and_iam_is_never_called() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Some-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    // Same trust domain, and a prefix of a mapped ID: neither may match.
+    for id in [
+        "spiffe://corp.example/ns/other/sa/other",
+        "spiffe://corp.example/ns/portal/sa",
+    ] {
+        let mut client = app.client(&pki, &pki.spiffe_client(id)).await;
+        let status = client
+            .change_password(change("Some-pass-1", "Other-pass-2"))
+            .await
+            .expect_err("unmapped");
+        let metadata = expect_error(&status, Code::PermissionDenied, "CALLER_NOT_MAPPED");
+        assert!(metadata["peerIdentity"].contains(id), "{metadata:?}");
+    }
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+    assert!(emulator.password_is(&user, "Some-pass-1").await);
+}
+
+#[tokio::test]
+async fn dns_and_common_name_callers_are_matched_exactly_and_several_uri_sans_are_rejected() {
+    let emulator = Emulator::shared();
+    let by_dns = emulator.standard_user("Dns-pass-1").await;
+    let by_cn = emulator.standard_user("Cn-pass-1").await;
+    let pki = Pki::new();
+    let mut dns_entry = CallerEntry::spiffe("unused", &by_dns);
+    dns_entry.matcher = "dns_name = \"worker.corp.example\"".into();
+    let mut cn_entry = CallerEntry::spiffe("unused", &by_cn);
+    cn_entry.matcher = "common_name = \"batch-job\"".into();
+    let app = Setup::new(emulator, &pki)
+        .caller(dns_entry)
+        .caller(cn_entry)
+        .start();
+
+    let dns_client = pki.client(&ClientSpec {
+        dns_names: vec!["other.corp.example".into(), "worker.corp.example".into()],
+        ..ClientSpec::default()
+    });
+    let mut client = app.client(&pki, &dns_client).await;
+    let out = client
+        .change_password(change("Dns-pass-1", "Dns-pass-2"))
+        .await
+        .expect("dns caller")
+        .into_inner();
+    assert_eq!(out.iam_user, by_dns.name);
+
+    let cn_client = pki.client(&ClientSpec {
+        common_name: Some("batch-job".into()),
+        ..ClientSpec::default()
+    });
+    let mut client = app.client(&pki, &cn_client).await;
+    let out = client
+        .change_password(change("Cn-pass-1", "Cn-pass-2"))
+        .await
+        .expect("cn caller")
+        .into_inner();
+    assert_eq!(out.iam_user, by_cn.name);
+
+    let two_uris = pki.client(&ClientSpec {
+        uris: vec!["spiffe://a/b".into(), "spiffe://c/d".into()],
+        common_name: Some("batch-job".into()),
+        ..ClientSpec::default()
+    });
+    let mut client = app.client(&pki, &two_uris).await;
+    let status = client
+        .change_password(change("Cn-pass-2", "Cn-pass-3"))
+        .await
+        .expect_err("several URI SANs");
+    expect_error(&status, Code::PermissionDenied, "CALLER_NOT_MAPPED");
+}
+
+/// Without a client certificate the TLS 1.3 handshake completes on the
+/// client's side; the server's rejection arrives with the first RPC.
+#[tokio::test]
+async fn a_client_without_a_certificate_cannot_call() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Some-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let result = match app.channel(&pki, None).await {
+        Err(_) => None,
+        Ok(channel) => Some(
+            credgate::api::password_service_client::PasswordServiceClient::new(channel)
+                .change_password(change("Some-pass-1", "Other-pass-2"))
+                .await,
+        ),
+    };
+    if let Some(result) = result {
+        let status = result.expect_err("no client certificate");
+        assert!(
+            matches!(status.code(), Code::Unknown | Code::Unavailable),
+            "{status:?}"
+        );
+    }
+    app.wait_for_line("the handshake rejection", |v| {
+        v["message"] == "TLS handshake rejected"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("certificate"))
+    })
+    .await;
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_fails_the_handshake() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Some-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let stranger = Authority::new("someone else's CA").expect("CA");
+    let forged = stranger.client(&ClientSpec::spiffe(PORTAL)).expect("cert");
+    if let Ok(channel) = app.channel(&pki, Some(&forged)).await {
+        let status = credgate::api::password_service_client::PasswordServiceClient::new(channel)
+            .change_password(change("Some-pass-1", "Other-pass-2"))
+            .await
+            .expect_err("foreign CA");
+        assert!(
+            matches!(status.code(), Code::Unknown | Code::Unavailable),
+            "{status:?}"
+        );
+    }
+    app.wait_for_line("the handshake rejection", |v| {
+        v["message"] == "TLS handshake rejected"
+    })
+    .await;
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+    assert!(emulator.password_is(&user, "Some-pass-1").await);
+}
+
+#[tokio::test]
+async fn a_revoked_client_certificate_fails_the_handshake() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Some-pass-1").await;
+    let pki = Pki::new();
+    let revoked = pki.spiffe_client(PORTAL);
+    let good = pki.spiffe_client(PORTAL);
+    let mut setup = Setup::new(emulator, &pki).caller(CallerEntry::spiffe(PORTAL, &user));
+    setup.crl_pem = Some(pki.ca.crl(&[&revoked]).expect("CRL"));
+    let app = setup.start();
+
+    let mut ok = app.client(&pki, &good).await;
+    ok.change_password(change("Some-pass-1", "Other-pass-2"))
+        .await
+        .expect("an unrevoked certificate works");
+    if let Ok(channel) = app.channel(&pki, Some(&revoked)).await {
+        credgate::api::password_service_client::PasswordServiceClient::new(channel)
+            .change_password(change("Other-pass-2", "Third-pass-3"))
+            .await
+            .expect_err("revoked");
+    }
+    app.wait_for_line("the revocation", |v| {
+        v["message"] == "TLS handshake rejected"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.to_lowercase().contains("revoked"))
+    })
+    .await;
+    assert!(emulator.password_is(&user, "Other-pass-2").await);
+}
+
+#[tokio::test]
+async fn invalid_passwords_are_rejected_before_iam() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Valid-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+    let long = "a".repeat(129);
+    let cases = [
+        ("Valid-pass-1", "", "new_password"),
+        ("", "Next-pass-2", "old_password"),
+        ("Valid-pass-1", long.as_str(), "new_password"),
+        ("Valid-pass-1", "snowman-\u{2603}", "new_password"),
+        ("Valid-pass-1", "bell-\u{7}", "new_password"),
+    ];
+    for (old, new, field) in cases {
+        let status = client
+            .change_password(change(old, new))
+            .await
+            .expect_err("invalid");
+        expect_error(&status, Code::InvalidArgument, "PASSWORD_INVALID");
+        use tonic_types::StatusExt;
+        let details = status.get_error_details();
+        let bad = details.bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, field);
+    }
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_before_the_handler() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Valid-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+    let huge = "x".repeat(64 * 1024);
+    let status = client
+        .change_password(change("Valid-pass-1", &huge))
+        .await
+        .expect_err("oversized");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+}
+
+#[tokio::test]
+async fn health_is_served_on_both_ports() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Valid-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let admin = tonic::transport::Channel::from_shared(format!("http://{}", app.admin_addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("plaintext admin port");
+    let mtls = app
+        .channel(&pki, Some(&pki.spiffe_client(PORTAL)))
+        .await
+        .expect("mTLS");
+    for channel in [admin.clone(), mtls] {
+        let mut health = HealthClient::new(channel);
+        for service in ["", "credgate.v1.PasswordService"] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("health")
+                .into_inner()
+                .status();
+            assert_eq!(status, ServingStatus::Serving, "{service:?}");
+        }
+    }
+    // The admin port serves nothing but health.
+    let status = credgate::api::password_service_client::PasswordServiceClient::new(admin)
+        .change_password(change("Valid-pass-1", "Other-pass-2"))
+        .await
+        .expect_err("not on the admin port");
+    assert_eq!(status.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn sigterm_turns_health_not_serving_and_lets_in_flight_calls_finish() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Drain-pass-1").await;
+    let pki = Pki::new();
+    let mut app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+    emulator
+        .fault(
+            "ChangePassword",
+            &user.name,
+            serde_json::json!({"delay_seconds": 1.5}),
+        )
+        .await;
+    let call = tokio::spawn(async move {
+        client
+            .change_password(change("Drain-pass-1", "Drain-pass-2"))
+            .await
+    });
+    for _ in 0..100 {
+        if emulator.calls("ChangePassword", &user.name).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.terminate();
+    let mut health = HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", app.admin_addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("admin port still open while draining"),
+    );
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::NotServing);
+    assert!(
+        tokio::net::TcpStream::connect(app.tls_addr).await.is_err(),
+        "new connections are refused while draining"
+    );
+    call.await
+        .expect("join")
+        .expect("the in-flight call completes");
+    let exit = app.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "{exit:?}");
+    assert!(emulator.password_is(&user, "Drain-pass-2").await);
+}
+
+fn run_grpcurl(args: &[&str]) -> String {
+    let out = Command::new(venv_bin("grpcurl"))
+        .args(args)
+        .output()
+        .expect("grpcurl (installed by the test command into .venv)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "grpcurl {args:?} failed:\n{text}");
+    text
+}
+
+#[tokio::test]
+async fn grpcurl_lists_the_services_through_reflection_and_changes_a_password() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Grpcurl-pass-1").await;
+    // The PKI comes from the CLI, as a user would make it.
+    let pki_dir = tempfile::tempdir().expect("tempdir");
+    let status = Command::new(credgate_bin())
+        .args(["dev-pki", "--out"])
+        .arg(pki_dir.path())
+        .args(["--client", PORTAL])
+        .status()
+        .expect("dev-pki");
+    assert!(status.success());
+    let read = |name: &str| std::fs::read_to_string(pki_dir.path().join(name)).expect(name);
+    let pki = Pki {
+        ca: Authority::new("unused").expect("CA"),
+        server: credgate::devpki::Authority::new("unused")
+            .expect("CA")
+            .server(&["unused".into()])
+            .expect("server"),
+    };
+    let mut setup = Setup::new(emulator, &pki).caller(CallerEntry::spiffe(PORTAL, &user));
+    let (dir, config) = {
+        setup.crl_pem = Some(read("ca.crl"));
+        setup.write()
+    };
+    // Swap in the CLI-made server certificate and CA.
+    for (from, to) in [
+        ("server.crt", "server.crt"),
+        ("server.key", "server.key"),
+        ("ca.crt", "ca.crt"),
+    ] {
+        std::fs::copy(pki_dir.path().join(from), dir.path().join(to)).expect("copy");
+    }
+    drop(setup);
+    let app = Credgate::spawn(dir, &config, &[]);
+    let addr = format!("127.0.0.1:{}", app.tls_addr.port());
+    let tls = |extra: &[&str]| {
+        let mut args = vec![
+            "-cacert".to_owned(),
+            pki_dir.path().join("ca.crt").display().to_string(),
+            "-cert".to_owned(),
+            pki_dir.path().join("client-1.crt").display().to_string(),
+            "-key".to_owned(),
+            pki_dir.path().join("client-1.key").display().to_string(),
+            "-servername".to_owned(),
+            "localhost".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let list_args = tls(&[&addr, "list"]);
+    let listed = run_grpcurl(&list_args.iter().map(String::as_str).collect::<Vec<_>>());
+    for service in [
+        "credgate.v1.PasswordService",
+        "grpc.health.v1.Health",
+        // grpcurl 1.8 asks through v1alpha; v1 is covered below.
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(listed.contains(service), "{service} not listed:\n{listed}");
+    }
+    let body = r#"{"old_password":"Grpcurl-pass-1","new_password":"Grpcurl-pass-2"}"#;
+    let call_args = tls(&[
+        "-d",
+        body,
+        &addr,
+        "credgate.v1.PasswordService/ChangePassword",
+    ]);
+    let answer = run_grpcurl(&call_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(answer.contains(&user.name), "{answer}");
+    assert!(answer.contains("requestId"), "{answer}");
+    assert!(emulator.password_is(&user, "Grpcurl-pass-2").await);
+}
+
+#[test]
+fn check_config_reports_every_problem_at_once_with_exit_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        r#"
+        [server]
+        listen = "not-an-address"
+        request_timeout = "10 parsecs"
+        [tls]
+        cert = "/nonexistent/tls.crt"
+        key = "/nonexistent/tls.key"
+        client_ca = "/nonexistent/ca.crt"
+        [[callers]]
+        spiffe_id = "spiffe://corp.example/a"
+        common_name = "also-a"
+        iam_user = "a"
+        aws_profile = "a"
+        [[callers]]
+        dns_name = "b.example"
+        iam_user = "b"
+        aws_profile = "b"
+        surprise = true
+        "#,
+    )
+    .expect("write");
+    let out = credgate_command(dir.path())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for needle in [
+        "server.listen",
+        "server.request_timeout",
+        "callers[0]: needs exactly one of",
+        "callers[1].surprise: unknown key",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?}:\n{stderr}");
+    }
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
+
+    // A syntactically valid config whose files and profiles are missing.
+    std::fs::write(
+        &config,
+        r#"
+        [tls]
+        cert = "/nonexistent/tls.crt"
+        key = "/nonexistent/tls.key"
+        client_ca = "/nonexistent/ca.crt"
+        [[callers]]
+        spiffe_id = "spiffe://corp.example/a"
+        iam_user = "a"
+        aws_profile = "no-such-profile"
+        "#,
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("credentials"),
+        "[other]\naws_access_key_id = x\naws_secret_access_key = y\n",
+    )
+    .expect("write");
+    let out = credgate_command(dir.path())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for needle in [
+        "tls.cert: cannot read",
+        "tls.key: cannot read",
+        "tls.client_ca: cannot read",
+        "\"no-such-profile\"",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?}:\n{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn check_config_accepts_a_good_config_and_online_verifies_the_iam_user() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Check-pass-1").await;
+    let other = emulator.standard_user("Check-pass-1").await;
+    let pki = Pki::new();
+    let mut wrong = CallerEntry::spiffe("spiffe://corp.example/wrong", &other);
+    wrong.iam_user = "somebody-else".into();
+    let setup = Setup::new(emulator, &pki).caller(CallerEntry::spiffe(PORTAL, &user));
+    let (dir, config) = setup.write();
+    let run = |dir: &std::path::Path, config: &std::path::Path, online: bool| {
+        let mut cmd = credgate_command(dir);
+        cmd.args(["check-config", "--config"]).arg(config);
+        if online {
+            cmd.arg("--online");
+        }
+        cmd.output().expect("check-config")
+    };
+    let out = run(dir.path(), &config, false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    let out = run(dir.path(), &config, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (dir, config) = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .caller(wrong)
+        .write();
+    let out = run(dir.path(), &config, true);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!("signs as IAM user {:?}", other.name)),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_and_help_work_on_every_subcommand() {
+    let out = Command::new(credgate_bin())
+        .arg("--version")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    for sub in ["serve", "check-config", "dev-pki"] {
+        let out = Command::new(credgate_bin())
+            .args([sub, "--help"])
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{sub} --help");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{sub}"
+        );
+    }
+    let out = Command::new(credgate_bin())
+        .arg("no-such-command")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[tokio::test]
+async fn reflection_v1_lists_every_service() {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Valid-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let channel = app
+        .channel(&pki, Some(&pki.spiffe_client(PORTAL)))
+        .await
+        .expect("mTLS");
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    let response = responses.next().await.expect("a response").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected {response:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for service in ["credgate.v1.PasswordService", "grpc.health.v1.Health"] {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} missing from {names:?}"
+        );
+    }
+}

@@ -1,0 +1,690 @@
+//! Real peers for the integration tests: the IAM emulator process, a dev PKI
+//! from rcgen, the credgate binary on port 0, and mTLS gRPC clients.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write as _},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use aws_sdk_iam::config::{BehaviorVersion, Credentials, Region};
+use credgate::{
+    api::password_service_client::PasswordServiceClient,
+    devpki::{Authority, ClientSpec, Issued},
+};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// Bounded wait for processes to say they are ready.
+const STARTUP: Duration = Duration::from_secs(30);
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv's Python (the test command creates it), or `$CREDGATE_TEST_PYTHON`.
+pub fn python() -> PathBuf {
+    std::env::var_os("CREDGATE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"))
+}
+
+/// A tool from the venv (grpcurl).
+pub fn venv_bin(name: &str) -> PathBuf {
+    python().with_file_name(name)
+}
+
+/// Unique names so tests sharing an emulator never collide.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Reads lines from a child's stdout on a thread, keeping all of them.
+fn collect_lines(
+    stream: impl std::io::Read + Send + 'static,
+    lines: Arc<Mutex<Vec<String>>>,
+) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            lines.lock().expect("lines").push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+// ---------------------------------------------------------------- emulator
+
+/// The IAM emulator (moto + ChangePassword + fault switch) as a process.
+pub struct Emulator {
+    pub endpoint: String,
+    pub region: String,
+    admin: Credentials,
+    _child: ChildGuard,
+    _stdin: ChildStdin,
+}
+
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Emulator {
+    /// A fresh emulator of its own: for tests that change account-wide state
+    /// (the password policy).
+    pub fn start() -> Emulator {
+        let mut child = Command::new(python())
+            .arg(repo().join("tests/emulator/iam_emulator.py"))
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the IAM emulator with {:?}: {e}", python()));
+        let stdin = child.stdin.take().expect("stdin");
+        let rx = collect_lines(child.stdout.take().expect("stdout"), Arc::default());
+        let line = rx
+            .recv_timeout(STARTUP)
+            .expect("the IAM emulator did not report readiness");
+        let ready: Value = serde_json::from_str(&line).expect("emulator JSON line");
+        let s = |k: &str| ready[k].as_str().expect(k).to_owned();
+        Emulator {
+            endpoint: s("endpoint"),
+            region: s("region"),
+            admin: Credentials::new(
+                s("admin_access_key_id"),
+                s("admin_secret_access_key"),
+                None,
+                None,
+                "emulator-admin",
+            ),
+            _child: ChildGuard(child),
+            _stdin: stdin,
+        }
+    }
+
+    /// One emulator shared by the tests that touch only their own users.
+    pub fn shared() -> &'static Emulator {
+        static SHARED: OnceLock<Emulator> = OnceLock::new();
+        SHARED.get_or_init(Emulator::start)
+    }
+
+    fn sdk_config(&self, creds: Credentials) -> aws_sdk_iam::Config {
+        aws_sdk_iam::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(self.region.clone()))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(creds)
+            .build()
+    }
+
+    /// The administrator's credentials (for other AWS clients, e.g. STS).
+    pub fn admin_credentials(&self) -> Credentials {
+        self.admin.clone()
+    }
+
+    /// An IAM client signing as the emulator's administrator.
+    pub fn admin(&self) -> aws_sdk_iam::Client {
+        aws_sdk_iam::Client::from_conf(self.sdk_config(self.admin.clone()))
+    }
+
+    /// An IAM client signing with `key`.
+    pub fn client_for(&self, key: &AccessKey) -> aws_sdk_iam::Client {
+        aws_sdk_iam::Client::from_conf(self.sdk_config(key.credentials()))
+    }
+
+    /// Creates an IAM user allowed `actions`, with a console password (unless
+    /// `None`) and an access key.
+    pub async fn user(&self, password: Option<&str>, actions: &[&str]) -> IamUser {
+        let name = unique("user");
+        let admin = self.admin();
+        admin
+            .create_user()
+            .user_name(&name)
+            .send()
+            .await
+            .expect("CreateUser");
+        if let Some(password) = password {
+            admin
+                .create_login_profile()
+                .user_name(&name)
+                .password(password)
+                .send()
+                .await
+                .expect("CreateLoginProfile");
+        }
+        if !actions.is_empty() {
+            let policy = serde_json::json!({
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+            });
+            admin
+                .put_user_policy()
+                .user_name(&name)
+                .policy_name("credgate-test")
+                .policy_document(policy.to_string())
+                .send()
+                .await
+                .expect("PutUserPolicy");
+        }
+        let key = self.access_key(&name).await;
+        IamUser { name, key }
+    }
+
+    /// A user allowed everything credgate needs, with `password`.
+    pub async fn standard_user(&self, password: &str) -> IamUser {
+        self.user(
+            Some(password),
+            &[
+                "iam:ChangePassword",
+                "iam:GetAccountPasswordPolicy",
+                "iam:GetUser",
+            ],
+        )
+        .await
+    }
+
+    /// A new access key for `user`.
+    pub async fn access_key(&self, user: &str) -> AccessKey {
+        let out = self
+            .admin()
+            .create_access_key()
+            .user_name(user)
+            .send()
+            .await
+            .expect("CreateAccessKey");
+        let key = out.access_key().expect("key");
+        AccessKey {
+            id: key.access_key_id().to_owned(),
+            secret: key.secret_access_key().to_owned(),
+            session_token: None,
+        }
+    }
+
+    /// Sets the account password policy (account-wide: use a private emulator).
+    pub async fn set_policy(
+        &self,
+        min_len: i32,
+        symbols: bool,
+        numbers: bool,
+        upper: bool,
+        lower: bool,
+        reuse: Option<i32>,
+    ) {
+        self.admin()
+            .update_account_password_policy()
+            .minimum_password_length(min_len)
+            .require_symbols(symbols)
+            .require_numbers(numbers)
+            .require_uppercase_characters(upper)
+            .require_lowercase_characters(lower)
+            .allow_users_to_change_password(true)
+            .set_password_reuse_prevention(reuse)
+            .send()
+            .await
+            .expect("UpdateAccountPasswordPolicy");
+    }
+
+    /// Whether `password` is `user`'s console password now, checked by
+    /// changing it to itself-plus-suffix and back through IAM directly.
+    pub async fn password_is(&self, user: &IamUser, password: &str) -> bool {
+        let iam = self.client_for(&user.key);
+        let probe = format!("{password}#probe");
+        match iam
+            .change_password()
+            .old_password(password)
+            .new_password(&probe)
+            .send()
+            .await
+        {
+            Ok(_) => {
+                iam.change_password()
+                    .old_password(&probe)
+                    .new_password(password)
+                    .send()
+                    .await
+                    .expect("restore after probe");
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn http(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let addr = self.endpoint.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect emulator");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(
+            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+            "{response}"
+        );
+        serde_json::from_str(body).expect("JSON body")
+    }
+
+    /// Arms the fault switch for `action` by `user`.
+    pub async fn fault(&self, action: &str, user: &str, fault: Value) {
+        let mut body = fault;
+        body["action"] = action.into();
+        body["user"] = user.into();
+        self.http("POST", "/_emulator/faults", Some(body)).await;
+    }
+
+    /// How many `action` requests signed by `user` reached the emulator.
+    pub async fn calls(&self, action: &str, user: &str) -> u64 {
+        let v = self
+            .http(
+                "GET",
+                &format!("/_emulator/calls?action={action}&user={user}"),
+                None,
+            )
+            .await;
+        v["count"].as_u64().expect("count")
+    }
+}
+
+/// An access key, as written into the AWS credentials file.
+#[derive(Clone)]
+pub struct AccessKey {
+    pub id: String,
+    pub secret: String,
+    pub session_token: Option<String>,
+}
+
+impl AccessKey {
+    fn credentials(&self) -> Credentials {
+        Credentials::new(
+            &self.id,
+            &self.secret,
+            self.session_token.clone(),
+            None,
+            "test",
+        )
+    }
+}
+
+/// An IAM user in the emulator.
+pub struct IamUser {
+    pub name: String,
+    pub key: AccessKey,
+}
+
+// ---------------------------------------------------------------- PKI
+
+/// A CA with a server certificate for localhost/127.0.0.1.
+pub struct Pki {
+    pub ca: Authority,
+    pub server: Issued,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let ca = Authority::new("credgate test CA").expect("CA");
+        let server = ca
+            .server(&["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("server cert");
+        Pki { ca, server }
+    }
+
+    pub fn client(&self, spec: &ClientSpec) -> Issued {
+        self.ca.client(spec).expect("client cert")
+    }
+
+    pub fn spiffe_client(&self, id: &str) -> Issued {
+        self.client(&ClientSpec::spiffe(id))
+    }
+}
+
+// ---------------------------------------------------------------- credgate
+
+/// One `[[callers]]` entry plus the key its profile holds.
+pub struct CallerEntry {
+    /// e.g. `spiffe_id = "spiffe://..."`.
+    pub matcher: String,
+    pub iam_user: String,
+    pub profile: String,
+    pub key: AccessKey,
+}
+
+impl CallerEntry {
+    pub fn spiffe(id: &str, user: &IamUser) -> CallerEntry {
+        CallerEntry {
+            matcher: format!("spiffe_id = {id:?}"),
+            iam_user: user.name.clone(),
+            profile: user.name.clone(),
+            key: user.key.clone(),
+        }
+    }
+}
+
+/// Everything needed to start credgate.
+pub struct Setup<'a> {
+    pub emulator_endpoint: String,
+    pub pki: &'a Pki,
+    pub callers: Vec<CallerEntry>,
+    /// Extra TOML appended to the config (e.g. a `[limits]` table).
+    pub extra_toml: String,
+    /// Extra lines inside `[server]`.
+    pub server_toml: String,
+    pub crl_pem: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl<'a> Setup<'a> {
+    pub fn new(emulator: &Emulator, pki: &'a Pki) -> Setup<'a> {
+        Setup {
+            emulator_endpoint: emulator.endpoint.clone(),
+            pki,
+            callers: Vec::new(),
+            extra_toml: String::new(),
+            server_toml: String::new(),
+            crl_pem: None,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn caller(mut self, entry: CallerEntry) -> Self {
+        self.callers.push(entry);
+        self
+    }
+
+    pub fn toml(mut self, extra: &str) -> Self {
+        self.extra_toml.push_str(extra);
+        self.extra_toml.push('\n');
+        self
+    }
+
+    pub fn server_toml(mut self, line: &str) -> Self {
+        self.server_toml.push_str(line);
+        self.server_toml.push('\n');
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Writes config, certificates and the AWS credentials file into a temp
+    /// directory, returning the directory and the config path.
+    pub fn write(&self) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let put = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let cert = put("server.crt", &self.pki.server.cert_pem);
+        let key = put("server.key", &self.pki.server.key_pem);
+        let ca = put("ca.crt", &self.pki.ca.cert_pem);
+        let crl = self
+            .crl_pem
+            .as_ref()
+            .map(|pem| format!("crl = {:?}\n", put("ca.crl", pem)))
+            .unwrap_or_default();
+        let mut credentials = String::new();
+        let mut callers = String::new();
+        for c in &self.callers {
+            credentials.push_str(&format!(
+                "[{}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                c.profile, c.key.id, c.key.secret
+            ));
+            if let Some(token) = &c.key.session_token {
+                credentials.push_str(&format!("aws_session_token = {token}\n"));
+            }
+            callers.push_str(&format!(
+                "[[callers]]\n{}\niam_user = {:?}\naws_profile = {:?}\n\n",
+                c.matcher, c.iam_user, c.profile
+            ));
+        }
+        put("credentials", &credentials);
+        put("config", "");
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             shutdown_grace = \"5s\"\n{}\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n{crl}\n\
+             [aws]\nregion = \"us-east-1\"\nendpoint_url = {:?}\n\n{}\n{callers}",
+            self.server_toml, self.emulator_endpoint, self.extra_toml
+        );
+        let path = put("credgate.toml", &config);
+        (dir, path)
+    }
+
+    pub fn start(self) -> Credgate {
+        let (dir, config) = self.write();
+        Credgate::spawn(dir, &config, &self.env)
+    }
+}
+
+/// The credgate binary, running.
+pub struct Credgate {
+    pub tls_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    lines: Arc<Mutex<Vec<String>>>,
+    child: Option<Child>,
+}
+
+pub fn credgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_credgate")
+}
+
+/// A `Command` for the binary with a clean AWS environment: only the files
+/// in `dir` may provide credentials.
+pub fn credgate_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(credgate_bin());
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("AWS_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("AWS_SHARED_CREDENTIALS_FILE", dir.join("credentials"))
+        .env("AWS_CONFIG_FILE", dir.join("config"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "debug,h2=info,hyper=info,hyper_util=info,tower=info,aws_smithy_runtime=info,aws_config=info,rustls=info");
+    cmd
+}
+
+impl Credgate {
+    /// Starts the binary on an already written config.
+    pub fn spawn(dir: tempfile::TempDir, config: &Path, env: &[(String, String)]) -> Credgate {
+        let mut cmd = credgate_command(dir.path());
+        cmd.args(["serve", "--config"]).arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn credgate");
+        let lines = Arc::<Mutex<Vec<String>>>::default();
+        let rx = collect_lines(child.stdout.take().expect("stdout"), lines.clone());
+        let _stderr = collect_lines(child.stderr.take().expect("stderr"), lines.clone());
+        let deadline = Instant::now() + STARTUP;
+        let (tls_addr, admin_addr) = loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(remaining).unwrap_or_else(|_| {
+                panic!(
+                    "credgate did not start; output:\n{}",
+                    lines.lock().expect("lines").join("\n")
+                )
+            });
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "credgate listening" {
+                let addr = |k: &str| v[k].as_str().expect(k).parse().expect("addr");
+                break (addr("tls_addr"), addr("admin_addr"));
+            }
+        };
+        Credgate {
+            tls_addr,
+            admin_addr,
+            dir,
+            lines,
+            child: Some(child),
+        }
+    }
+
+    /// Every line credgate wrote so far (stdout and stderr).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// Waits (bounded) until a line satisfies `pred`.
+    pub async fn wait_for_line(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..100 {
+            for line in self.lines() {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "no log line for {what}; output:\n{}",
+            self.lines().join("\n")
+        );
+    }
+
+    /// Audit events so far.
+    pub fn audit_events(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "credgate::audit")
+            .collect()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success());
+        }
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "credgate did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// An mTLS channel presenting `client`'s certificate.
+    pub async fn channel(
+        &self,
+        pki: &Pki,
+        client: Option<&Issued>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca.cert_pem))
+            .domain_name("localhost");
+        if let Some(client) = client {
+            tls = tls.identity(Identity::from_pem(&client.cert_pem, &client.key_pem));
+        }
+        Channel::from_shared(format!("https://{}", self.tls_addr))
+            .expect("uri")
+            .tls_config(tls)?
+            .connect()
+            .await
+    }
+
+    /// A PasswordService client presenting `client`'s certificate.
+    pub async fn client(&self, pki: &Pki, client: &Issued) -> PasswordServiceClient<Channel> {
+        PasswordServiceClient::new(self.channel(pki, Some(client)).await.expect("mTLS connect"))
+    }
+}
+
+impl Drop for Credgate {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A ChangePassword request.
+pub fn change(old: &str, new: &str) -> credgate::api::ChangePasswordRequest {
+    credgate::api::ChangePasswordRequest {
+        old_password: old.to_owned(),
+        new_password: new.to_owned(),
+        validate_only: false,
+    }
+}
+
+/// The ErrorInfo of a failed call: (reason, metadata).
+pub fn error_info(status: &tonic::Status) -> (String, HashMap<String, String>) {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "credgate");
+    (info.reason.clone(), info.metadata.clone())
+}
+
+/// Asserts code and reason, returning the metadata.
+pub fn expect_error(
+    status: &tonic::Status,
+    code: tonic::Code,
+    reason: &str,
+) -> HashMap<String, String> {
+    let (got, metadata) = error_info(status);
+    assert_eq!((status.code(), got.as_str()), (code, reason), "{status:?}");
+    metadata
+}
+
+/// Writes `text` to the path, flushing (for files credgate re-reads).
+pub fn rewrite(path: &Path, text: &str) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(text.as_bytes()).expect("write");
+    f.sync_all().expect("sync");
+}

@@ -1,0 +1,11 @@
+#![allow(unreachable_pub)] // pub items are shared between the test modules
+
+//! Integration tests: the credgate binary against real peers over real
+//! sockets (the IAM emulator process, tonic and grpcurl clients, an OTLP
+//! receiver), all on 127.0.0.1.
+
+mod errors;
+mod foundation;
+mod harness;
+mod otlp;
+mod telemetry;

@@ -1,0 +1,547 @@
+//! Traces, metrics, logs and audit records as credgate really emits them, and
+//! the proof that no password leaves the process.
+
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::{
+    metrics::v1::metric::Data,
+    trace::v1::{span::SpanKind, status::StatusCode},
+};
+use serde_json::{Value, json};
+use tonic::Request;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{
+    harness::*,
+    otlp::{Receiver, attrs, span_text},
+};
+
+const CALLER: &str = "spiffe://corp.example/ns/traced/sa/traced";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
+
+fn otel_env<'a>(setup: Setup<'a>, endpoint: &str) -> Setup<'a> {
+    setup
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_SERVICE_NAME", "credgate-test")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_child() {
+    let receiver = Receiver::start().await;
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Traced-pass-1").await;
+    let pki = Pki::new();
+    let app = otel_env(Setup::new(emulator, &pki), &receiver.endpoint())
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+
+    let mut request = Request::new(change("Traced-pass-1", "Traced-pass-2"));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01")
+            .parse()
+            .expect("header"),
+    );
+    let response = client
+        .change_password(request)
+        .await
+        .expect("change")
+        .into_inner();
+    // Health checks must not produce spans.
+    let mut health = HealthClient::new(
+        app.channel(&pki, Some(&pki.spiffe_client(CALLER)))
+            .await
+            .expect("mTLS"),
+    );
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health");
+
+    let server = receiver
+        .wait_for_span("server", |s| {
+            s.name == "credgate.v1.PasswordService/ChangePassword"
+        })
+        .await;
+    assert_eq!(
+        hex(&server.trace_id),
+        TRACE_ID,
+        "continues the caller's trace"
+    );
+    assert_eq!(hex(&server.parent_span_id), PARENT_SPAN_ID);
+    assert_eq!(server.kind, SpanKind::Server as i32);
+    let a = attrs(&server.attributes);
+    assert_eq!(a["rpc.system"], "grpc");
+    assert_eq!(a["rpc.service"], "credgate.v1.PasswordService");
+    assert_eq!(a["rpc.method"], "ChangePassword");
+    assert_eq!(a["rpc.grpc.status_code"], "0");
+    assert_eq!(a["credgate.caller"], CALLER);
+    assert_eq!(a["credgate.iam_user"], user.name);
+    assert!(!a.contains_key("error.type"));
+
+    // credgate's CLIENT span; the SDK's own operation span has the same name
+    // and nests inside it.
+    let iam = receiver
+        .wait_for_span("IAM child", |s| {
+            s.name == "IAM.ChangePassword" && s.kind == SpanKind::Client as i32
+        })
+        .await;
+    assert_eq!(iam.trace_id, server.trace_id);
+    assert_eq!(
+        iam.parent_span_id, server.span_id,
+        "IAM span is a child of the server span"
+    );
+    assert_eq!(iam.kind, SpanKind::Client as i32);
+    let a = attrs(&iam.attributes);
+    assert_eq!(a["rpc.system"], "aws-api");
+    assert_eq!(a["rpc.service"], "IAM");
+    assert_eq!(a["rpc.method"], "ChangePassword");
+    assert_eq!(a["aws.request_id"], response.request_id);
+    assert_eq!(a["cloud.region"], "us-east-1");
+
+    // The SDK's own spans nest under one of credgate's IAM CLIENT spans
+    // (GetAccountPasswordPolicy for the policy pre-check, ChangePassword),
+    // which are children of the server span: never at the root.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spans = receiver.spans();
+    let by_id: std::collections::HashMap<_, _> =
+        spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+    let is_ours = |s: &opentelemetry_proto::tonic::trace::v1::Span| {
+        s.kind == SpanKind::Client as i32
+            && s.name.starts_with("IAM.")
+            && s.parent_span_id == server.span_id
+    };
+    let sdk: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == server.trace_id && s.span_id != server.span_id && !is_ours(s))
+        .collect();
+    assert!(
+        sdk.iter().any(|s| s.name == "try_attempt"),
+        "the SDK's spans are exported"
+    );
+    for span in &sdk {
+        let mut cursor = *span;
+        while !is_ours(cursor) {
+            cursor = by_id.get(&cursor.parent_span_id).unwrap_or_else(|| {
+                panic!("SDK span {} is not under an IAM client span", span.name)
+            });
+        }
+    }
+    // Nothing else: no health spans, no exporter transport spans.
+    for span in &spans {
+        assert!(
+            !span.name.contains("Health"),
+            "health traced: {}",
+            span.name
+        );
+        assert_eq!(
+            span.trace_id, server.trace_id,
+            "unexpected trace from {}",
+            span.name
+        );
+    }
+
+    // Logs inside the span carry its ids; the audit record carries the trace.
+    let audit = app
+        .wait_for_line("audit", |v| v["target"] == "credgate::audit")
+        .await;
+    assert_eq!(audit["trace_id"], TRACE_ID);
+    assert_eq!(audit["caller"], CALLER);
+    assert_eq!(audit["iam_user"], user.name.as_str());
+    assert_eq!(audit["outcome"], "OK");
+    assert_eq!(audit["iam_request_id"], response.request_id.as_str());
+    assert!(
+        audit["peer.address"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:"))
+    );
+    assert_eq!(audit["span_id"], hex(&server.span_id));
+}
+
+#[tokio::test]
+async fn failures_set_error_type_and_server_faults_set_span_status_error() {
+    let receiver = Receiver::start().await;
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Failing-pass-1").await;
+    let pki = Pki::new();
+    let app = otel_env(Setup::new(emulator, &pki), &receiver.endpoint())
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+
+    client
+        .change_password(change("Wrong-pass-1", "Failing-pass-2"))
+        .await
+        .expect_err("wrong old password");
+    let denied = receiver
+        .wait_for_span("denied", |s| {
+            attrs(&s.attributes).get("error.type").map(String::as_str)
+                == Some("OLD_PASSWORD_INCORRECT")
+        })
+        .await;
+    assert_eq!(attrs(&denied.attributes)["rpc.grpc.status_code"], "7");
+    assert_ne!(
+        denied.status.as_ref().map(|s| s.code),
+        Some(StatusCode::Error as i32),
+        "PERMISSION_DENIED is the caller's fault, not the server's"
+    );
+    let iam = receiver
+        .wait_for_span("failed IAM call", |s| {
+            s.name == "IAM.ChangePassword"
+                && s.kind == SpanKind::Client as i32
+                && s.trace_id == denied.trace_id
+        })
+        .await;
+    let exception = iam
+        .events
+        .iter()
+        .find(|e| e.name == "exception")
+        .expect("exception event on the IAM span");
+    assert_eq!(
+        attrs(&exception.attributes)["exception.type"],
+        "InvalidUserType"
+    );
+    assert!(
+        attrs(&iam.attributes)
+            .get("aws.request_id")
+            .is_some_and(|id| !id.is_empty())
+    );
+
+    emulator
+        .fault(
+            "ChangePassword",
+            &user.name,
+            json!({"error": "ServiceFailure"}),
+        )
+        .await;
+    client
+        .change_password(change("Failing-pass-1", "Failing-pass-2"))
+        .await
+        .expect_err("IAM failure");
+    let failed = receiver
+        .wait_for_span("server fault", |s| {
+            attrs(&s.attributes).get("error.type").map(String::as_str)
+                == Some("IAM_SERVICE_FAILURE")
+        })
+        .await;
+    assert_eq!(attrs(&failed.attributes)["rpc.grpc.status_code"], "14");
+    assert_eq!(
+        failed.status.as_ref().map(|s| s.code),
+        Some(StatusCode::Error as i32)
+    );
+    assert_ne!(
+        failed.trace_id, denied.trace_id,
+        "without a traceparent each call is a new trace"
+    );
+}
+
+#[tokio::test]
+async fn rpc_duration_and_iam_outcomes_are_exported_as_metrics() {
+    let receiver = Receiver::start().await;
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Metric-pass-1").await;
+    let pki = Pki::new();
+    let app = otel_env(Setup::new(emulator, &pki), &receiver.endpoint())
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+    client
+        .change_password(change("Metric-pass-1", "Metric-pass-2"))
+        .await
+        .expect("change");
+    client
+        .change_password(change("Wrong-pass-1", "Metric-pass-3"))
+        .await
+        .expect_err("wrong");
+
+    let duration = receiver
+        .wait_for_metric("rpc.server.duration", |m| match &m.data {
+            Some(Data::Histogram(h)) => h.data_points.iter().any(|p| {
+                attrs(&p.attributes)
+                    .get("rpc.grpc.status_code")
+                    .map(String::as_str)
+                    == Some("7")
+            }),
+            _ => false,
+        })
+        .await;
+    let Some(Data::Histogram(histogram)) = duration.data else {
+        panic!("rpc.server.duration is a histogram");
+    };
+    let ok = histogram
+        .data_points
+        .iter()
+        .find(|p| {
+            attrs(&p.attributes)
+                .get("rpc.grpc.status_code")
+                .map(String::as_str)
+                == Some("0")
+        })
+        .expect("a point for OK");
+    let a = attrs(&ok.attributes);
+    assert_eq!(a["rpc.method"], "ChangePassword");
+    assert_eq!(a["rpc.service"], "credgate.v1.PasswordService");
+    assert!(ok.count >= 1 && ok.sum.unwrap_or_default() > 0.0);
+
+    let outcomes = receiver
+        .wait_for_metric("credgate.iam.outcomes", |m| match &m.data {
+            Some(Data::Sum(s)) => s.data_points.iter().any(|p| {
+                attrs(&p.attributes)
+                    .get("aws.error_code")
+                    .map(String::as_str)
+                    == Some("InvalidUserType")
+            }),
+            _ => false,
+        })
+        .await;
+    let Some(Data::Sum(sum)) = outcomes.data else {
+        panic!("credgate.iam.outcomes is a counter");
+    };
+    assert!(sum.data_points.iter().any(|p| {
+        let a = attrs(&p.attributes);
+        a.get("aws.error_code").map(String::as_str) == Some("OK")
+            && a["rpc.method"] == "ChangePassword"
+    }));
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_adds_no_error_or_delay_to_an_rpc() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Nocollector-pass-1").await;
+    let pki = Pki::new();
+    let mut app = otel_env(
+        Setup::new(emulator, &pki),
+        &format!("http://127.0.0.1:{port}"),
+    )
+    .caller(CallerEntry::spiffe(CALLER, &user))
+    .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+    for i in 0..5 {
+        let started = Instant::now();
+        client
+            .change_password(change(
+                &format!("Nocollector-pass-{}", i + 1),
+                &format!("Nocollector-pass-{}", i + 2),
+            ))
+            .await
+            .expect("the RPC succeeds without a collector");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    app.terminate();
+    let exit = app.wait_exit(Duration::from_secs(20));
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// Every outcome with distinctive passwords; none may appear in any log line,
+/// audit event, exported span attribute or event, or error message.
+#[tokio::test]
+async fn no_password_appears_in_any_log_span_event_or_error() {
+    let receiver = Receiver::start().await;
+    // Private emulator: this test sets the account password policy.
+    let emulator = Emulator::start();
+    emulator.set_policy(12, true, true, true, true, None).await;
+    let user = emulator.standard_user("Leak-Old-7f3a9c!").await;
+    let pki = Pki::new();
+    let mut app = otel_env(Setup::new(&emulator, &pki), &receiver.endpoint())
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .toml("[limits]\nfailed_attempts = 2\n")
+        // Everything credgate and the SDK log, at every level.
+        .env("RUST_LOG", "trace")
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+    let mut stranger = app
+        .client(
+            &pki,
+            &pki.spiffe_client("spiffe://corp.example/ns/nobody/sa/nobody"),
+        )
+        .await;
+
+    let mut secrets = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut errors = Vec::new();
+    // (old, new, validate_only, fault armed first, caller's grpc-timeout, from a stranger)
+    let steps: Vec<(&str, &str, bool, Option<Value>, Option<&str>, bool)> = vec![
+        (
+            "Leak-Old-7f3a9c!",
+            "Leak-New-b81d2e!",
+            true,
+            None,
+            None,
+            false,
+        ),
+        (
+            "Leak-Old-7f3a9c!",
+            "Leak-New-b81d2e!",
+            false,
+            None,
+            None,
+            false,
+        ),
+        (
+            "Leak-New-b81d2e!",
+            "Leak-Bad-\u{2603}c4e1",
+            false,
+            None,
+            None,
+            false,
+        ),
+        ("Leak-New-b81d2e!", "leak-weak-2f", false, None, None, false),
+        (
+            "Leak-New-b81d2e!",
+            "Leak-Iam-new-77aa!",
+            false,
+            Some(json!({"error": "ServiceFailure"})),
+            None,
+            false,
+        ),
+        (
+            "Leak-New-b81d2e!",
+            "Leak-Slow-new-19fe!",
+            false,
+            Some(json!({"delay_seconds": 1.0})),
+            Some("300m"),
+            false,
+        ),
+        (
+            "Leak-Who-8a3e5c!",
+            "Leak-Who-new-2d4b!",
+            false,
+            None,
+            None,
+            true,
+        ),
+        (
+            "Leak-Wrong-5d0f7a!",
+            "Leak-Next-a99c03!",
+            false,
+            None,
+            None,
+            false,
+        ),
+        (
+            "Leak-Wrong-6e1a8b!",
+            "Leak-Next-a99c03!",
+            false,
+            None,
+            None,
+            false,
+        ),
+        (
+            "Leak-Locked-0c7d2e!",
+            "Leak-Next-a99c03!",
+            false,
+            None,
+            None,
+            false,
+        ),
+    ];
+    for (old, new, validate_only, fault, timeout, from_stranger) in steps {
+        secrets.extend([old.to_owned(), new.to_owned()]);
+        if let Some(fault) = fault {
+            emulator.fault("ChangePassword", &user.name, fault).await;
+        }
+        let mut request = Request::new(change(old, new));
+        request.get_mut().validate_only = validate_only;
+        if let Some(timeout) = timeout {
+            request
+                .metadata_mut()
+                .insert("grpc-timeout", timeout.parse().expect("header"));
+        }
+        let caller = if from_stranger {
+            &mut stranger
+        } else {
+            &mut client
+        };
+        match caller.change_password(request).await {
+            Ok(_) => outcomes.push("OK".to_owned()),
+            Err(status) => {
+                outcomes.push(error_info(&status).0);
+                errors.push(format!("{status:?} {}", status.message()));
+            }
+        }
+    }
+    assert_eq!(
+        outcomes,
+        [
+            "OK",
+            "OK",
+            "PASSWORD_INVALID",
+            "PASSWORD_POLICY_VIOLATION",
+            "IAM_SERVICE_FAILURE",
+            "OUTCOME_UNKNOWN",
+            "CALLER_NOT_MAPPED",
+            "OLD_PASSWORD_INCORRECT",
+            "OLD_PASSWORD_INCORRECT",
+            "TOO_MANY_FAILED_ATTEMPTS",
+        ],
+        "every path ran"
+    );
+
+    // Let the exporter flush, then stop credgate so everything is written.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    app.terminate();
+    assert!(app.wait_exit(Duration::from_secs(20)).success());
+    let lines = app.lines();
+    let spans = receiver.spans();
+    assert!(
+        lines.len() > 50 && spans.len() > 10,
+        "telemetry was captured"
+    );
+    let audits: Vec<String> = app
+        .audit_events()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let expected: Vec<String> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            if i == 0 {
+                "VALIDATED".to_owned()
+            } else {
+                o.clone()
+            }
+        })
+        .collect();
+    assert_eq!(audits, expected, "exactly one audit event per attempt");
+
+    for secret in &secrets {
+        for line in &lines {
+            assert!(
+                !line.contains(secret.as_str()),
+                "password {secret:?} in a log line: {line}"
+            );
+        }
+        for span in &spans {
+            let text = span_text(span);
+            assert!(
+                !text.contains(secret.as_str()),
+                "password {secret:?} in span {}: {text}",
+                span.name
+            );
+        }
+        for error in &errors {
+            assert!(
+                !error.contains(secret.as_str()),
+                "password {secret:?} in an error: {error}"
+            );
+        }
+    }
+}
