@@ -372,7 +372,7 @@ async fn non_user_credentials_are_invalid_user_type() {
     let role = unique("role");
     let trust = json!({
         "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"}, "Action": "sts:AssumeRole"}],
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
     });
     let created = admin
         .create_role()

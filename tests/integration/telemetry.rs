@@ -377,7 +377,8 @@ async fn no_password_appears_in_any_log_span_event_or_error() {
     let mut outcomes = Vec::new();
     let mut errors = Vec::new();
     // (old, new, validate_only, fault armed first, caller's grpc-timeout, from a stranger)
-    let steps: Vec<(&str, &str, bool, Option<Value>, Option<&str>, bool)> = vec![
+    type Step<'a> = (&'a str, &'a str, bool, Option<Value>, Option<&'a str>, bool);
+    let steps: Vec<Step<'_>> = vec![
         (
             "Leak-Old-7f3a9c!",
             "Leak-New-b81d2e!",

@@ -1,0 +1,471 @@
+#!/usr/bin/env python3
+"""IAM emulator for credgate's tests: moto's server with signing and IAM policy
+checks on, plus what moto lacks (ChangePassword) and a test-only fault switch.
+
+Usage: python tests/emulator/iam_emulator.py [--host 127.0.0.1] [--port 0]
+                                              [--region us-east-1] [--ignore-stdin] [--verbose]
+
+When it accepts connections it prints exactly one JSON line on stdout (endpoint,
+region, account id and the bootstrap admin's keys). It exits on SIGTERM/SIGINT
+and when its stdin reaches EOF, so a test process that dies cannot leak it.
+See README.md beside this file for the HTTP fault-switch API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from xml.sax.saxutils import escape
+
+# moto reads this once, when moto.settings is imported: 0 means "authenticate and
+# authorize every request", including the very first one (the default, infinity,
+# switches IAM checks off entirely).
+os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+
+from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
+from moto.core.exceptions import _RESTError  # noqa: E402
+from moto.iam import urls as iam_urls  # noqa: E402
+from moto.iam.exceptions import NoSuchEntity  # noqa: E402
+from moto.iam.models import User, iam_backends  # noqa: E402
+from moto.iam.responses import IamResponse  # noqa: E402
+from moto.moto_server.werkzeug_app import (  # noqa: E402
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from moto.utilities.utils import get_partition  # noqa: E402
+from werkzeug.exceptions import HTTPException  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
+from werkzeug.wrappers import Request, Response  # noqa: E402
+
+log = logging.getLogger("iam_emulator")
+
+IAM_XMLNS = "https://iam.amazonaws.com/doc/2010-05-08/"
+ADMIN_USER = "emulator-admin"
+# moto resolves the account from MOTO_ACCOUNT_ID first, then from the access key.
+ACCOUNT_ID = os.environ.get("MOTO_ACCOUNT_ID", DEFAULT_ACCOUNT_ID)
+
+# IAM's passwordType: 1..128 characters of [\t\n\r\x20-\xFF].
+PASSWORD_PATTERN = re.compile(r"[\t\n\r\x20-\xff]+")
+PASSWORD_MAX_LENGTH = 128
+# The characters IAM counts as symbols for RequireSymbols (IAM API reference).
+PASSWORD_SYMBOLS = frozenset("!@#$%^&*()_+-=[]{}|'")
+
+# Default HTTP status of injected faults, as IAM answers them.
+FAULT_DEFAULT_STATUS = {
+    "Throttling": 400,
+    "LimitExceeded": 409,
+    "EntityTemporarilyUnmodifiable": 409,
+    "ServiceFailure": 500,
+}
+
+
+class IamError(HTTPException):
+    """An IAM error in IAM's own XML shape.
+
+    moto's generic auth errors are wrapped as <ErrorResponse><Errors><Error>,
+    which the AWS SDKs' awsQuery error parser does not look into (it wants
+    <ErrorResponse><Error>), so every error this emulator emits or passes on
+    uses this class. The <RequestId> placeholder is filled in by
+    EmulatorIamResponse._enrich_response, which also sets the header.
+    """
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__()
+        self.code = status
+        self.error_code = code
+        self.message = message
+        fault_type = "Receiver" if status >= 500 else "Sender"
+        self.description = (
+            f'<ErrorResponse xmlns="{IAM_XMLNS}"><Error><Type>{fault_type}</Type>'
+            f"<Code>{escape(code)}</Code><Message>{escape(message)}</Message></Error>"
+            "<RequestId>-</RequestId></ErrorResponse>"
+        )
+
+    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        return [("Content-Type", "text/xml")]
+
+
+@dataclass
+class Fault:
+    action: str
+    user: str | None
+    error: str | None
+    status: int
+    message: str
+    remaining: int  # -1 = forever
+    delay_seconds: float
+
+
+class FaultSwitch:
+    """Injected faults and per-(action, user) arrival counts, shared by all request threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._calls: dict[tuple[str, str | None], int] = {}
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def record_call(self, action: str, user: str | None) -> None:
+        with self._lock:
+            self._calls[(action, user)] = self._calls.get((action, user), 0) + 1
+
+    def call_count(self, action: str | None, user: str | None) -> int:
+        with self._lock:
+            return sum(
+                n
+                for (a, u), n in self._calls.items()
+                if (action is None or a == action) and (user is None or u == user)
+            )
+
+    def take(self, action: str, user: str | None) -> Fault | None:
+        """The first fault that matches this request, using up one of its count."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.action == action and fault.user in (None, user):
+                    if fault.remaining > 0:
+                        fault.remaining -= 1
+                        if fault.remaining == 0:
+                            self._faults.remove(fault)
+                    return fault
+        return None
+
+
+FAULTS = FaultSwitch()
+
+# Passwords each user has had, oldest first, for PasswordReusePrevention. Keyed by
+# moto's User object so that a deleted and re-created user (or a moto reset) starts
+# with no history.
+PASSWORD_HISTORY: weakref.WeakKeyDictionary[User, list[str]] = weakref.WeakKeyDictionary()
+# ChangePassword reads the policy, the history and the current password, then
+# writes them: one at a time, as the server is threaded.
+CHANGE_PASSWORD_LOCK = threading.Lock()
+
+
+class EmulatorIamResponse(IamResponse):
+    """moto's IAM handler plus ChangePassword, the fault switch and IAM-shaped ids and errors."""
+
+    def _signer_access_key_id(self) -> str | None:
+        # Authorization: AWS4-HMAC-SHA256 Credential=AKID/date/region/service/aws4_request, ...
+        match = re.search(r"Credential=([^/,\s]+)/", self.headers.get("Authorization", ""))
+        return match.group(1) if match else None
+
+    def _signer_user(self) -> User | None:
+        """The IAM user owning the signing access key; None for unknown or STS keys."""
+        key_id = self._signer_access_key_id()
+        return self.backend.get_user_from_access_key_id(key_id) if key_id else None
+
+    def _authenticate_and_authorize_normal_action(self, resource: str = "*") -> None:
+        # moto calls this first for every IAM request, before dispatching to the
+        # action, and turns any HTTPException raised here into the response.
+        # So: count the arrival, let moto check signature and policies, then
+        # apply a fault, if one matches, before the action can change anything.
+        action = self._get_action()
+        signer = self._signer_user()
+        user_name = signer.name if signer else None
+        FAULTS.record_call(action, user_name)
+        try:
+            super()._authenticate_and_authorize_normal_action(resource)
+        except _RESTError as error:
+            self._reject(IamError(error.error_type, error.message, error.code))
+        fault = FAULTS.take(action, user_name)
+        if fault is None:
+            return
+        log.info("fault for %s by %s: %s after %ss", action, user_name, fault.error, fault.delay_seconds)
+        time.sleep(fault.delay_seconds)
+        if fault.error is not None:
+            self._reject(IamError(fault.error, fault.message, fault.status))
+
+    def _reject(self, error: IamError) -> NoReturn:
+        # moto answers an exception raised during authentication with its
+        # description alone, without its headers: add the content type here.
+        self.response_headers["Content-Type"] = "text/xml"
+        raise error
+
+    @staticmethod
+    def _enrich_response(headers: dict[str, str], body: Any) -> tuple[dict[str, str], Any]:
+        # moto's version invents 52-character ids; IAM's are UUIDs, in the body
+        # and in x-amzn-RequestId (where the SDKs' request_id() looks). moto also
+        # leaves its internal "status" entry in the headers, which IAM never sends.
+        headers.pop("status", None)
+        request_id = str(uuid.uuid4())
+        headers["x-amzn-RequestId"] = request_id
+        if isinstance(body, str):
+            body = re.sub(r"(?<=<RequestId>).*?(?=</RequestId>)", request_id, body)
+        return headers, body
+
+    def change_password(self) -> tuple[str, dict[str, Any]]:
+        """IAM ChangePassword: the signing IAM user changes their own console password."""
+        old_password = self._get_param("OldPassword") or ""
+        new_password = self._get_param("NewPassword") or ""
+        validate_password_parameters(old_password, new_password)
+
+        # Assumed-role (STS) keys pass moto's authentication but belong to no IAM
+        # user. (An IAM user's key sent with a session token never gets here:
+        # moto answers InvalidClientTokenId, as IAM does.)
+        user = self._signer_user()
+        if user is None:
+            raise IamError(
+                "InvalidUserType",
+                "Only IAM users can change their own password; "
+                "the request was not signed by an IAM user's access key.",
+            )
+        with CHANGE_PASSWORD_LOCK:
+            if not user.password:
+                raise IamError(
+                    "NoSuchEntity", f"Login Profile for User {user.name} cannot be found.", 404
+                )
+            if old_password != user.password:
+                raise IamError("InvalidUserType", "The old password is incorrect.")
+
+            history = PASSWORD_HISTORY.setdefault(user, [])
+            # The password may have been set by CreateLoginProfile or
+            # UpdateLoginProfile since the last ChangePassword.
+            if not history or history[-1] != user.password:
+                history.append(user.password)
+            violations = password_policy_violations(
+                self.backend.account_password_policy, new_password, history
+            )
+            if violations:
+                raise IamError(
+                    "PasswordPolicyViolation",
+                    "Password does not conform to the account password policy: "
+                    + "; ".join(violations)
+                    + ".",
+                )
+            # A changed password also satisfies "must reset at next sign-in".
+            self.backend.update_login_profile(user.name, new_password, False)
+            history.append(new_password)
+
+        body = (
+            f'<ChangePasswordResponse xmlns="{IAM_XMLNS}"><ResponseMetadata>'
+            "<RequestId>-</RequestId></ResponseMetadata></ChangePasswordResponse>"
+        )
+        return body, {"status": 200, "Content-Type": "text/xml"}
+
+
+def validate_password_parameters(old_password: str, new_password: str) -> None:
+    """IAM's model constraints on passwordType, reported as IAM does (without the values)."""
+    problems = []
+    for field, value in (("oldPassword", old_password), ("newPassword", new_password)):
+        if len(value) > PASSWORD_MAX_LENGTH:
+            problems.append(
+                f"Value at '{field}' failed to satisfy constraint: "
+                f"Member must have length less than or equal to {PASSWORD_MAX_LENGTH}"
+            )
+        if not value:
+            problems.append(
+                f"Value at '{field}' failed to satisfy constraint: "
+                "Member must have length greater than or equal to 1"
+            )
+        elif not PASSWORD_PATTERN.fullmatch(value):
+            problems.append(
+                f"Value at '{field}' failed to satisfy constraint: Member must satisfy "
+                r"regular expression pattern: [\u0009\u000A\u000D\u0020-\u00FF]+"
+            )
+    if problems:
+        count = f"{len(problems)} validation error{'s' if len(problems) > 1 else ''}"
+        raise IamError("ValidationError", f"{count} detected: " + "; ".join(problems))
+
+
+def password_policy_violations(policy: Any, password: str, history: list[str]) -> list[str]:
+    """The rules of moto's account password policy (None = no policy) that the password breaks."""
+    if policy is None:
+        return []
+    violations = []
+    if len(password) < policy.minimum_password_length:
+        violations.append(
+            f"Password should have a minimum length of {policy.minimum_password_length}"
+        )
+    if policy.require_symbols and not any(c in PASSWORD_SYMBOLS for c in password):
+        violations.append("Password should have at least one symbol")
+    if policy.require_numbers and not any("0" <= c <= "9" for c in password):
+        violations.append("Password should have at least one number")
+    if policy.require_uppercase_characters and not any("A" <= c <= "Z" for c in password):
+        violations.append("Password should have at least one uppercase letter")
+    if policy.require_lowercase_characters and not any("a" <= c <= "z" for c in password):
+        violations.append("Password should have at least one lowercase letter")
+    reuse = policy.password_reuse_prevention or 0
+    if reuse and password in history[-reuse:]:
+        violations.append(f"Password was used within the last {reuse} passwords")
+    return violations
+
+
+def parse_fault(body: Any) -> Fault:
+    """A Fault from the JSON body of POST /_emulator/faults; ValueError says what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    action = body.get("action")
+    user = body.get("user")
+    error = body.get("error")
+    status = body.get("status")
+    message = body.get("message")
+    count = body.get("count", 1)
+    delay = body.get("delay_seconds", 0)
+    if not isinstance(action, str) or not action:
+        raise ValueError("action must be a non-empty string")
+    if user is not None and not isinstance(user, str):
+        raise ValueError("user must be a string or null")
+    if error is not None and (not isinstance(error, str) or not error):
+        raise ValueError("error must be a non-empty string or null")
+    if status is not None and (type(status) is not int or not 100 <= status <= 599):
+        raise ValueError("status must be an HTTP status code")
+    if message is not None and not isinstance(message, str):
+        raise ValueError("message must be a string")
+    if type(count) is not int or count == 0 or count < -1:
+        raise ValueError("count must be a positive integer or -1 (forever)")
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
+        raise ValueError("delay_seconds must be a non-negative number")
+    if error is None and not delay:
+        raise ValueError("a fault needs an error, a delay_seconds, or both")
+    return Fault(
+        action=action,
+        user=user,
+        error=error,
+        status=status or FAULT_DEFAULT_STATUS.get(error or "", 400),
+        message=message or f"{error} (injected by the IAM emulator's fault switch)",
+        remaining=count,
+        delay_seconds=float(delay),
+    )
+
+
+def fault_switch_app(request: Request) -> Response:
+    """The unsigned, test-only /_emulator/* endpoints."""
+
+    def answer(payload: dict[str, Any], status: int = 200) -> Response:
+        return Response(json.dumps(payload), status=status, mimetype="application/json")
+
+    if request.path == "/_emulator/faults" and request.method == "POST":
+        try:
+            fault = parse_fault(json.loads(request.get_data(as_text=True) or "null"))
+        except ValueError as error:  # json.JSONDecodeError is a ValueError too
+            return answer({"ok": False, "error": str(error)}, 400)
+        FAULTS.add(fault)
+        return answer({"ok": True})
+    if request.path == "/_emulator/faults" and request.method == "DELETE":
+        FAULTS.clear()
+        return answer({"ok": True})
+    if request.path == "/_emulator/calls" and request.method == "GET":
+        count = FAULTS.call_count(request.args.get("action"), request.args.get("user"))
+        return answer({"count": count})
+    if request.path == "/_emulator/check-password" and request.method == "POST":
+        # A stand-in for a console sign-in: tests learn whether a password is
+        # the user's current one without changing anything (a ChangePassword
+        # round trip would trip reuse prevention and needs a working key).
+        body = json.loads(request.get_data(as_text=True) or "{}")
+        # IAM is global: every standard region shares the "aws" partition.
+        backend = iam_backends[ACCOUNT_ID]["aws"]
+        try:
+            user = backend.get_user(body.get("user", ""))
+        except NoSuchEntity:
+            return answer({"ok": False, "error": "no such user"}, 404)
+        return answer({"matches": bool(user.password) and user.password == body.get("password")})
+    return answer({"ok": False, "error": f"no such endpoint: {request.method} {request.path}"}, 404)
+
+
+def build_app() -> Any:
+    """moto's server WSGI app, with IAM routed to EmulatorIamResponse and /_emulator/* in front."""
+    # moto builds its IAM Flask app lazily, from moto.iam.urls.url_paths, on the
+    # first IAM request: point the route at our subclass before that happens.
+    iam_urls.url_paths = {path: EmulatorIamResponse.dispatch for path in iam_urls.url_paths}
+    moto_app = DomainDispatcherApplication(create_backend_app)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "").startswith("/_emulator/"):
+            return fault_switch_app(Request(environ))(environ, start_response)
+        return moto_app(environ, start_response)
+
+    return app
+
+
+def bootstrap_admin(region: str) -> tuple[str, str]:
+    """Create the all-powerful admin in moto's backend directly (HTTP would need keys already)."""
+    backend = iam_backends[ACCOUNT_ID][get_partition(region)]
+    backend.create_user(region, ADMIN_USER)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    backend.put_user_policy(ADMIN_USER, "emulator-admin-all", json.dumps(policy))
+    key = backend.create_access_key(ADMIN_USER)
+    return key.access_key_id, key.secret_access_key
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--region", default="us-east-1", help="region clients should sign for")
+    parser.add_argument(
+        "--ignore-stdin",
+        action="store_true",
+        help="do not exit at stdin EOF (for a background process whose stdin is /dev/null)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    args = parser.parse_args()
+
+    # stdout carries the one JSON line and nothing else: moto print()s
+    # diagnostics, so everything else is sent to stderr.
+    json_out = sys.stdout
+    sys.stdout = sys.stderr
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="iam-emulator: %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.INFO if args.verbose else logging.WARNING)
+
+    access_key_id, secret_access_key = bootstrap_admin(args.region)
+    server = make_server(
+        args.host, args.port, build_app(), threaded=True, request_handler=MotoRequestHandler
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if not args.ignore_stdin:
+
+        def stop_at_stdin_eof() -> None:
+            # os.read on the raw descriptor: a thread blocked inside sys.stdin's
+            # buffered reader would hold its lock and abort interpreter shutdown.
+            while os.read(0, 4096):
+                pass
+            stop.set()
+
+        threading.Thread(target=stop_at_stdin_eof, daemon=True).start()
+    # A short poll interval keeps shutdown() (which waits for one poll) quick.
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+
+    # The socket is listening since make_server: connections made from now on are served.
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    ready = {
+        "endpoint": f"http://{host}:{server.server_port}",
+        "region": args.region,
+        "account_id": ACCOUNT_ID,
+        "admin_access_key_id": access_key_id,
+        "admin_secret_access_key": secret_access_key,
+    }
+    json_out.write(json.dumps(ready) + "\n")
+    json_out.flush()
+    log.info("serving IAM on %s", ready["endpoint"])
+
+    stop.wait()
+    log.info("shutting down")
+    server.shutdown()
+    server.server_close()
+
+
+if __name__ == "__main__":
+    main()
