@@ -664,3 +664,59 @@ async fn reflection_v1_lists_every_service() {
         );
     }
 }
+
+#[tokio::test]
+async fn tls_files_are_reloaded_when_they_change_and_a_broken_update_keeps_serving() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Reload-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(PORTAL, &user))
+        .start();
+    let ca_path = app.dir.path().join("ca.crt");
+    let old_client = pki.spiffe_client(PORTAL);
+    let new_ca = Authority::new("the next client CA").expect("CA");
+    let new_client = new_ca.client(&ClientSpec::spiffe(PORTAL)).expect("cert");
+    // A validate_only call: Ok when the handshake and the call succeed.
+    let call = |client: credgate::devpki::Issued| {
+        let (app, pki) = (&app, &pki);
+        async move {
+            let channel = app
+                .channel(pki, Some(&client))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut request = change("Reload-pass-1", "Reload-pass-2");
+            request.validate_only = true;
+            credgate::api::password_service_client::PasswordServiceClient::new(channel)
+                .change_password(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string())
+        }
+    };
+    let reissue = |ca: &Authority| ca.client(&ClientSpec::spiffe(PORTAL)).expect("cert");
+    assert!(call(reissue(&pki.ca)).await.is_ok());
+    assert!(call(reissue(&new_ca)).await.is_err(), "not trusted yet");
+
+    // A half-written rotation: credgate logs it and keeps the old files.
+    rewrite(&ca_path, "-----BEGIN CERTIFICATE-----\ngarbage\n");
+    app.wait_for_line("the failed reload", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("still serving the previous certificates"))
+    })
+    .await;
+    assert!(call(reissue(&pki.ca)).await.is_ok(), "old CA still trusted");
+
+    // The real rotation: trust both CAs during the overlap.
+    rewrite(&ca_path, &format!("{}{}", pki.ca.cert_pem, new_ca.cert_pem));
+    app.wait_for_line("the reload", |v| {
+        v["message"] == "TLS certificates reloaded"
+    })
+    .await;
+    assert!(
+        call(new_client).await.is_ok(),
+        "the new CA is trusted without a restart"
+    );
+    assert!(call(old_client).await.is_ok());
+}

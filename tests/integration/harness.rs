@@ -533,9 +533,10 @@ impl Credgate {
         self.lines.lock().expect("lines").clone()
     }
 
-    /// Waits (bounded) until a line satisfies `pred`.
+    /// Waits (bounded: 15 s, three TLS reload periods) until a line
+    /// satisfies `pred`.
     pub async fn wait_for_line(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        for _ in 0..100 {
+        for _ in 0..300 {
             for line in self.lines() {
                 if let Ok(v) = serde_json::from_str::<Value>(&line)
                     && pred(&v)
