@@ -11,42 +11,6 @@ use crate::harness::*;
 
 const CALLER: &str = "spiffe://corp.example/ns/app/sa/app";
 
-struct Rig {
-    app: Credgate,
-    pki: Pki,
-    user: IamUser,
-}
-
-impl Rig {
-    async fn new(emulator: &Emulator, password: &str) -> Rig {
-        Rig::with(emulator, emulator.standard_user(password).await, "").await
-    }
-
-    async fn with(emulator: &Emulator, user: IamUser, extra_toml: &str) -> Rig {
-        let pki = Pki::new();
-        let app = Setup::new(emulator, &pki)
-            .caller(CallerEntry::spiffe(CALLER, &user))
-            .toml(extra_toml)
-            .start();
-        Rig { app, pki, user }
-    }
-
-    async fn change(
-        &self,
-        old: &str,
-        new: &str,
-    ) -> Result<credgate::api::ChangePasswordResponse, tonic::Status> {
-        let mut client = self
-            .app
-            .client(&self.pki, &self.pki.spiffe_client(CALLER))
-            .await;
-        client
-            .change_password(change(old, new))
-            .await
-            .map(|r| r.into_inner())
-    }
-}
-
 /// Asserts the row and that IAM's code and request id are in the metadata.
 fn expect_iam_error(status: &tonic::Status, code: Code, reason: &str, aws_code: &str) {
     let metadata = expect_error(status, code, reason);
@@ -89,7 +53,7 @@ async fn iam_faults_map_to_their_rows_and_change_nothing() {
         ("AccessDenied", Code::PermissionDenied, "IAM_ACCESS_DENIED"),
     ];
     for (aws_code, code, reason) in rows {
-        let rig = Rig::new(emulator, "Fault-pass-1").await;
+        let rig = Rig::new(emulator, CALLER, "Fault-pass-1").await;
         emulator
             .fault("ChangePassword", &rig.user.name, json!({"error": aws_code}))
             .await;
@@ -121,7 +85,7 @@ async fn iam_faults_map_to_their_rows_and_change_nothing() {
 #[tokio::test]
 async fn throttling_is_retried_a_bounded_number_of_times() {
     let emulator = Emulator::shared();
-    let once = Rig::new(emulator, "Throttle-pass-1").await;
+    let once = Rig::new(emulator, CALLER, "Throttle-pass-1").await;
     emulator
         .fault(
             "ChangePassword",
@@ -135,7 +99,7 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
     assert_eq!(emulator.calls("ChangePassword", &once.user.name).await, 2);
     assert!(emulator.password_is(&once.user, "Throttle-pass-2").await);
 
-    let always = Rig::new(emulator, "Throttle-pass-1").await;
+    let always = Rig::new(emulator, CALLER, "Throttle-pass-1").await;
     emulator
         .fault(
             "ChangePassword",
@@ -155,7 +119,7 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
 #[tokio::test]
 async fn a_timeout_after_sending_is_outcome_unknown_and_never_retried() {
     let emulator = Emulator::shared();
-    let rig = Rig::new(emulator, "Slow-pass-1").await;
+    let rig = Rig::new(emulator, CALLER, "Slow-pass-1").await;
     emulator
         .fault(
             "ChangePassword",
@@ -222,7 +186,7 @@ async fn a_missing_login_profile_is_a_failed_precondition() {
             &["iam:ChangePassword", "iam:GetAccountPasswordPolicy"],
         )
         .await;
-    let rig = Rig::with(emulator, user, "").await;
+    let rig = Rig::for_user(emulator, CALLER, user, |s| s);
     let status = rig
         .change("Any-pass-1", "Any-pass-2")
         .await
@@ -239,7 +203,7 @@ async fn a_missing_login_profile_is_a_failed_precondition() {
 async fn a_user_without_permission_gets_iam_access_denied() {
     let emulator = Emulator::shared();
     let user = emulator.user(Some("Denied-pass-1"), &[]).await;
-    let rig = Rig::with(emulator, user, "").await;
+    let rig = Rig::for_user(emulator, CALLER, user, |s| s);
     let status = rig
         .change("Denied-pass-1", "Denied-pass-2")
         .await
@@ -266,7 +230,7 @@ async fn rejected_credentials_are_upstream_credentials_rejected() {
         } else {
             user.key.id = "AKIAAAAAAAAAAAAAAAAA".to_owned();
         }
-        let rig = Rig::with(emulator, user, "").await;
+        let rig = Rig::for_user(emulator, CALLER, user, |s| s);
         let status = rig
             .change("Cred-pass-1", "Cred-pass-2")
             .await
@@ -283,7 +247,7 @@ async fn rejected_credentials_are_upstream_credentials_rejected() {
 #[tokio::test]
 async fn an_expired_token_refreshes_the_credentials_once_and_retries_once() {
     let emulator = Emulator::shared();
-    let rig = Rig::new(emulator, "Expired-pass-1").await;
+    let rig = Rig::new(emulator, CALLER, "Expired-pass-1").await;
     emulator
         .fault(
             "ChangePassword",
@@ -319,7 +283,7 @@ async fn an_expired_token_refreshes_the_credentials_once_and_retries_once() {
 #[tokio::test]
 async fn a_rotated_access_key_is_picked_up_from_the_credentials_file() {
     let emulator = Emulator::shared();
-    let rig = Rig::new(emulator, "Rotate-pass-1").await;
+    let rig = Rig::new(emulator, CALLER, "Rotate-pass-1").await;
     // Rotate: a new key in the file, the old one deleted in IAM.
     let new_key = emulator.access_key(&rig.user.name).await;
     rewrite(
@@ -417,7 +381,7 @@ async fn non_user_credentials_are_invalid_user_type() {
             session_token: Some(creds.session_token().to_owned()),
         },
     };
-    let rig = Rig::with(emulator, session, "").await;
+    let rig = Rig::for_user(emulator, CALLER, session, |s| s);
     let status = rig
         .change("Role-pass-1", "Role-pass-2")
         .await
@@ -434,12 +398,9 @@ async fn non_user_credentials_are_invalid_user_type() {
 async fn repeated_wrong_old_passwords_lock_the_caller_out_before_iam() {
     let emulator = Emulator::shared();
     let user = emulator.standard_user("Lock-pass-1").await;
-    let rig = Rig::with(
-        emulator,
-        user,
-        "[limits]\nfailed_attempts = 2\nfailed_attempts_window = \"1h\"\n",
-    )
-    .await;
+    let rig = Rig::for_user(emulator, CALLER, user, |s| {
+        s.toml("[limits]\nfailed_attempts = 2\nfailed_attempts_window = \"1h\"\n")
+    });
     for _ in 0..2 {
         let status = rig
             .change("Guess-pass-1", "Lock-pass-2")
@@ -467,7 +428,7 @@ async fn repeated_wrong_old_passwords_lock_the_caller_out_before_iam() {
 #[tokio::test]
 async fn the_account_policy_is_served_and_checked_before_iam_with_every_unmet_rule() {
     let emulator = Emulator::start();
-    let rig = Rig::new(&emulator, "Policy-pass-1!").await;
+    let rig = Rig::new(&emulator, CALLER, "Policy-pass-1!").await;
     let mut client = rig
         .app
         .client(&rig.pki, &rig.pki.spiffe_client(CALLER))
@@ -483,7 +444,7 @@ async fn the_account_policy_is_served_and_checked_before_iam_with_every_unmet_ru
         .set_policy(14, true, true, true, true, Some(2))
         .await;
     // A new credgate, so the (short-lived) policy cache starts empty.
-    let rig = Rig::with(&emulator, rig.user, "").await;
+    let rig = Rig::for_user(&emulator, CALLER, rig.user, |s| s);
     let mut client = rig
         .app
         .client(&rig.pki, &rig.pki.spiffe_client(CALLER))

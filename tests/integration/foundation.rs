@@ -15,42 +15,34 @@ const PORTAL: &str = "spiffe://corp.example/ns/portal/sa/portal";
 #[tokio::test]
 async fn a_password_really_changes_and_can_be_changed_back() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Original-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+    let rig = Rig::new(emulator, PORTAL, "Original-pass-1").await;
+    let mut client = rig.client().await;
 
     let response = client
         .change_password(change("Original-pass-1", "Changed-pass-2"))
         .await
         .expect("change")
         .into_inner();
-    assert_eq!(response.iam_user, user.name);
+    assert_eq!(response.iam_user, rig.user.name);
     assert!(
         !response.request_id.is_empty(),
         "IAM's request id is returned"
     );
-    assert!(emulator.password_is(&user, "Changed-pass-2").await);
-    assert!(!emulator.password_is(&user, "Original-pass-1").await);
+    assert!(emulator.password_is(&rig.user, "Changed-pass-2").await);
+    assert!(!emulator.password_is(&rig.user, "Original-pass-1").await);
 
     client
         .change_password(change("Changed-pass-2", "Original-pass-1"))
         .await
         .expect("change back with the new password");
-    assert!(emulator.password_is(&user, "Original-pass-1").await);
+    assert!(emulator.password_is(&rig.user, "Original-pass-1").await);
 }
 
 #[tokio::test]
 async fn a_wrong_old_password_is_permission_denied() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Right-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+    let rig = Rig::new(emulator, PORTAL, "Right-pass-1").await;
+    let mut client = rig.client().await;
 
     let status = client
         .change_password(change("Wrong-pass-1", "Next-pass-2"))
@@ -60,7 +52,7 @@ async fn a_wrong_old_password_is_permission_denied() {
     assert_eq!(metadata["awsErrorCode"], "InvalidUserType");
     assert!(!metadata["awsRequestId"].is_empty());
     assert!(
-        emulator.password_is(&user, "Right-pass-1").await,
+        emulator.password_is(&rig.user, "Right-pass-1").await,
         "nothing changed"
     );
 }
@@ -68,17 +60,13 @@ async fn a_wrong_old_password_is_permission_denied() {
 #[tokio::test]
 async fn an_unmapped_caller_is_denied_and_iam_is_never_called() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Some-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
+    let rig = Rig::new(emulator, PORTAL, "Some-pass-1").await;
     // Same trust domain, and a prefix of a mapped ID: neither may match.
     for id in [
         "spiffe://corp.example/ns/other/sa/other",
         "spiffe://corp.example/ns/portal/sa",
     ] {
-        let mut client = app.client(&pki, &pki.spiffe_client(id)).await;
+        let mut client = rig.app.client(&rig.pki, &rig.pki.spiffe_client(id)).await;
         let status = client
             .change_password(change("Some-pass-1", "Other-pass-2"))
             .await
@@ -86,8 +74,8 @@ async fn an_unmapped_caller_is_denied_and_iam_is_never_called() {
         let metadata = expect_error(&status, Code::PermissionDenied, "CALLER_NOT_MAPPED");
         assert!(metadata["peerIdentity"].contains(id), "{metadata:?}");
     }
-    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
-    assert!(emulator.password_is(&user, "Some-pass-1").await);
+    assert_eq!(emulator.calls("ChangePassword", &rig.user.name).await, 0);
+    assert!(emulator.password_is(&rig.user, "Some-pass-1").await);
 }
 
 #[tokio::test]
@@ -147,12 +135,8 @@ async fn dns_and_common_name_callers_are_matched_exactly_and_several_uri_sans_ar
 #[tokio::test]
 async fn a_client_without_a_certificate_cannot_call() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Some-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let result = match app.channel(&pki, None).await {
+    let rig = Rig::new(emulator, PORTAL, "Some-pass-1").await;
+    let result = match rig.app.channel(&rig.pki, None).await {
         Err(_) => None,
         Ok(channel) => Some(
             credgate::api::password_service_client::PasswordServiceClient::new(channel)
@@ -170,27 +154,24 @@ async fn a_client_without_a_certificate_cannot_call() {
             "{status:?}"
         );
     }
-    app.wait_for_line("the handshake rejection", |v| {
-        v["message"] == "TLS handshake rejected"
-            && v["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("certificate"))
-    })
-    .await;
-    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+    rig.app
+        .wait_for_line("the handshake rejection", |v| {
+            v["message"] == "TLS handshake rejected"
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("certificate"))
+        })
+        .await;
+    assert_eq!(emulator.calls("ChangePassword", &rig.user.name).await, 0);
 }
 
 #[tokio::test]
 async fn a_certificate_from_another_ca_fails_the_handshake() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Some-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
+    let rig = Rig::new(emulator, PORTAL, "Some-pass-1").await;
     let stranger = Authority::new("someone else's CA").expect("CA");
     let forged = stranger.client(&ClientSpec::spiffe(PORTAL)).expect("cert");
-    if let Ok(channel) = app.channel(&pki, Some(&forged)).await {
+    if let Ok(channel) = rig.app.channel(&rig.pki, Some(&forged)).await {
         let status = credgate::api::password_service_client::PasswordServiceClient::new(channel)
             .change_password(change("Some-pass-1", "Other-pass-2"))
             .await
@@ -203,12 +184,13 @@ async fn a_certificate_from_another_ca_fails_the_handshake() {
             "{status:?}"
         );
     }
-    app.wait_for_line("the handshake rejection", |v| {
-        v["message"] == "TLS handshake rejected"
-    })
-    .await;
-    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
-    assert!(emulator.password_is(&user, "Some-pass-1").await);
+    rig.app
+        .wait_for_line("the handshake rejection", |v| {
+            v["message"] == "TLS handshake rejected"
+        })
+        .await;
+    assert_eq!(emulator.calls("ChangePassword", &rig.user.name).await, 0);
+    assert!(emulator.password_is(&rig.user, "Some-pass-1").await);
 }
 
 #[tokio::test]
@@ -245,12 +227,8 @@ async fn a_revoked_client_certificate_fails_the_handshake() {
 #[tokio::test]
 async fn invalid_passwords_are_rejected_before_iam() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Valid-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+    let rig = Rig::new(emulator, PORTAL, "Valid-pass-1").await;
+    let mut client = rig.client().await;
     let long = "a".repeat(129);
     let cases = [
         ("Valid-pass-1", "", "new_password"),
@@ -270,42 +248,35 @@ async fn invalid_passwords_are_rejected_before_iam() {
         let bad = details.bad_request().expect("BadRequest");
         assert_eq!(bad.field_violations[0].field, field);
     }
-    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+    assert_eq!(emulator.calls("ChangePassword", &rig.user.name).await, 0);
 }
 
 #[tokio::test]
 async fn an_oversized_request_is_refused_before_the_handler() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Valid-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+    let rig = Rig::new(emulator, PORTAL, "Valid-pass-1").await;
+    let mut client = rig.client().await;
     let huge = "x".repeat(64 * 1024);
     let status = client
         .change_password(change("Valid-pass-1", &huge))
         .await
         .expect_err("oversized");
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+    assert_eq!(emulator.calls("ChangePassword", &rig.user.name).await, 0);
 }
 
 #[tokio::test]
 async fn health_is_served_on_both_ports() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Valid-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let admin = tonic::transport::Channel::from_shared(format!("http://{}", app.admin_addr))
+    let rig = Rig::new(emulator, PORTAL, "Valid-pass-1").await;
+    let admin = tonic::transport::Channel::from_shared(format!("http://{}", rig.app.admin_addr))
         .expect("uri")
         .connect()
         .await
         .expect("plaintext admin port");
-    let mtls = app
-        .channel(&pki, Some(&pki.spiffe_client(PORTAL)))
+    let mtls = rig
+        .app
+        .channel(&rig.pki, Some(&rig.pki.spiffe_client(PORTAL)))
         .await
         .expect("mTLS");
     for channel in [admin.clone(), mtls] {
@@ -333,16 +304,12 @@ async fn health_is_served_on_both_ports() {
 #[tokio::test]
 async fn sigterm_turns_health_not_serving_and_lets_in_flight_calls_finish() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Drain-pass-1").await;
-    let pki = Pki::new();
-    let mut app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let mut client = app.client(&pki, &pki.spiffe_client(PORTAL)).await;
+    let mut rig = Rig::new(emulator, PORTAL, "Drain-pass-1").await;
+    let mut client = rig.client().await;
     emulator
         .fault(
             "ChangePassword",
-            &user.name,
+            &rig.user.name,
             serde_json::json!({"delay_seconds": 1.5}),
         )
         .await;
@@ -352,14 +319,14 @@ async fn sigterm_turns_health_not_serving_and_lets_in_flight_calls_finish() {
             .await
     });
     for _ in 0..100 {
-        if emulator.calls("ChangePassword", &user.name).await == 1 {
+        if emulator.calls("ChangePassword", &rig.user.name).await == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    app.terminate();
+    rig.app.terminate();
     let mut health = HealthClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", app.admin_addr))
+        tonic::transport::Channel::from_shared(format!("http://{}", rig.app.admin_addr))
             .expect("uri")
             .connect()
             .await
@@ -375,15 +342,17 @@ async fn sigterm_turns_health_not_serving_and_lets_in_flight_calls_finish() {
         .status();
     assert_eq!(status, ServingStatus::NotServing);
     assert!(
-        tokio::net::TcpStream::connect(app.tls_addr).await.is_err(),
+        tokio::net::TcpStream::connect(rig.app.tls_addr)
+            .await
+            .is_err(),
         "new connections are refused while draining"
     );
     call.await
         .expect("join")
         .expect("the in-flight call completes");
-    let exit = app.wait_exit(Duration::from_secs(10));
+    let exit = rig.app.wait_exit(Duration::from_secs(10));
     assert!(exit.success(), "{exit:?}");
-    assert!(emulator.password_is(&user, "Drain-pass-2").await);
+    assert!(emulator.password_is(&rig.user, "Drain-pass-2").await);
 }
 
 fn run_grpcurl(args: &[&str]) -> String {
@@ -501,13 +470,8 @@ fn check_config_reports_every_problem_at_once_with_exit_64() {
         "#,
     )
     .expect("write");
-    let out = credgate_command(dir.path())
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .expect("check-config");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let (code, _, stderr) = check_config(dir.path(), &config, false);
+    assert_eq!(code, Some(64), "{stderr}");
     for needle in [
         "server.listen",
         "server.request_timeout",
@@ -538,13 +502,8 @@ fn check_config_reports_every_problem_at_once_with_exit_64() {
         "[other]\naws_access_key_id = x\naws_secret_access_key = y\n",
     )
     .expect("write");
-    let out = credgate_command(dir.path())
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .expect("check-config");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let (code, _, stderr) = check_config(dir.path(), &config, false);
+    assert_eq!(code, Some(64), "{stderr}");
     for needle in [
         "tls.cert: cannot read",
         "tls.key: cannot read",
@@ -565,35 +524,18 @@ async fn check_config_accepts_a_good_config_and_online_verifies_the_iam_user() {
     wrong.iam_user = "somebody-else".into();
     let setup = Setup::new(emulator, &pki).caller(CallerEntry::spiffe(PORTAL, &user));
     let (dir, config) = setup.write();
-    let run = |dir: &std::path::Path, config: &std::path::Path, online: bool| {
-        let mut cmd = credgate_command(dir);
-        cmd.args(["check-config", "--config"]).arg(config);
-        if online {
-            cmd.arg("--online");
-        }
-        cmd.output().expect("check-config")
-    };
-    let out = run(dir.path(), &config, false);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
-    let out = run(dir.path(), &config, true);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout, stderr) = check_config(dir.path(), &config, false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("OK"));
+    let (code, _, stderr) = check_config(dir.path(), &config, true);
+    assert_eq!(code, Some(0), "{stderr}");
 
     let (dir, config) = Setup::new(emulator, &pki)
         .caller(CallerEntry::spiffe(PORTAL, &user))
         .caller(wrong)
         .write();
-    let out = run(dir.path(), &config, true);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let (code, _, stderr) = check_config(dir.path(), &config, true);
+    assert_eq!(code, Some(64), "{stderr}");
     assert!(
         stderr.contains(&format!("signs as IAM user {:?}", other.name)),
         "{stderr}"
@@ -634,13 +576,10 @@ async fn reflection_v1_lists_every_service() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Valid-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let channel = app
-        .channel(&pki, Some(&pki.spiffe_client(PORTAL)))
+    let rig = Rig::new(emulator, PORTAL, "Valid-pass-1").await;
+    let channel = rig
+        .app
+        .channel(&rig.pki, Some(&rig.pki.spiffe_client(PORTAL)))
         .await
         .expect("mTLS");
     let request = ServerReflectionRequest {
@@ -668,52 +607,54 @@ async fn reflection_v1_lists_every_service() {
 #[tokio::test]
 async fn tls_files_are_reloaded_when_they_change_and_a_broken_update_keeps_serving() {
     let emulator = Emulator::shared();
-    let user = emulator.standard_user("Reload-pass-1").await;
-    let pki = Pki::new();
-    let app = Setup::new(emulator, &pki)
-        .caller(CallerEntry::spiffe(PORTAL, &user))
-        .start();
-    let ca_path = app.dir.path().join("ca.crt");
-    let old_client = pki.spiffe_client(PORTAL);
+    let rig = Rig::new(emulator, PORTAL, "Reload-pass-1").await;
+    let ca_path = rig.app.dir.path().join("ca.crt");
+    let old_client = rig.pki.spiffe_client(PORTAL);
     let new_ca = Authority::new("the next client CA").expect("CA");
     let new_client = new_ca.client(&ClientSpec::spiffe(PORTAL)).expect("cert");
     // A validate_only call: Ok when the handshake and the call succeed.
-    let call = |client: credgate::devpki::Issued| {
-        let (app, pki) = (&app, &pki);
-        async move {
-            let channel = app
-                .channel(pki, Some(&client))
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut request = change("Reload-pass-1", "Reload-pass-2");
-            request.validate_only = true;
-            credgate::api::password_service_client::PasswordServiceClient::new(channel)
-                .change_password(request)
-                .await
-                .map(|_| ())
-                .map_err(|s| s.to_string())
-        }
+    let (app, pki) = (&rig.app, &rig.pki);
+    let call = move |client: credgate::devpki::Issued| async move {
+        let channel = app
+            .channel(pki, Some(&client))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut request = change("Reload-pass-1", "Reload-pass-2");
+        request.validate_only = true;
+        credgate::api::password_service_client::PasswordServiceClient::new(channel)
+            .change_password(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.to_string())
     };
     let reissue = |ca: &Authority| ca.client(&ClientSpec::spiffe(PORTAL)).expect("cert");
-    assert!(call(reissue(&pki.ca)).await.is_ok());
+    assert!(call(reissue(&rig.pki.ca)).await.is_ok());
     assert!(call(reissue(&new_ca)).await.is_err(), "not trusted yet");
 
     // A half-written rotation: credgate logs it and keeps the old files.
     rewrite(&ca_path, "-----BEGIN CERTIFICATE-----\ngarbage\n");
-    app.wait_for_line("the failed reload", |v| {
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("still serving the previous certificates"))
-    })
-    .await;
-    assert!(call(reissue(&pki.ca)).await.is_ok(), "old CA still trusted");
+    rig.app
+        .wait_for_line("the failed reload", |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("still serving the previous certificates"))
+        })
+        .await;
+    assert!(
+        call(reissue(&rig.pki.ca)).await.is_ok(),
+        "old CA still trusted"
+    );
 
     // The real rotation: trust both CAs during the overlap.
-    rewrite(&ca_path, &format!("{}{}", pki.ca.cert_pem, new_ca.cert_pem));
-    app.wait_for_line("the reload", |v| {
-        v["message"] == "TLS certificates reloaded"
-    })
-    .await;
+    rewrite(
+        &ca_path,
+        &format!("{}{}", rig.pki.ca.cert_pem, new_ca.cert_pem),
+    );
+    rig.app
+        .wait_for_line("the reload", |v| {
+            v["message"] == "TLS certificates reloaded"
+        })
+        .await;
     assert!(
         call(new_client).await.is_ok(),
         "the new CA is trusted without a restart"

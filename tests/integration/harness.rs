@@ -486,6 +486,77 @@ pub fn credgate_command(dir: &Path) -> Command {
     cmd
 }
 
+/// Runs `credgate check-config` on `config` with the AWS files of `dir`:
+/// (exit code, stdout, stderr).
+pub fn check_config(dir: &Path, config: &Path, online: bool) -> (Option<i32>, String, String) {
+    let mut cmd = credgate_command(dir);
+    cmd.args(["check-config", "--config"]).arg(config);
+    if online {
+        cmd.arg("--online");
+    }
+    let out = cmd.output().expect("check-config");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The usual test subject: credgate with one SPIFFE caller mapped to a fresh
+/// IAM user, and that caller's client certificate.
+pub struct Rig {
+    pub app: Credgate,
+    pub pki: Pki,
+    pub user: IamUser,
+    pub caller: String,
+}
+
+impl Rig {
+    /// A new user with `password` and every permission credgate needs.
+    pub async fn new(emulator: &Emulator, caller: &str, password: &str) -> Rig {
+        let user = emulator.standard_user(password).await;
+        Rig::for_user(emulator, caller, user, |setup| setup)
+    }
+
+    /// `user` as the caller, with `customize` applied to the setup.
+    pub fn for_user(
+        emulator: &Emulator,
+        caller: &str,
+        user: IamUser,
+        customize: impl for<'a> FnOnce(Setup<'a>) -> Setup<'a>,
+    ) -> Rig {
+        let pki = Pki::new();
+        let app = customize(Setup::new(emulator, &pki).caller(CallerEntry::spiffe(caller, &user)))
+            .start();
+        Rig {
+            app,
+            pki,
+            user,
+            caller: caller.to_owned(),
+        }
+    }
+
+    /// A client presenting the caller's certificate.
+    pub async fn client(&self) -> PasswordServiceClient<Channel> {
+        self.app
+            .client(&self.pki, &self.pki.spiffe_client(&self.caller))
+            .await
+    }
+
+    /// One ChangePassword from the caller.
+    pub async fn change(
+        &self,
+        old: &str,
+        new: &str,
+    ) -> Result<credgate::api::ChangePasswordResponse, tonic::Status> {
+        self.client()
+            .await
+            .change_password(change(old, new))
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
 impl Credgate {
     /// Starts the binary on an already written config.
     pub fn spawn(dir: tempfile::TempDir, config: &Path, env: &[(String, String)]) -> Credgate {

@@ -37,11 +37,10 @@ async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_c
     let receiver = Receiver::start().await;
     let emulator = Emulator::shared();
     let user = emulator.standard_user("Traced-pass-1").await;
-    let pki = Pki::new();
-    let app = otel_env(Setup::new(emulator, &pki), &receiver.endpoint())
-        .caller(CallerEntry::spiffe(CALLER, &user))
-        .start();
-    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+    let rig = Rig::for_user(emulator, CALLER, user, |s| {
+        otel_env(s, &receiver.endpoint())
+    });
+    let mut client = rig.client().await;
 
     let mut request = Request::new(change("Traced-pass-1", "Traced-pass-2"));
     request.metadata_mut().insert(
@@ -57,7 +56,8 @@ async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_c
         .into_inner();
     // Health checks must not produce spans.
     let mut health = HealthClient::new(
-        app.channel(&pki, Some(&pki.spiffe_client(CALLER)))
+        rig.app
+            .channel(&rig.pki, Some(&rig.pki.spiffe_client(CALLER)))
             .await
             .expect("mTLS"),
     );
@@ -86,7 +86,7 @@ async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_c
     assert_eq!(a["rpc.method"], "ChangePassword");
     assert_eq!(a["rpc.grpc.status_code"], "0");
     assert_eq!(a["credgate.caller"], CALLER);
-    assert_eq!(a["credgate.iam_user"], user.name);
+    assert_eq!(a["credgate.iam_user"], rig.user.name);
     assert!(!a.contains_key("error.type"));
 
     // credgate's CLIENT span; the SDK's own operation span has the same name
@@ -152,12 +152,13 @@ async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_c
     }
 
     // Logs inside the span carry its ids; the audit record carries the trace.
-    let audit = app
+    let audit = rig
+        .app
         .wait_for_line("audit", |v| v["target"] == "credgate::audit")
         .await;
     assert_eq!(audit["trace_id"], TRACE_ID);
     assert_eq!(audit["caller"], CALLER);
-    assert_eq!(audit["iam_user"], user.name.as_str());
+    assert_eq!(audit["iam_user"], rig.user.name.as_str());
     assert_eq!(audit["outcome"], "OK");
     assert_eq!(audit["iam_request_id"], response.request_id.as_str());
     assert!(
@@ -173,11 +174,10 @@ async fn failures_set_error_type_and_server_faults_set_span_status_error() {
     let receiver = Receiver::start().await;
     let emulator = Emulator::shared();
     let user = emulator.standard_user("Failing-pass-1").await;
-    let pki = Pki::new();
-    let app = otel_env(Setup::new(emulator, &pki), &receiver.endpoint())
-        .caller(CallerEntry::spiffe(CALLER, &user))
-        .start();
-    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+    let rig = Rig::for_user(emulator, CALLER, user, |s| {
+        otel_env(s, &receiver.endpoint())
+    });
+    let mut client = rig.client().await;
 
     client
         .change_password(change("Wrong-pass-1", "Failing-pass-2"))
@@ -220,7 +220,7 @@ async fn failures_set_error_type_and_server_faults_set_span_status_error() {
     emulator
         .fault(
             "ChangePassword",
-            &user.name,
+            &rig.user.name,
             json!({"error": "ServiceFailure"}),
         )
         .await;
@@ -250,11 +250,10 @@ async fn rpc_duration_and_iam_outcomes_are_exported_as_metrics() {
     let receiver = Receiver::start().await;
     let emulator = Emulator::shared();
     let user = emulator.standard_user("Metric-pass-1").await;
-    let pki = Pki::new();
-    let app = otel_env(Setup::new(emulator, &pki), &receiver.endpoint())
-        .caller(CallerEntry::spiffe(CALLER, &user))
-        .start();
-    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+    let rig = Rig::for_user(emulator, CALLER, user, |s| {
+        otel_env(s, &receiver.endpoint())
+    });
+    let mut client = rig.client().await;
     client
         .change_password(change("Metric-pass-1", "Metric-pass-2"))
         .await
