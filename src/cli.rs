@@ -18,6 +18,8 @@ use crate::{
 pub const EX_USAGE: u8 = 64;
 /// Exit code when the service fails at run time (EX_SOFTWARE).
 pub const EX_SOFTWARE: u8 = 70;
+/// How long exporting buffered spans and metrics may take at exit.
+const TELEMETRY_FLUSH_BUDGET: Duration = Duration::from_secs(5);
 
 /// credgate: changes AWS IAM console passwords for mTLS-authenticated
 /// services, signing with each caller's own IAM user credentials.
@@ -88,7 +90,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EX_SOFTWARE);
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => serve(config).await,
             Command::CheckConfig { config, online } => check_config(config, online).await,
@@ -98,7 +100,11 @@ pub fn main() -> ExitCode {
                 server_names,
             } => dev_pki(out, &server_names, &clients),
         }
-    })
+    });
+    // A telemetry flush still stuck on an unreachable collector must not
+    // hold the exit (see `serve`).
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
 async fn serve(path: PathBuf) -> ExitCode {
@@ -117,8 +123,16 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
     };
     let code = run(config).await;
-    // Flushing blocks until the exporter has sent; keep it off the workers.
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    // Flushing blocks until the exporter has sent; keep it off the workers,
+    // and bounded: the pod's termination grace must cover preStop +
+    // shutdown_grace + this.
+    let flush = tokio::task::spawn_blocking(move || telemetry.shutdown());
+    if tokio::time::timeout(TELEMETRY_FLUSH_BUDGET, flush)
+        .await
+        .is_err()
+    {
+        tracing::warn!("telemetry flush did not finish in time; buffered spans are dropped");
+    }
     code
 }
 

@@ -187,11 +187,15 @@ def test_probes_are_grpc_on_the_admin_port(objects):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 30
 
 
+# credgate gives buffered telemetry this long at exit (TELEMETRY_FLUSH_BUDGET in src/cli.rs).
+TELEMETRY_FLUSH_SECONDS = 5
+
+
 def test_termination_grace_exceeds_drain_and_pre_stop(objects):
     spec = pod_spec(objects)
     grace = seconds(config(objects)["server"]["shutdown_grace"])
     pre_stop = container(objects)["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert spec["terminationGracePeriodSeconds"] > grace + pre_stop
+    assert spec["terminationGracePeriodSeconds"] > grace + pre_stop + TELEMETRY_FLUSH_SECONDS
 
 
 def test_topology_spread_across_nodes(objects):

@@ -350,7 +350,7 @@ async fn sigterm_turns_health_not_serving_and_lets_in_flight_calls_finish() {
     call.await
         .expect("join")
         .expect("the in-flight call completes");
-    let exit = rig.app.wait_exit(Duration::from_secs(10));
+    let exit = rig.app.wait_exit(Duration::from_secs(10)).await;
     assert!(exit.success(), "{exit:?}");
     assert!(emulator.password_is(&rig.user, "Drain-pass-2").await);
 }
@@ -660,4 +660,41 @@ async fn tls_files_are_reloaded_when_they_change_and_a_broken_update_keeps_servi
         "the new CA is trusted without a restart"
     );
     assert!(call(old_client).await.is_ok());
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_clients_complete_the_mutual_handshake() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    let emulator = Emulator::shared();
+    let rig = Rig::new(emulator, PORTAL, "Tls-pass-1").await;
+    let client = rig.pki.spiffe_client(PORTAL);
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(rig.pki.ca.cert_pem.as_bytes()).expect("CA"))
+            .expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(credgate::tls::crypto_provider())
+            .with_protocol_versions(&[version])
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).expect("cert")],
+                PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).expect("key"),
+            )
+            .expect("client auth");
+        let tcp = tokio::net::TcpStream::connect(rig.app.tls_addr)
+            .await
+            .expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("{version:?} handshake: {e}"));
+        let (_, session) = tls.get_ref();
+        assert_eq!(session.protocol_version(), Some(version.version));
+        assert_eq!(
+            session.alpn_protocol(),
+            None,
+            "ALPN is offered by the server only when asked"
+        );
+    }
 }

@@ -643,8 +643,9 @@ impl Credgate {
         }
     }
 
-    /// Waits (bounded) for the process to exit.
-    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+    /// Waits (bounded) for the process to exit, without blocking the test's
+    /// runtime (the OTLP receiver runs on it while credgate flushes).
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let child = self.child.as_mut().expect("running");
         let deadline = Instant::now() + within;
         loop {
@@ -656,7 +657,7 @@ impl Credgate {
                 Instant::now() < deadline,
                 "credgate did not exit within {within:?}"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

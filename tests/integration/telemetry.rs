@@ -344,7 +344,7 @@ async fn an_unreachable_collector_adds_no_error_or_delay_to_an_rpc() {
         );
     }
     app.terminate();
-    let exit = app.wait_exit(Duration::from_secs(20));
+    let exit = app.wait_exit(Duration::from_secs(20)).await;
     assert!(exit.success(), "{exit:?}");
 }
 
@@ -497,7 +497,7 @@ async fn no_password_appears_in_any_log_span_event_or_error() {
     // Let the exporter flush, then stop credgate so everything is written.
     tokio::time::sleep(Duration::from_millis(800)).await;
     app.terminate();
-    assert!(app.wait_exit(Duration::from_secs(20)).success());
+    assert!(app.wait_exit(Duration::from_secs(20)).await.success());
     let lines = app.lines();
     let spans = receiver.spans();
     assert!(
@@ -544,4 +544,33 @@ async fn no_password_appears_in_any_log_span_event_or_error() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn buffered_spans_are_flushed_on_shutdown() {
+    let receiver = Receiver::start().await;
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Flush-pass-1").await;
+    // A batch delay far beyond the test: only the shutdown flush can deliver.
+    let mut rig = Rig::for_user(emulator, CALLER, user, |s| {
+        otel_env(s, &receiver.endpoint()).env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    });
+    rig.change("Flush-pass-1", "Flush-pass-2")
+        .await
+        .expect("change");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !receiver
+            .spans()
+            .iter()
+            .any(|s| s.name == "credgate.v1.PasswordService/ChangePassword"),
+        "exported before shutdown: the batch delay did not apply"
+    );
+    rig.app.terminate();
+    assert!(rig.app.wait_exit(Duration::from_secs(20)).await.success());
+    receiver
+        .wait_for_span("flushed at shutdown", |s| {
+            s.name == "credgate.v1.PasswordService/ChangePassword"
+        })
+        .await;
 }
