@@ -1,13 +1,12 @@
 //! The command line: `serve`, `check-config`, `dev-pki`.
 
-use std::{collections::BTreeSet, path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use aws_types::os_shim_internal::{Env, Fs};
 use clap::{Parser, Subcommand};
 
 use crate::{
     config::{CONFIG_ENV, Config, ConfigError},
-    credentials::IamClients,
+    credentials::{self, IamClients},
     devpki,
     iam::Iam,
     server::{self, Listeners},
@@ -190,7 +189,7 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
         Err(ConfigError { problems }) => problems,
         Ok(config) => {
             let mut problems = tls::check(&config.tls);
-            problems.extend(check_profiles(&config).await);
+            problems.extend(credentials::missing_profiles(&config.callers).await);
             if online && problems.is_empty() {
                 problems.extend(check_online(&config).await);
             }
@@ -217,37 +216,6 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
         eprintln!("  - {p}");
     }
     ExitCode::from(EX_USAGE)
-}
-
-/// Every `aws_profile` must exist in the shared config/credentials files
-/// (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`).
-async fn check_profiles(config: &Config) -> Vec<String> {
-    let profiles = match aws_config::profile::load(
-        &Fs::real(),
-        &Env::real(),
-        &aws_runtime::env_config::file::EnvConfigFiles::default(),
-        None,
-    )
-    .await
-    {
-        Ok(set) => set,
-        Err(e) => return vec![format!("AWS shared config/credentials files: {e}")],
-    };
-    let wanted: BTreeSet<&str> = config
-        .callers
-        .iter()
-        .map(|c| c.aws_profile.as_str())
-        .collect();
-    wanted
-        .into_iter()
-        .filter(|p| profiles.get_profile(p).is_none())
-        .map(|p| {
-            format!(
-                "aws_profile {p:?} is not in the AWS shared config/credentials files \
-                 (AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE)"
-            )
-        })
-        .collect()
 }
 
 async fn check_online(config: &Config) -> Vec<String> {

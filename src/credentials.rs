@@ -6,7 +6,11 @@
 //! environment variables or instance metadata when a profile is missing, and
 //! silently sign as somebody else; credgate must never do that.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use aws_config::{
@@ -20,7 +24,9 @@ use aws_smithy_http_client::{
     tls::{Provider, rustls_provider::CryptoMode},
 };
 
-use crate::config::AwsSettings;
+use aws_types::os_shim_internal::{Env, Fs};
+
+use crate::config::{AwsSettings, CallerSettings};
 
 /// Time to open a TCP/TLS connection to IAM. Failing here means the request
 /// was never sent, so it is safe to retry.
@@ -125,4 +131,26 @@ impl IamClients {
     pub fn region(&self) -> &str {
         &self.settings.region
     }
+}
+
+/// The callers' `aws_profile`s that the shared config/credentials files
+/// (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`) do not define, one
+/// problem line each. Read offline: nothing is sent to AWS.
+pub async fn missing_profiles(callers: &[CallerSettings]) -> Vec<String> {
+    let files = aws_runtime::env_config::file::EnvConfigFiles::default();
+    let profiles = match aws_config::profile::load(&Fs::real(), &Env::real(), &files, None).await {
+        Ok(set) => set,
+        Err(e) => return vec![format!("AWS shared config/credentials files: {e}")],
+    };
+    let wanted: BTreeSet<&str> = callers.iter().map(|c| c.aws_profile.as_str()).collect();
+    wanted
+        .into_iter()
+        .filter(|p| profiles.get_profile(p).is_none())
+        .map(|p| {
+            format!(
+                "aws_profile {p:?} is not in the AWS shared config/credentials files \
+                 (AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE)"
+            )
+        })
+        .collect()
 }

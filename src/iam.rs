@@ -93,8 +93,17 @@ impl Failure {
         }
     }
 
+    /// Whether re-reading the profile might help: IAM called the key expired
+    /// or unknown (a rotated Secret), or the profile could not be loaded (a
+    /// Secret fixed since start-up).
     fn is_stale_credentials(&self) -> bool {
-        matches!(self, Self::Answered { code: Some(c), .. } if c == "ExpiredToken" || c == "InvalidClientTokenId")
+        match self {
+            Self::Answered { code: Some(c), .. } => {
+                c == "ExpiredToken" || c == "InvalidClientTokenId"
+            }
+            Self::NoCredentials(_) => true,
+            _ => false,
+        }
     }
 }
 

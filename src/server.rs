@@ -14,7 +14,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{self, password_service_server::PasswordServiceServer},
     config::Config,
-    credentials::IamClients,
+    credentials::{self, IamClients},
     iam::Iam,
     identity::Callers,
     limits::FailedAttempts,
@@ -89,6 +89,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let tls_config = Arc::new(ReloadingConfig::load(&config.tls).map_err(ServeError::Tls)?);
+    // Not fatal: the other callers can still be served, and the file may be
+    // fixed (Secret update) without a restart. Their calls fail with
+    // UPSTREAM_CREDENTIALS_REJECTED meanwhile.
+    for problem in credentials::missing_profiles(&config.callers).await {
+        tracing::warn!(problem, "caller cannot be served until its profile exists");
+    }
     let clients = IamClients::new(
         &config.aws,
         config.callers.iter().map(|c| c.aws_profile.as_str()),

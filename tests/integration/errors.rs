@@ -516,3 +516,50 @@ async fn the_account_policy_is_served_and_checked_before_iam_with_every_unmet_ru
         "new_password"
     );
 }
+
+#[tokio::test]
+async fn a_profile_missing_at_start_is_rejected_until_the_file_provides_it() {
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Late-pass-1").await;
+    let pki = Pki::new();
+    let (dir, config) = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .write();
+    let credentials = dir.path().join("credentials");
+    let with_profile = std::fs::read_to_string(&credentials).expect("credentials");
+    rewrite(
+        &credentials,
+        "[somebody-else]\naws_access_key_id = AKIAX\naws_secret_access_key = x\n",
+    );
+    let app = Credgate::spawn(dir, &config, &[]);
+    app.wait_for_line("the startup warning", |v| {
+        v["level"] == "WARN"
+            && v["problem"]
+                .as_str()
+                .is_some_and(|p| p.contains(&user.name))
+    })
+    .await;
+    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+
+    let status = client
+        .change_password(change("Late-pass-1", "Late-pass-2"))
+        .await
+        .expect_err("no profile");
+    let metadata = expect_error(
+        &status,
+        Code::FailedPrecondition,
+        "UPSTREAM_CREDENTIALS_REJECTED",
+    );
+    assert!(
+        !metadata.contains_key("awsErrorCode"),
+        "IAM was never asked: {metadata:?}"
+    );
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+
+    rewrite(&credentials, &with_profile);
+    client
+        .change_password(change("Late-pass-1", "Late-pass-2"))
+        .await
+        .expect("the profile is re-read once it exists");
+    assert!(emulator.password_is(&user, "Late-pass-2").await);
+}
