@@ -94,8 +94,12 @@ struct Args {
     #[arg(long, env = "BENCH_PASSWORD_B", hide_env_values = true)]
     password_b: String,
     /// Modes to run, in this order.
-    #[arg(long, value_enum, value_delimiter = ',',
-          default_value = "direct,credgate,credgate-validate")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,credgate,credgate-validate"
+    )]
     modes: Vec<Mode>,
 }
 
@@ -422,7 +426,8 @@ async fn main() -> ExitCode {
         let emulator_cpu = args.emulator_pid.map(cpu_seconds);
         let (after, mut outcome) = run_phase(warm, mode, args.requests, &passwords).await;
         workers = after;
-        let per_1000 = |before: f64, pid: u32| (cpu_seconds(pid) - before) * 1000.0 / args.requests as f64;
+        let per_1000 =
+            |before: f64, pid: u32| (cpu_seconds(pid) - before) * 1000.0 / args.requests as f64;
 
         outcome.latencies.sort_unstable();
         let lat = &outcome.latencies;
@@ -437,10 +442,17 @@ async fn main() -> ExitCode {
             p99: percentile_ms(lat, 0.99),
             max: percentile_ms(lat, 1.0),
             credgate_cpu_per_1000: per_1000(credgate_cpu, args.credgate_pid),
-            emulator_cpu_per_1000: emulator_cpu.zip(args.emulator_pid).map(|(b, p)| per_1000(b, p)),
+            emulator_cpu_per_1000: emulator_cpu
+                .zip(args.emulator_pid)
+                .map(|(b, p)| per_1000(b, p)),
             credgate_hwm_mib: status_mib(args.credgate_pid, "VmHWM"),
         });
-        shown.extend(outcome.errors.into_iter().map(|e| format!("{} {e}", mode.name())));
+        shown.extend(
+            outcome
+                .errors
+                .into_iter()
+                .map(|e| format!("{} {e}", mode.name())),
+        );
     }
 
     print!("{}", render(&args, &rows, idle_rss_mib));
