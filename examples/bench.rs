@@ -18,7 +18,8 @@
 //! counted, shown, and makes the run exit non-zero.
 //!
 //! credgate's CPU time (utime + stime) and peak RSS (VmHWM) come from
-//! `/proc/PID`, so this runs on Linux only and beside credgate. The script
+//! `/proc/PID`, so this runs on Linux only, beside credgate and as its user
+//! (resetting VmHWM between phases writes `/proc/PID/clear_refs`). The script
 //! that sets all of this up is `scripts/bench`.
 
 use std::{
@@ -37,7 +38,7 @@ use std::{
 use aws_config::{
     BehaviorVersion, Region, profile::ProfileFileCredentialsProvider, retry::RetryConfig,
 };
-use aws_sdk_iam::error::DisplayErrorContext;
+use aws_sdk_iam::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_smithy_http_client::{
     Builder,
     tls::{Provider, rustls_provider::CryptoMode},
@@ -50,6 +51,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 /// is part of the Linux ABI and 100 on every architecture credgate ships for
 /// (x86_64, aarch64). One tick is 10 ms, hence enough requests per mode.
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// Longest wait for one call, so that a hung peer fails the run instead of
+/// stalling it: far above any latency seen (seconds at 512 workers), and
+/// above credgate's own 10 s request timeout, which should answer first.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How many distinct error messages to show; the count covers all of them.
 const ERRORS_SHOWN: usize = 5;
@@ -81,9 +87,14 @@ struct Args {
     /// Concurrent workers, i.e. calls in flight (one IAM user each).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Measured requests per mode.
-    #[arg(long, default_value_t = 400)]
+    /// Measured requests per mode that calls IAM (direct, credgate).
+    #[arg(long, default_value_t = 1000)]
     requests: usize,
+    /// Measured requests for credgate-validate. It is ~10-50x faster than a
+    /// call that reaches IAM, so it needs more requests to last long enough
+    /// for stable percentiles and for CPU time above /proc's 10 ms ticks.
+    #[arg(long, default_value_t = 10_000)]
+    validate_requests: usize,
     /// Unmeasured requests per mode before measuring (connections, caches).
     #[arg(long, default_value_t = 40)]
     warmup: usize,
@@ -149,7 +160,12 @@ impl Worker {
                     .new_password(new)
                     .send()
                     .await
-                    .map_err(|e| format!("IAM: {}", DisplayErrorContext(&e)))?;
+                    // IAM's code and message only: the full error repeats the
+                    // body and its request id, so no two would compare equal.
+                    .map_err(|e| match e.code() {
+                        Some(code) => format!("IAM {code}: {}", e.message().unwrap_or_default()),
+                        None => format!("IAM: {}", DisplayErrorContext(&e)),
+                    })?;
             }
             Mode::Credgate | Mode::CredgateValidate => {
                 let validate_only = mode == Mode::CredgateValidate;
@@ -161,7 +177,7 @@ impl Worker {
                         validate_only,
                     })
                     .await
-                    .map_err(|s| format!("credgate: {:?}: {}", s.code(), s.message()))?
+                    .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?
                     .into_inner();
                 // A success for the wrong user, or a "change" without IAM's
                 // request id, would make the numbers meaningless.
@@ -215,9 +231,13 @@ async fn run_phase(
                 let mut outcome = Outcome::default();
                 while tickets.fetch_add(1, Ordering::Relaxed) < total {
                     let t0 = Instant::now();
-                    match worker.change(mode, &passwords).await {
-                        Ok(()) => outcome.latencies.push(t0.elapsed()),
-                        Err(e) => outcome.errors.push(e),
+                    match tokio::time::timeout(CALL_TIMEOUT, worker.change(mode, &passwords)).await
+                    {
+                        Ok(Ok(())) => outcome.latencies.push(t0.elapsed()),
+                        Ok(Err(e)) => outcome.errors.push(e),
+                        Err(_) => outcome
+                            .errors
+                            .push(format!("no answer within {CALL_TIMEOUT:?}")),
                     }
                 }
                 (worker, outcome)
@@ -265,6 +285,49 @@ fn status_mib(pid: u32, key: &str) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// credgate's peak resident memory, per phase.
+///
+/// VmHWM is a high-water mark since the process started; writing `5` to
+/// `/proc/PID/clear_refs` resets it to the current RSS, which makes it a
+/// peak per phase. The first calls of each caller (loading its credentials,
+/// fetching the account policy) may peak higher than the steady state, so
+/// warm-up and measured requests are tracked apart.
+struct PeakRss {
+    pid: u32,
+    /// Whether VmHWM could be reset; if not, every peak is since start.
+    resettable: bool,
+    /// The highest peak seen, start-up included.
+    overall_mib: f64,
+}
+
+impl PeakRss {
+    fn new(pid: u32) -> Self {
+        let overall_mib = status_mib(pid, "VmHWM");
+        let mut peak = Self {
+            pid,
+            resettable: true,
+            overall_mib,
+        };
+        peak.resettable = peak.reset();
+        peak
+    }
+
+    /// Starts a new peak window; false when the kernel refused.
+    fn reset(&self) -> bool {
+        fs::write(format!("/proc/{}/clear_refs", self.pid), "5").is_ok()
+    }
+
+    /// The peak since the last [`reset`](Self::reset), in MiB.
+    fn take(&mut self) -> f64 {
+        let peak = status_mib(self.pid, "VmHWM");
+        self.overall_mib = self.overall_mib.max(peak);
+        if self.resettable {
+            self.reset();
+        }
+        peak
+    }
+}
+
 /// The nearest-rank percentile of sorted latencies, in milliseconds.
 fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -286,7 +349,8 @@ struct Row {
     max: f64,
     credgate_cpu_per_1000: f64,
     emulator_cpu_per_1000: Option<f64>,
-    credgate_hwm_mib: f64,
+    warmup_peak_mib: f64,
+    peak_mib: f64,
 }
 
 async fn connect(args: &Args, ca: &Certificate, index: usize) -> PasswordServiceClient<Channel> {
@@ -335,18 +399,31 @@ async fn direct_client(
     aws_sdk_iam::Client::new(&config)
 }
 
-fn render(args: &Args, rows: &[Row], idle_rss_mib: f64) -> String {
+/// CPUs and load average: the three processes share this machine, and a
+/// busy machine (a build running beside) skews every number.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{cpus} CPUs, load average {} before the run",
+        load.join(" ")
+    )
+}
+
+fn render(args: &Args, machine: &str, rows: &[Row], idle_rss_mib: f64, rss: &PeakRss) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = writeln!(
         out,
-        "{} concurrent workers, {} measured requests per mode after {} warm-up requests.\n",
-        args.concurrency, args.requests, args.warmup
+        "{} concurrent workers; each mode: {} warm-up requests, then the measured ones; {machine}.\n",
+        args.concurrency, args.warmup
     );
     let _ = writeln!(
         out,
         "| mode | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms \
-         | credgate CPU s / 1000 req | emulator CPU s / 1000 req | credgate peak RSS MiB |"
+         | credgate CPU s / 1000 req | emulator CPU s / 1000 req \
+         | credgate peak RSS MiB, warm-up / measured |"
     );
     let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in rows {
@@ -355,7 +432,7 @@ fn render(args: &Args, rows: &[Row], idle_rss_mib: f64) -> String {
             .map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} |",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} / {:.1} |",
             r.mode.name(),
             r.requests,
             r.errors,
@@ -366,16 +443,28 @@ fn render(args: &Args, rows: &[Row], idle_rss_mib: f64) -> String {
             r.max,
             r.credgate_cpu_per_1000,
             emulator,
-            r.credgate_hwm_mib,
+            r.warmup_peak_mib,
+            r.peak_mib,
         );
     }
     let _ = writeln!(
         out,
-        "\ncredgate RSS before any request: {idle_rss_mib:.1} MiB. \
-         Peak RSS is VmHWM, the high-water mark since credgate started."
+        "\ncredgate RSS: {idle_rss_mib:.1} MiB with all clients connected, before any request; \
+         peak {:.1} MiB over the whole run, start-up included (VmHWM).",
+        rss.overall_mib
     );
+    if !rss.resettable {
+        let _ = writeln!(
+            out,
+            "(VmHWM could not be reset: every peak above is since credgate started.)"
+        );
+    }
     let find = |mode| rows.iter().find(|r| r.mode == mode);
-    if let (Some(d), Some(c)) = (find(Mode::Direct), find(Mode::Credgate)) {
+    // Only a comparison of two clean runs means anything.
+    if let (Some(d), Some(c)) = (find(Mode::Direct), find(Mode::Credgate))
+        && d.errors == 0
+        && c.errors == 0
+    {
         let _ = writeln!(
             out,
             "credgate's added latency over direct: p50 {:+.2} ms, p90 {:+.2} ms, p99 {:+.2} ms; \
@@ -392,6 +481,7 @@ fn render(args: &Args, rows: &[Row], idle_rss_mib: f64) -> String {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let machine = machine();
     assert!(args.concurrency > 0, "--concurrency must be at least 1");
     let passwords = Arc::new((args.password_a.clone(), args.password_b.clone()));
 
@@ -414,26 +504,37 @@ async fn main() -> ExitCode {
     }
 
     let idle_rss_mib = status_mib(args.credgate_pid, "VmRSS");
+    let mut rss = PeakRss::new(args.credgate_pid);
     let mut rows = Vec::new();
     let mut shown = Vec::new();
     let mut warmup_errors = 0;
     for &mode in &args.modes {
         let (warm, warmup) = run_phase(workers, mode, args.warmup, &passwords).await;
+        let warmup_peak_mib = rss.take();
         warmup_errors += warmup.errors.len();
-        shown.extend(warmup.errors.into_iter().map(|e| format!("warm-up {e}")));
+        shown.extend(
+            warmup
+                .errors
+                .into_iter()
+                .map(|e| format!("{} (warm-up): {e}", mode.name())),
+        );
 
+        let requests = match mode {
+            Mode::CredgateValidate => args.validate_requests,
+            Mode::Direct | Mode::Credgate => args.requests,
+        };
         let credgate_cpu = cpu_seconds(args.credgate_pid);
         let emulator_cpu = args.emulator_pid.map(cpu_seconds);
-        let (after, mut outcome) = run_phase(warm, mode, args.requests, &passwords).await;
+        let (after, mut outcome) = run_phase(warm, mode, requests, &passwords).await;
         workers = after;
         let per_1000 =
-            |before: f64, pid: u32| (cpu_seconds(pid) - before) * 1000.0 / args.requests as f64;
+            |before: f64, pid: u32| (cpu_seconds(pid) - before) * 1000.0 / requests as f64;
 
         outcome.latencies.sort_unstable();
         let lat = &outcome.latencies;
         rows.push(Row {
             mode,
-            requests: args.requests,
+            requests,
             errors: outcome.errors.len(),
             // Successful calls only: a fast error is no throughput.
             throughput: lat.len() as f64 / outcome.elapsed.as_secs_f64(),
@@ -445,17 +546,18 @@ async fn main() -> ExitCode {
             emulator_cpu_per_1000: emulator_cpu
                 .zip(args.emulator_pid)
                 .map(|(b, p)| per_1000(b, p)),
-            credgate_hwm_mib: status_mib(args.credgate_pid, "VmHWM"),
+            warmup_peak_mib,
+            peak_mib: rss.take(),
         });
         shown.extend(
             outcome
                 .errors
                 .into_iter()
-                .map(|e| format!("{} {e}", mode.name())),
+                .map(|e| format!("{}: {e}", mode.name())),
         );
     }
 
-    print!("{}", render(&args, &rows, idle_rss_mib));
+    print!("{}", render(&args, &machine, &rows, idle_rss_mib, &rss));
     let errors = warmup_errors + rows.iter().map(|r| r.errors).sum::<usize>();
     if errors == 0 {
         return ExitCode::SUCCESS;
