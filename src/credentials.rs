@@ -5,6 +5,13 @@
 //! AWS config/credentials files. The SDK's default chain would fall back to
 //! environment variables or instance metadata when a profile is missing, and
 //! silently sign as somebody else; credgate must never do that.
+//!
+//! The shared files are parsed once for all callers. aws-config's
+//! `ProfileFileCredentialsProvider` parses and keeps its own copy of the whole
+//! files per profile, so memory grew with callers × profiles (302 MiB for 512
+//! callers, docs/benchmark.md). Profiles holding static keys — the normal case
+//! for IAM users — get those keys from the one parse; only profiles that need
+//! more (a role, `credential_process`, SSO) use the SDK's provider.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -14,16 +21,21 @@ use std::{
 
 use arc_swap::ArcSwap;
 use aws_config::{
-    BehaviorVersion, Region, profile::ProfileFileCredentialsProvider, retry::RetryConfig,
+    BehaviorVersion, Region,
+    profile::{Profile, ProfileFileCredentialsProvider, ProfileSet},
+    retry::RetryConfig,
     timeout::TimeoutConfig,
 };
-use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_credential_types::{
+    Credentials,
+    provider::{ProvideCredentials, SharedCredentialsProvider},
+};
+use aws_runtime::env_config::file::EnvConfigFiles;
 use aws_sdk_iam::{Client, config::SharedHttpClient};
 use aws_smithy_http_client::{
     Builder,
     tls::{Provider, rustls_provider::CryptoMode},
 };
-
 use aws_types::os_shim_internal::{Env, Fs};
 
 use crate::config::{AwsSettings, CallerSettings};
@@ -31,6 +43,17 @@ use crate::config::{AwsSettings, CallerSettings};
 /// Time to open a TCP/TLS connection to IAM. Failing here means the request
 /// was never sent, so it is safe to retry.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Profile keys that make credentials more than a static key pair; such
+/// profiles are resolved by the SDK's own provider.
+const DYNAMIC_KEYS: &[&str] = &[
+    "role_arn",
+    "credential_process",
+    "sso_session",
+    "sso_start_url",
+    "web_identity_token_file",
+    "login_session",
+];
 
 /// One profile's IAM client and the credentials it signs with.
 pub struct ProfileClient {
@@ -63,7 +86,7 @@ pub struct IamClients {
 }
 
 impl IamClients {
-    /// Builds one client per distinct profile.
+    /// Builds one client per distinct profile from one parse of the files.
     pub async fn new<'a>(
         settings: &AwsSettings,
         profiles: impl IntoIterator<Item = &'a str>,
@@ -76,9 +99,10 @@ impl IamClients {
             http,
             by_profile: HashMap::new(),
         };
+        let parsed = load_profiles().await.ok();
         for profile in profiles {
             if !clients.by_profile.contains_key(profile) {
-                let client = clients.build(profile).await;
+                let client = clients.build(profile, parsed.as_ref());
                 clients
                     .by_profile
                     .insert(profile.to_owned(), ArcSwap::from_pointee(client));
@@ -87,13 +111,22 @@ impl IamClients {
         clients
     }
 
-    async fn build(&self, profile: &str) -> ProfileClient {
-        let credentials = SharedCredentialsProvider::new(
-            ProfileFileCredentialsProvider::builder()
-                .profile_name(profile)
-                .build(),
-        );
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+    fn build(&self, profile: &str, parsed: Option<&ProfileSet>) -> ProfileClient {
+        let static_keys = parsed
+            .and_then(|set| set.get_profile(profile))
+            .and_then(static_credentials);
+        let credentials = match static_keys {
+            Some(keys) => SharedCredentialsProvider::new(keys),
+            // A missing profile lands here too: the provider then fails with
+            // a clear error at the first call, which re-reads the files.
+            None => SharedCredentialsProvider::new(
+                ProfileFileCredentialsProvider::builder()
+                    .profile_name(profile)
+                    .build(),
+            ),
+        };
+        let mut config = aws_sdk_iam::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
             .region(Region::new(self.settings.region.clone()))
             .credentials_provider(credentials.clone())
             .http_client(self.http.clone())
@@ -106,10 +139,10 @@ impl IamClients {
                     .build(),
             );
         if let Some(url) = &self.settings.endpoint_url {
-            loader = loader.endpoint_url(url);
+            config = config.endpoint_url(url);
         }
         ProfileClient {
-            client: Client::new(&loader.load().await),
+            client: Client::from_conf(config.build()),
             credentials,
         }
     }
@@ -120,10 +153,12 @@ impl IamClients {
     }
 
     /// Rebuilds `profile`'s client, re-reading the credentials files: used
-    /// once when IAM says the key is expired or unknown (a rotated Secret).
+    /// once when IAM says the key is expired or unknown (a rotated Secret),
+    /// or when the profile could not be loaded.
     pub async fn refresh(&self, profile: &str) {
         if let Some(slot) = self.by_profile.get(profile) {
-            slot.store(Arc::new(self.build(profile).await));
+            let parsed = load_profiles().await.ok();
+            slot.store(Arc::new(self.build(profile, parsed.as_ref())));
         }
     }
 
@@ -133,12 +168,32 @@ impl IamClients {
     }
 }
 
-/// The callers' `aws_profile`s that the shared config/credentials files
-/// (`AWS_CONFIG_FILE`, `AWS_SHARED_CREDENTIALS_FILE`) do not define, one
-/// problem line each. Read offline: nothing is sent to AWS.
+/// Parses the shared config and credentials files (`AWS_CONFIG_FILE`,
+/// `AWS_SHARED_CREDENTIALS_FILE`, else `~/.aws/...`).
+async fn load_profiles() -> Result<ProfileSet, String> {
+    aws_config::profile::load(&Fs::real(), &Env::real(), &EnvConfigFiles::default(), None)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The profile's key pair, when that is all it holds.
+fn static_credentials(profile: &Profile) -> Option<Credentials> {
+    if DYNAMIC_KEYS.iter().any(|k| profile.get(k).is_some()) {
+        return None;
+    }
+    Some(Credentials::new(
+        profile.get("aws_access_key_id")?,
+        profile.get("aws_secret_access_key")?,
+        profile.get("aws_session_token").map(str::to_owned),
+        None,
+        "credgate-profile",
+    ))
+}
+
+/// The callers' `aws_profile`s that the shared config/credentials files do
+/// not define, one problem line each. Read offline: nothing is sent to AWS.
 pub async fn missing_profiles(callers: &[CallerSettings]) -> Vec<String> {
-    let files = aws_runtime::env_config::file::EnvConfigFiles::default();
-    let profiles = match aws_config::profile::load(&Fs::real(), &Env::real(), &files, None).await {
+    let profiles = match load_profiles().await {
         Ok(set) => set,
         Err(e) => return vec![format!("AWS shared config/credentials files: {e}")],
     };
