@@ -90,6 +90,12 @@ pub enum Error {
     /// Any other IAM answer.
     #[error("IAM returned an unexpected error")]
     IamError(AwsContext),
+    /// tonic could not decode the request (before any handler ran).
+    #[error("the request is not a valid protobuf message: {0}")]
+    RequestMalformed(String),
+    /// The request is larger than credgate accepts (before decoding).
+    #[error("the request is too large: {0}")]
+    RequestTooLarge(String),
 }
 
 impl Error {
@@ -112,6 +118,8 @@ impl Error {
             Self::IamUnreachable(_) => "IAM_UNREACHABLE",
             Self::OutcomeUnknown => "OUTCOME_UNKNOWN",
             Self::IamError(_) => "IAM_ERROR",
+            Self::RequestMalformed(_) => "REQUEST_MALFORMED",
+            Self::RequestTooLarge(_) => "REQUEST_TOO_LARGE",
         }
     }
 
@@ -133,7 +141,9 @@ impl Error {
             | Self::IamServiceFailure(_)
             | Self::IamUnreachable(_) => Code::Unavailable,
             Self::OutcomeUnknown => Code::DeadlineExceeded,
-            Self::IamError(_) => Code::Internal,
+            // The codes gRPC's status-code table gives a server for these.
+            Self::IamError(_) | Self::RequestMalformed(_) => Code::Internal,
+            Self::RequestTooLarge(_) => Code::ResourceExhausted,
         }
     }
 
@@ -156,7 +166,9 @@ impl Error {
             | Self::PasswordInvalid(_)
             | Self::TooManyFailedAttempts { .. }
             | Self::IamUnreachable(_)
-            | Self::OutcomeUnknown => None,
+            | Self::OutcomeUnknown
+            | Self::RequestMalformed(_)
+            | Self::RequestTooLarge(_) => None,
         }
     }
 }
@@ -309,6 +321,16 @@ mod tests {
                 "OUTCOME_UNKNOWN",
             ),
             (Error::IamError(aws("Weird")), Code::Internal, "IAM_ERROR"),
+            (
+                Error::RequestMalformed("invalid wire type".into()),
+                Code::Internal,
+                "REQUEST_MALFORMED",
+            ),
+            (
+                Error::RequestTooLarge("found 65550 bytes".into()),
+                Code::ResourceExhausted,
+                "REQUEST_TOO_LARGE",
+            ),
         ];
         for (err, code, reason) in rows {
             let has_aws = err.aws().is_some();

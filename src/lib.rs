@@ -8,8 +8,9 @@
 //! - [`tls`]: accepts TCP, completes the mTLS handshake with credgate's own
 //!   rustls config (client certificate required, CRLs, hot reload) and hands
 //!   the stream to tonic.
-//! - [`server`]: the tower stack ([`rpc_span`] for traces and metrics, a global
-//!   concurrency limit), health on both ports, reflection, graceful shutdown.
+//! - [`server`]: the tower stack ([`rpc_span`] for traces and metrics,
+//!   [`rejections`] for tonic's own rejections, a global concurrency limit),
+//!   health on both ports, reflection, graceful shutdown.
 //! - [`service`]: the `PasswordService` handlers, which only order the steps:
 //!   - [`identity`]: verified peer certificate → the one configured caller;
 //!   - [`password`]: IAM's character rules and the account password policy;
@@ -35,6 +36,7 @@ pub mod iam;
 pub mod identity;
 pub mod limits;
 pub mod password;
+pub mod rejections;
 pub mod rpc_span;
 pub mod server;
 pub mod service;

@@ -18,6 +18,7 @@ use crate::{
     iam::Iam,
     identity::Callers,
     limits::FailedAttempts,
+    rejections::RejectionsLayer,
     rpc_span::{RpcSpanLayer, SERVICE},
     service::PasswordGate,
     tls::{self, ReloadingConfig},
@@ -136,6 +137,7 @@ pub async fn serve(
             config.server.max_concurrent_requests,
         ))
         .layer(RpcSpanLayer)
+        .layer(RejectionsLayer)
         .add_service(password_service)
         .add_service(health.clone())
         .add_service(reflection_v1)

@@ -252,7 +252,7 @@ async fn invalid_passwords_are_rejected_before_iam() {
 }
 
 #[tokio::test]
-async fn an_oversized_request_is_refused_before_the_handler() {
+async fn oversized_and_undecodable_requests_are_refused_before_the_handler() {
     let emulator = Emulator::shared();
     let rig = Rig::new(emulator, PORTAL, "Valid-pass-1").await;
     let mut client = rig.client().await;
@@ -261,7 +261,31 @@ async fn an_oversized_request_is_refused_before_the_handler() {
         .change_password(change("Valid-pass-1", &huge))
         .await
         .expect_err("oversized");
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    expect_error(&status, Code::ResourceExhausted, "REQUEST_TOO_LARGE");
+
+    /// Field 1 as a varint where ChangePasswordRequest has a string.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct NotARequest {
+        #[prost(uint64, tag = "1")]
+        old_password: u64,
+    }
+    let channel = rig
+        .app
+        .channel(&rig.pki, Some(&rig.pki.spiffe_client(PORTAL)))
+        .await
+        .expect("mTLS");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let status = grpc
+        .unary::<_, credgate::api::ChangePasswordResponse, _>(
+            tonic::Request::new(NotARequest { old_password: 7 }),
+            http::uri::PathAndQuery::from_static("/credgate.v1.PasswordService/ChangePassword"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("undecodable");
+    expect_error(&status, Code::Internal, "REQUEST_MALFORMED");
+    assert!(status.message().contains("wire type"), "{status:?}");
     assert_eq!(emulator.calls("ChangePassword", &rig.user.name).await, 0);
 }
 
