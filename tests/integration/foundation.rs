@@ -73,7 +73,18 @@ async fn an_unmapped_caller_is_denied_and_iam_is_never_called() {
             .expect_err("unmapped");
         let metadata = expect_error(&status, Code::PermissionDenied, "CALLER_NOT_MAPPED");
         assert!(metadata["peerIdentity"].contains(id), "{metadata:?}");
+        let status = client
+            .get_password_policy(credgate::api::GetPasswordPolicyRequest {})
+            .await
+            .expect_err("unmapped");
+        expect_error(&status, Code::PermissionDenied, "CALLER_NOT_MAPPED");
     }
+    assert_eq!(
+        emulator
+            .calls("GetAccountPasswordPolicy", &rig.user.name)
+            .await,
+        0
+    );
     assert_eq!(emulator.calls("ChangePassword", &rig.user.name).await, 0);
     assert!(emulator.password_is(&rig.user, "Some-pass-1").await);
 }
