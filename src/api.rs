@@ -20,3 +20,20 @@ impl fmt::Debug for ChangePasswordRequest {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_a_request_never_shows_either_password() {
+        let request = ChangePasswordRequest {
+            old_password: "old-Secret-1".into(),
+            new_password: "new-Secret-2".into(),
+            validate_only: true,
+        };
+        let shown = format!("{request:?} {request:#?}");
+        assert!(!shown.contains("Secret"), "{shown}");
+        assert!(shown.contains("validate_only: true"), "{shown}");
+    }
+}
