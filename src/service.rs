@@ -193,10 +193,10 @@ impl PasswordService for PasswordGate {
         };
 
         let (trace_id, _) = telemetry::current_ids();
-        let (caller_id, iam_user) = match (&caller, &result) {
-            (Ok(c), _) => (c.identity.as_str(), c.iam_user.as_str()),
-            (Err(Error::CallerNotMapped { presented }), _) => (presented.as_str(), ""),
-            (Err(_), _) => ("", ""),
+        let (caller_id, iam_user) = match &caller {
+            Ok(c) => (c.identity.as_str(), c.iam_user.as_str()),
+            Err(Error::CallerNotMapped { presented }) => (presented.as_str(), ""),
+            Err(_) => ("", ""),
         };
         let request_id = match &result {
             Ok(id) => id.clone(),
