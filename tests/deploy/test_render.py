@@ -219,3 +219,7 @@ def test_kubernetes_validate_cli(kubectl, tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         for line in proc.stdout.splitlines():
             assert line.startswith("INFO") or (line.startswith("WARN") and "kind Certificate" in line), line
+
+
+def test_the_top_level_tree_renders_the_base(kubectl, rendered):
+    assert kustomize_build(kubectl, REPO / "deploy" / "kubernetes") == rendered["base"]
