@@ -733,3 +733,54 @@ async fn tls_1_2_and_1_3_clients_complete_the_mutual_handshake() {
         );
     }
 }
+
+#[tokio::test]
+async fn buf_curl_calls_through_reflection_v1() {
+    let emulator = Emulator::shared();
+    let rig = Rig::new(emulator, PORTAL, "Bufcurl-pass-1").await;
+    let client = rig.pki.spiffe_client(PORTAL);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let (ca, cert, key) = (
+        write("ca.crt", &rig.pki.ca.cert_pem),
+        write("client.crt", &client.cert_pem),
+        write("client.key", &client.key_pem),
+    );
+    let url = format!(
+        "https://localhost:{}/credgate.v1.PasswordService/ChangePassword",
+        rig.app.tls_addr.port()
+    );
+    let out = Command::new(repo().join("node_modules/.bin/buf"))
+        .args([
+            "curl",
+            "--protocol",
+            "grpc",
+            "--reflect-protocol",
+            "grpc-v1",
+            "--cacert",
+        ])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args([
+            "-d",
+            r#"{"old_password":"Bufcurl-pass-1","new_password":"Bufcurl-pass-2"}"#,
+            &url,
+        ])
+        .output()
+        .expect("buf (installed by the test command into node_modules)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&rig.user.name) && text.contains("requestId"),
+        "{text}"
+    );
+    assert!(emulator.password_is(&rig.user, "Bufcurl-pass-2").await);
+}
