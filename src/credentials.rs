@@ -33,7 +33,8 @@ use aws_credential_types::{
 use aws_runtime::env_config::file::EnvConfigFiles;
 use aws_sdk_iam::{Client, config::SharedHttpClient};
 use aws_smithy_http_client::{
-    Builder,
+    Builder, ConnectorBuilder,
+    proxy::ProxyConfig,
     tls::{Provider, rustls_provider::CryptoMode},
 };
 use aws_types::os_shim_internal::{Env, Fs};
@@ -91,12 +92,9 @@ impl IamClients {
         settings: &AwsSettings,
         profiles: impl IntoIterator<Item = &'a str>,
     ) -> Self {
-        let http = Builder::new()
-            .tls_provider(Provider::Rustls(CryptoMode::AwsLc))
-            .build_https();
         let mut clients = Self {
             settings: settings.clone(),
-            http,
+            http: shared_http_client(),
             by_profile: HashMap::new(),
         };
         let parsed = load_profiles().await.ok();
@@ -166,6 +164,23 @@ impl IamClients {
     pub fn region(&self) -> &str {
         &self.settings.region
     }
+}
+
+/// The one HTTP client every profile's IAM client shares, so they share one
+/// connection pool. Built as aws-smithy-runtime builds the SDK's default
+/// client (rustls with aws-lc, `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` from the
+/// environment): a plain `build_https()` would silently ignore a proxy.
+fn shared_http_client() -> SharedHttpClient {
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector =
+            ConnectorBuilder::default().tls_provider(Provider::Rustls(CryptoMode::AwsLc));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    })
 }
 
 /// Parses the shared config and credentials files (`AWS_CONFIG_FILE`,

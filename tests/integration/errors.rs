@@ -563,3 +563,72 @@ async fn a_profile_missing_at_start_is_rejected_until_the_file_provides_it() {
         .expect("the profile is re-read once it exists");
     assert!(emulator.password_is(&user, "Late-pass-2").await);
 }
+
+/// A minimal HTTP forward proxy on 127.0.0.1: counts the connections it is
+/// asked to forward, and pipes each to the host of its absolute-form target.
+async fn forward_proxy() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let forwarded = Arc::new(AtomicUsize::new(0));
+    let counter = forwarded.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match inbound.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let Some(authority) = text
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|target| target.strip_prefix("http://"))
+                    .and_then(|rest| rest.split('/').next())
+                else {
+                    return;
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(authority).await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                if upstream.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
+                }
+            });
+        }
+    });
+    (addr, forwarded)
+}
+
+#[tokio::test]
+async fn iam_calls_go_through_the_proxy_the_environment_names() {
+    let (proxy, forwarded) = forward_proxy().await;
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Proxied-pass-1").await;
+    let rig = Rig::for_user(emulator, CALLER, user, |s| {
+        s.env("HTTP_PROXY", &format!("http://{proxy}"))
+    });
+    rig.change("Proxied-pass-1", "Proxied-pass-2")
+        .await
+        .expect("change through the proxy");
+    assert!(
+        forwarded.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the proxy was not used"
+    );
+    assert!(emulator.password_is(&rig.user, "Proxied-pass-2").await);
+}
