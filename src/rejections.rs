@@ -1,64 +1,21 @@
-//! Tower middleware that gives tonic's own rejections of a `credgate.v1`
-//! request — too large, not decodable — the same `google.rpc.Status` shape
-//! as every other credgate error (one ErrorInfo with a reason), mapped by
-//! [`Error`]. tonic produces these before any handler runs, so they can only
+//! Tower middleware that gives tonic's own rejections of a request — too
+//! large, not decodable — the same `google.rpc.Status` shape as every other
+//! credgate error (one ErrorInfo with a reason), mapped by [`Error`]. tonic produces these before any handler runs, so they can only
 //! be rewritten on the way out.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    task::{Context, Poll},
-};
+use crate::error::Error;
 
-use tower::{Layer, Service};
-
-use crate::{error::Error, rpc_span::SERVICE};
-
-/// Adds [`Rejections`] around a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RejectionsLayer;
-
-impl<S> Layer<S> for RejectionsLayer {
-    type Service = Rejections<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Rejections { inner }
-    }
+/// The layer: a plain response map, so any trailers-only rejection tonic
+/// produced (for credgate.v1, health or reflection alike) gets the shape.
+pub fn layer() -> tower::util::MapResponseLayer<fn(Response) -> Response> {
+    tower::util::MapResponseLayer::new(with_error_info)
 }
 
-/// See the module docs.
-#[derive(Debug, Clone)]
-pub struct Rejections<S> {
-    inner: S,
-}
+type Response = http::Response<tonic::body::Body>;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B, RB> Service<http::Request<B>> for Rejections<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<RB>> + Send,
-    S::Future: Send + 'static,
-    S::Error: 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let ours = req.uri().path().starts_with(&format!("/{SERVICE}/"));
-        let future = self.inner.call(req);
-        Box::pin(async move {
-            let mut response = future.await?;
-            if ours {
-                rewrite(response.headers_mut());
-            }
-            Ok(response)
-        })
-    }
+fn with_error_info(mut response: Response) -> Response {
+    rewrite(response.headers_mut());
+    response
 }
 
 /// Replaces a trailers-only tonic rejection that carries no details.

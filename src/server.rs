@@ -18,7 +18,7 @@ use crate::{
     iam::Iam,
     identity::Callers,
     limits::FailedAttempts,
-    rejections::RejectionsLayer,
+    rejections,
     rpc_span::{RpcSpanLayer, SERVICE},
     service::PasswordGate,
     tls::{self, ReloadingConfig},
@@ -137,7 +137,7 @@ pub async fn serve(
             config.server.max_concurrent_requests,
         ))
         .layer(RpcSpanLayer)
-        .layer(RejectionsLayer)
+        .layer(rejections::layer())
         .add_service(password_service)
         .add_service(health.clone())
         .add_service(reflection_v1)
