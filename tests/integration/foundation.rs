@@ -104,29 +104,26 @@ async fn dns_and_common_name_callers_are_matched_exactly_and_several_uri_sans_ar
         .caller(cn_entry)
         .start();
 
-    let dns_client = pki.client(&ClientSpec {
+    let dns_client = ClientSpec {
         dns_names: vec!["other.corp.example".into(), "worker.corp.example".into()],
         ..ClientSpec::default()
-    });
-    let mut client = app.client(&pki, &dns_client).await;
-    let out = client
-        .change_password(change("Dns-pass-1", "Dns-pass-2"))
-        .await
-        .expect("dns caller")
-        .into_inner();
-    assert_eq!(out.iam_user, by_dns.name);
-
-    let cn_client = pki.client(&ClientSpec {
+    };
+    let cn_client = ClientSpec {
         common_name: Some("batch-job".into()),
         ..ClientSpec::default()
-    });
-    let mut client = app.client(&pki, &cn_client).await;
-    let out = client
-        .change_password(change("Cn-pass-1", "Cn-pass-2"))
-        .await
-        .expect("cn caller")
-        .into_inner();
-    assert_eq!(out.iam_user, by_cn.name);
+    };
+    for (spec, user, old, new) in [
+        (dns_client, &by_dns, "Dns-pass-1", "Dns-pass-2"),
+        (cn_client, &by_cn, "Cn-pass-1", "Cn-pass-2"),
+    ] {
+        let mut client = app.client(&pki, &pki.client(&spec)).await;
+        let out = client
+            .change_password(change(old, new))
+            .await
+            .unwrap_or_else(|s| panic!("{spec:?}: {s:?}"))
+            .into_inner();
+        assert_eq!(out.iam_user, user.name, "{spec:?}");
+    }
 
     let two_uris = pki.client(&ClientSpec {
         uris: vec!["spiffe://a/b".into(), "spiffe://c/d".into()],
