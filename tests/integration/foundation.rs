@@ -781,3 +781,60 @@ async fn buf_curl_calls_through_reflection_v1() {
     );
     assert!(emulator.password_is(&rig.user, "Bufcurl-pass-2").await);
 }
+
+#[tokio::test]
+async fn max_concurrent_requests_holds_further_calls_until_one_finishes() {
+    let emulator = Emulator::shared();
+    let first = emulator.standard_user("Limit-pass-1").await;
+    let second = emulator.standard_user("Limit-pass-1").await;
+    let pki = Pki::new();
+    let (a, b) = (
+        "spiffe://corp.example/ns/a/sa/a",
+        "spiffe://corp.example/ns/b/sa/b",
+    );
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(a, &first))
+        .caller(CallerEntry::spiffe(b, &second))
+        .server_toml("max_concurrent_requests = 1")
+        .start();
+    emulator
+        .fault(
+            "ChangePassword",
+            &first.name,
+            serde_json::json!({"delay_seconds": 1.5}),
+        )
+        .await;
+    let mut client_a = app.client(&pki, &pki.spiffe_client(a)).await;
+    let mut client_b = app.client(&pki, &pki.spiffe_client(b)).await;
+    let slow = tokio::spawn(async move {
+        client_a
+            .change_password(change("Limit-pass-1", "Limit-pass-2"))
+            .await
+    });
+    for _ in 0..100 {
+        if emulator.calls("ChangePassword", &first.name).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let queued = tokio::spawn(async move {
+        client_b
+            .change_password(change("Limit-pass-1", "Limit-pass-2"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        emulator
+            .calls("GetAccountPasswordPolicy", &second.name)
+            .await
+            + emulator.calls("ChangePassword", &second.name).await,
+        0,
+        "the second call waits while the first holds the only slot"
+    );
+    slow.await.expect("join").expect("first call");
+    queued
+        .await
+        .expect("join")
+        .expect("the held call runs once the slot frees");
+    assert!(emulator.password_is(&second, "Limit-pass-2").await);
+}
