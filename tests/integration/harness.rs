@@ -680,6 +680,38 @@ impl Credgate {
             .await
     }
 
+    /// Asserts that presenting `client` (or no certificate) gets no call
+    /// through: the client sees a transport failure (with TLS 1.3 only at
+    /// its first RPC) and credgate logs a rejected handshake whose error
+    /// mentions `reason`.
+    pub async fn expect_handshake_rejected(
+        &self,
+        pki: &Pki,
+        client: Option<&Issued>,
+        reason: &str,
+    ) {
+        if let Ok(channel) = self.channel(pki, client).await {
+            let status = PasswordServiceClient::new(channel)
+                .change_password(change("Any-pass-1", "Any-pass-2"))
+                .await
+                .expect_err("the handshake must fail");
+            assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+                ),
+                "{status:?}"
+            );
+        }
+        self.wait_for_line("the handshake rejection", |v| {
+            v["message"] == "TLS handshake rejected"
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.to_lowercase().contains(reason))
+        })
+        .await;
+    }
+
     /// A PasswordService client presenting `client`'s certificate.
     pub async fn client(&self, pki: &Pki, client: &Issued) -> PasswordServiceClient<Channel> {
         PasswordServiceClient::new(self.channel(pki, Some(client)).await.expect("mTLS connect"))
