@@ -27,6 +27,16 @@ fn expect_iam_error(status: &tonic::Status, code: Code, reason: &str, aws_code: 
     );
 }
 
+/// `value` with its last character replaced by a different one, so the
+/// result can never equal the original (a fixed replacement would be a no-op
+/// whenever the value already ended in it).
+fn tampered(value: &str) -> String {
+    let mut chars: Vec<char> = value.chars().collect();
+    let last = chars.last_mut().expect("a non-empty value");
+    *last = if *last == 'A' { 'B' } else { 'A' };
+    chars.into_iter().collect()
+}
+
 fn retry_info(status: &tonic::Status) -> Option<Duration> {
     status
         .get_error_details()
@@ -225,10 +235,13 @@ async fn rejected_credentials_are_upstream_credentials_rejected() {
         ("InvalidClientTokenId", false),
     ] {
         let mut user = emulator.standard_user("Cred-pass-1").await;
+        let real = user.key.clone();
         if tamper {
-            user.key.secret = format!("{}x", &user.key.secret[..user.key.secret.len() - 1]);
+            user.key.secret = tampered(&real.secret);
+            assert_ne!(user.key.secret, real.secret, "the tamper must change the secret");
         } else {
-            user.key.id = "AKIAAAAAAAAAAAAAAAAA".to_owned();
+            user.key.id = tampered(&real.id);
+            assert_ne!(user.key.id, real.id, "the tamper must change the key id");
         }
         let rig = Rig::for_user(emulator, CALLER, user, |s| s);
         let status = rig
