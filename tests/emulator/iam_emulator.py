@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""IAM emulator for credgate's tests: moto's server with signing and IAM policy
-checks on, plus what moto lacks (ChangePassword) and a test-only fault switch.
+"""IAM emulator for credgate's tests: moto's server (IAM and STS on one port) with
+signing and IAM policy checks on, plus what moto lacks (ChangePassword, root
+credentials) and a test-only fault switch.
 
 Usage: python tests/emulator/iam_emulator.py [--host 127.0.0.1] [--port 0]
                                               [--region us-east-1] [--ignore-stdin] [--verbose]
@@ -24,8 +25,10 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from http import HTTPStatus
+from typing import Any, ClassVar, NoReturn
 from xml.sax.saxutils import escape
 
 # moto reads this once, when moto.settings is imported: 0 means "authenticate and
@@ -33,17 +36,22 @@ from xml.sax.saxutils import escape
 # switches IAM checks off entirely).
 os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
 
+from botocore.credentials import Credentials  # noqa: E402
 from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.core.exceptions import _RESTError  # noqa: E402
+from moto.core.responses import ActionResult, BaseResponse  # noqa: E402
+from moto.iam import access_control  # noqa: E402
 from moto.iam import urls as iam_urls  # noqa: E402
 from moto.iam.exceptions import NoSuchEntity  # noqa: E402
-from moto.iam.models import User, iam_backends  # noqa: E402
+from moto.iam.models import AccessKey, IAMBackend, User, iam_backends  # noqa: E402
 from moto.iam.responses import IamResponse  # noqa: E402
 from moto.moto_server.werkzeug_app import (  # noqa: E402
     DomainDispatcherApplication,
     MotoRequestHandler,
     create_backend_app,
 )
+from moto.sts import urls as sts_urls  # noqa: E402
+from moto.sts.responses import TokenResponse  # noqa: E402
 from moto.utilities.utils import get_partition  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
@@ -52,7 +60,12 @@ from werkzeug.wrappers import Request, Response  # noqa: E402
 log = logging.getLogger("iam_emulator")
 
 IAM_XMLNS = "https://iam.amazonaws.com/doc/2010-05-08/"
+STS_XMLNS = "https://sts.amazonaws.com/doc/2011-06-15/"
 ADMIN_USER = "emulator-admin"
+# How calls and faults name the account root as a signer. IAM user names are
+# [\w+=,.@-]+, so no user can be called this; it is the credential report's
+# name for the root.
+ROOT_SIGNER = "<root_account>"
 # moto resolves the account from MOTO_ACCOUNT_ID first, then from the access key.
 ACCOUNT_ID = os.environ.get("MOTO_ACCOUNT_ID", DEFAULT_ACCOUNT_ID)
 
@@ -69,6 +82,19 @@ FAULT_DEFAULT_STATUS = {
     "EntityTemporarilyUnmodifiable": 409,
     "ServiceFailure": 500,
 }
+# Response-shape faults: what a network path (not IAM) does to an answer.
+RESPONSE_TRUNCATED = "truncated"
+RESPONSE_BARE = "bare"
+BARE_DEFAULT_STATUS = 502
+# The moto handler marks a request whose answer a response-shape fault replaces
+# here, in the WSGI environ that build_app's wrapper shares with it.
+RESPONSE_FAULT_ENVIRON_KEY = "iam_emulator.response_fault"
+# IAM's documented meaning of InvalidUserType. The AWS CLI reference says that
+# ChangePassword called with root credentials returns InvalidUserType, but not
+# with which message, so the documented description stands in for it.
+ROOT_CHANGE_PASSWORD_MESSAGE = (
+    "The request was rejected because the type of user for the transaction was incorrect."
+)
 
 
 class IamError(HTTPException):
@@ -78,17 +104,18 @@ class IamError(HTTPException):
     which the AWS SDKs' awsQuery error parser does not look into (it wants
     <ErrorResponse><Error>), so every error this emulator emits or passes on
     uses this class. The <RequestId> placeholder is filled in by
-    EmulatorIamResponse._enrich_response, which also sets the header.
+    EmulatorResponse._enrich_response, which also sets the header. (STS errors
+    use the same shape, in STS's namespace.)
     """
 
-    def __init__(self, code: str, message: str, status: int = 400):
+    def __init__(self, code: str, message: str, status: int = 400, xmlns: str = IAM_XMLNS):
         super().__init__()
         self.code = status
         self.error_code = code
         self.message = message
         fault_type = "Receiver" if status >= 500 else "Sender"
         self.description = (
-            f'<ErrorResponse xmlns="{IAM_XMLNS}"><Error><Type>{fault_type}</Type>'
+            f'<ErrorResponse xmlns="{xmlns}"><Error><Type>{fault_type}</Type>'
             f"<Code>{escape(code)}</Code><Message>{escape(message)}</Message></Error>"
             "<RequestId>-</RequestId></ErrorResponse>"
         )
@@ -106,6 +133,8 @@ class Fault:
     message: str
     remaining: int  # -1 = forever
     delay_seconds: float
+    response: str | None  # None, RESPONSE_TRUNCATED or RESPONSE_BARE
+    apply: bool  # whether the action runs before a response-shape fault answers
 
 
 class FaultSwitch:
@@ -150,6 +179,8 @@ class FaultSwitch:
 
 
 FAULTS = FaultSwitch()
+# When the emulated root "was created" (its GetUser CreateDate): emulator start.
+ROOT_CREATED = time.time()
 
 # Passwords each user has had, oldest first, for PasswordReusePrevention. Keyed by
 # moto's User object so that a deleted and re-created user (or a moto reset) starts
@@ -160,8 +191,83 @@ PASSWORD_HISTORY: weakref.WeakKeyDictionary[User, list[str]] = weakref.WeakKeyDi
 CHANGE_PASSWORD_LOCK = threading.Lock()
 
 
-class EmulatorIamResponse(IamResponse):
-    """moto's IAM handler plus ChangePassword, the fault switch and IAM-shaped ids and errors."""
+# Emulated root access keys: id -> secret. moto has no account root principal
+# (with authentication on, only IAM users' keys and assumed-role sessions sign),
+# so POST /_emulator/root-key makes these, and create_access_key below teaches
+# moto's authentication about them. Only ever added to; a dict write is atomic.
+ROOT_KEYS: dict[str, str] = {}
+# The root is not subject to identity-based policies: it may call every action.
+ROOT_POLICY = json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+)
+
+
+def root_arn(account_id: str, partition: str = "aws") -> str:
+    return f"arn:{partition}:iam::{account_id}:root"
+
+
+class RootAccessKey:
+    """An emulated root key, in the shape moto's authentication expects of a key
+    (IAMUserAccessKey's duck type): signature checked with its secret, every action allowed."""
+
+    def __init__(self, account_id: str, partition: str, access_key_id: str, secret_access_key: str):
+        self.account_id = account_id
+        self.partition = partition
+        self._access_key_id = access_key_id
+        self._secret_access_key = secret_access_key
+
+    @property
+    def arn(self) -> str:
+        return root_arn(self.account_id, self.partition)
+
+    def create_credentials(self) -> Credentials:
+        return Credentials(self._access_key_id, self._secret_access_key)
+
+    def collect_policies(self) -> list[str]:
+        return [ROOT_POLICY]
+
+
+_moto_create_access_key = access_control.create_access_key
+
+
+def create_access_key(account_id: str, partition: str, access_key_id: str, headers: Any) -> Any:
+    """moto's key lookup for authentication, which also knows the emulated root keys."""
+    secret = ROOT_KEYS.get(access_key_id)
+    if secret is None:
+        return _moto_create_access_key(account_id, partition, access_key_id, headers)
+    # A long-term key sent with a session token is refused, as moto does for
+    # IAM users' keys (InvalidClientTokenId).
+    if "X-Amz-Security-Token" in headers:
+        raise access_control.CreateAccessKeyFailure(reason="InvalidToken")
+    return RootAccessKey(account_id, partition, access_key_id, secret)
+
+
+# IAMRequestBase looks the function up in its module on every request.
+access_control.create_access_key = create_access_key
+
+
+def new_root_key() -> tuple[str, str]:
+    """A fresh AKIA key pair for the emulated account root."""
+    # moto's AccessKey makes ids shaped like IAM's (AKIA, account encoded); it
+    # is used only as a generator and is never stored in moto's backend.
+    key = AccessKey(None, prefix="AKIA", account_id=ACCOUNT_ID)
+    ROOT_KEYS[key.access_key_id] = key.secret_access_key
+    return key.access_key_id, key.secret_access_key
+
+
+class EmulatorResponse(BaseResponse):
+    """What the emulator adds to each moto handler it serves (IAM and STS): call
+    counting, the fault switch, errors in the service's own XML and UUID request ids.
+
+    Listed before moto's handler class in the bases, so super() reaches moto's.
+    """
+
+    # The namespace of the service's errors.
+    XMLNS: ClassVar[str] = IAM_XMLNS
+
+    @property
+    def _iam_backend(self) -> IAMBackend:
+        return iam_backends[self.current_account][self.partition]
 
     def _signer_access_key_id(self) -> str | None:
         # Authorization: AWS4-HMAC-SHA256 Credential=AKID/date/region/service/aws4_request, ...
@@ -169,30 +275,53 @@ class EmulatorIamResponse(IamResponse):
         return match.group(1) if match else None
 
     def _signer_user(self) -> User | None:
-        """The IAM user owning the signing access key; None for unknown or STS keys."""
+        """The IAM user owning the signing access key; None for unknown, root or STS keys."""
         key_id = self._signer_access_key_id()
-        return self.backend.get_user_from_access_key_id(key_id) if key_id else None
+        return self._iam_backend.get_user_from_access_key_id(key_id) if key_id else None
+
+    def _signer_is_root(self) -> bool:
+        return self._signer_access_key_id() in ROOT_KEYS
+
+    def _signer_name(self) -> str | None:
+        """Who signed, as calls and faults name it: a user name, ROOT_SIGNER or None."""
+        if self._signer_is_root():
+            return ROOT_SIGNER
+        signer = self._signer_user()
+        return signer.name if signer else None
 
     def _authenticate_and_authorize_normal_action(self, resource: str = "*") -> None:
-        # moto calls this first for every IAM request, before dispatching to the
+        # moto calls this first for every request, before dispatching to the
         # action, and turns any HTTPException raised here into the response.
         # So: count the arrival, let moto check signature and policies, then
         # apply a fault, if one matches, before the action can change anything.
         action = self._get_action()
-        signer = self._signer_user()
-        user_name = signer.name if signer else None
-        FAULTS.record_call(action, user_name)
+        signer = self._signer_name()
+        FAULTS.record_call(action, signer)
         try:
             super()._authenticate_and_authorize_normal_action(resource)
         except _RESTError as error:
-            self._reject(IamError(error.error_type, error.message, error.code))
-        fault = FAULTS.take(action, user_name)
+            self._reject(IamError(error.error_type, error.message, error.code, self.XMLNS))
+        fault = FAULTS.take(action, signer)
         if fault is None:
             return
-        log.info("fault for %s by %s: %s after %ss", action, user_name, fault.error, fault.delay_seconds)
+        log.info(
+            "fault for %s by %s: %s after %ss",
+            action,
+            signer,
+            fault.response or fault.error,
+            fault.delay_seconds,
+        )
         time.sleep(fault.delay_seconds)
+        if fault.response is not None:
+            # build_app's wrapper replaces whatever moto answers; it finds the
+            # fault in the environ, which this request shares with it.
+            self.normalized_request.environ[RESPONSE_FAULT_ENVIRON_KEY] = fault
+            if not fault.apply:
+                # Stop here so the action never runs; this answer is replaced.
+                self._reject(IamError("ServiceUnavailable", "replaced", fault.status, self.XMLNS))
+            return
         if fault.error is not None:
-            self._reject(IamError(fault.error, fault.message, fault.status))
+            self._reject(IamError(fault.error, fault.message, fault.status, self.XMLNS))
 
     def _reject(self, error: IamError) -> NoReturn:
         # moto answers an exception raised during authentication with its
@@ -202,9 +331,10 @@ class EmulatorIamResponse(IamResponse):
 
     @staticmethod
     def _enrich_response(headers: dict[str, str], body: Any) -> tuple[dict[str, str], Any]:
-        # moto's version invents 52-character ids; IAM's are UUIDs, in the body
-        # and in x-amzn-RequestId (where the SDKs' request_id() looks). moto also
-        # leaves its internal "status" entry in the headers, which IAM never sends.
+        # moto's version invents 52-character ids; IAM's and STS's are UUIDs, in
+        # the body and in x-amzn-RequestId (where the SDKs' request_id() looks).
+        # moto also leaves its internal "status" entry in the headers, which
+        # AWS never sends.
         headers.pop("status", None)
         request_id = str(uuid.uuid4())
         headers["x-amzn-RequestId"] = request_id
@@ -212,12 +342,53 @@ class EmulatorIamResponse(IamResponse):
             body = re.sub(r"(?<=<RequestId>).*?(?=</RequestId>)", request_id, body)
         return headers, body
 
+
+class EmulatorStsResponse(EmulatorResponse, TokenResponse):
+    """moto's STS handler (same port: moto routes by the signing service name) plus
+    the emulator's additions and the emulated root's GetCallerIdentity."""
+
+    XMLNS = STS_XMLNS
+
+    def get_caller_identity(self) -> ActionResult:
+        # moto already allows GetCallerIdentity with no permission (as AWS does)
+        # and answers for IAM users and assumed roles; the root is the emulator's.
+        if self._signer_is_root():
+            account = self.current_account
+            return ActionResult(
+                {"UserId": account, "Account": account, "Arn": root_arn(account, self.partition)}
+            )
+        return super().get_caller_identity()
+
+
+class EmulatorIamResponse(EmulatorResponse, IamResponse):
+    """moto's IAM handler plus ChangePassword, the emulator's additions and the emulated root."""
+
+    def get_user(self) -> Any:
+        # GetUser without UserName describes the caller. For the root, IAM
+        # answers its ARN and the account id as UserId, with no UserName or Path
+        # (moto would invent a "default_user").
+        if self._get_param("UserName") or not self._signer_is_root():
+            return super().get_user()
+        account = self.current_account
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ROOT_CREATED))
+        body = (
+            f'<GetUserResponse xmlns="{IAM_XMLNS}"><GetUserResult><User>'
+            f"<UserId>{account}</UserId><Arn>{root_arn(account, self.partition)}</Arn>"
+            f"<CreateDate>{created}</CreateDate></User></GetUserResult>"
+            "<ResponseMetadata><RequestId>-</RequestId></ResponseMetadata></GetUserResponse>"
+        )
+        return body, {"status": 200, "Content-Type": "text/xml"}
+
     def change_password(self) -> tuple[str, dict[str, Any]]:
         """IAM ChangePassword: the signing IAM user changes their own console password."""
         old_password = self._get_param("OldPassword") or ""
         new_password = self._get_param("NewPassword") or ""
         validate_password_parameters(old_password, new_password)
 
+        # The root's password is not IAM's to change: the AWS CLI reference
+        # says ChangePassword with root credentials returns InvalidUserType.
+        if self._signer_is_root():
+            raise IamError("InvalidUserType", ROOT_CHANGE_PASSWORD_MESSAGE)
         # Assumed-role (STS) keys pass moto's authentication but belong to no IAM
         # user. (An IAM user's key sent with a session token never gets here:
         # moto answers InvalidClientTokenId, as IAM does.)
@@ -320,6 +491,8 @@ def parse_fault(body: Any) -> Fault:
     message = body.get("message")
     count = body.get("count", 1)
     delay = body.get("delay_seconds", 0)
+    response = body.get("response")
+    apply = body.get("apply")
     if not isinstance(action, str) or not action:
         raise ValueError("action must be a non-empty string")
     if user is not None and not isinstance(user, str):
@@ -334,16 +507,46 @@ def parse_fault(body: Any) -> Fault:
         raise ValueError("count must be a positive integer or -1 (forever)")
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
         raise ValueError("delay_seconds must be a non-negative number")
-    if error is None and not delay:
-        raise ValueError("a fault needs an error, a delay_seconds, or both")
+    if response is not None and response not in (RESPONSE_TRUNCATED, RESPONSE_BARE):
+        raise ValueError(f'response must be "{RESPONSE_TRUNCATED}", "{RESPONSE_BARE}" or null')
+    if apply is not None and not isinstance(apply, bool):
+        raise ValueError("apply must be true or false")
+    if response is None:
+        if apply is not None:
+            raise ValueError(f'apply is only for response "{RESPONSE_BARE}" (or "{RESPONSE_TRUNCATED}")')
+        if error is None and not delay:
+            raise ValueError("a fault needs an error, a delay_seconds, a response, or a mix")
+    else:
+        # A response-shape fault answers without IAM's error, so an IAM error
+        # code or message has nowhere to go: refuse rather than ignore them.
+        if error is not None or message is not None:
+            raise ValueError(f'response "{response}" takes no error or message')
+        if response == RESPONSE_TRUNCATED:
+            # The truncated answer is the action's own (its status included).
+            if status is not None:
+                raise ValueError(f'response "{RESPONSE_TRUNCATED}" takes no status')
+            if apply is False:
+                raise ValueError(f'response "{RESPONSE_TRUNCATED}" always applies the action')
+            apply = True
+        else:
+            if status is not None and not 500 <= status <= 599:
+                raise ValueError(f'response "{RESPONSE_BARE}" needs a 5xx status')
+            if apply is None:
+                raise ValueError(
+                    f'response "{RESPONSE_BARE}" needs apply: true (the action runs, its answer '
+                    "is lost) or false (the action does not run)"
+                )
+    default_status = BARE_DEFAULT_STATUS if response == RESPONSE_BARE else 400
     return Fault(
         action=action,
         user=user,
         error=error,
-        status=status or FAULT_DEFAULT_STATUS.get(error or "", 400),
+        status=status or FAULT_DEFAULT_STATUS.get(error or "", default_status),
         message=message or f"{error} (injected by the IAM emulator's fault switch)",
         remaining=count,
         delay_seconds=float(delay),
+        response=response,
+        apply=bool(apply),
     )
 
 
@@ -378,20 +581,80 @@ def fault_switch_app(request: Request) -> Response:
         except NoSuchEntity:
             return answer({"ok": False, "error": "no such user"}, 404)
         return answer({"matches": bool(user.password) and user.password == body.get("password")})
+    if request.path == "/_emulator/root-key" and request.method == "POST":
+        access_key_id, secret_access_key = new_root_key()
+        return answer(
+            {
+                "access_key_id": access_key_id,
+                "secret_access_key": secret_access_key,
+                "arn": root_arn(ACCOUNT_ID),
+                "account_id": ACCOUNT_ID,
+            }
+        )
     return answer({"ok": False, "error": f"no such endpoint: {request.method} {request.path}"}, 404)
 
 
+def faulted_response(
+    fault: Fault, status: str, headers: list[tuple[str, str]], body: bytes, start_response: Any
+) -> Iterable[bytes]:
+    """Answer a request with a response-shape fault instead of moto's (status, headers, body)."""
+    if fault.response == RESPONSE_TRUNCATED:
+        # IAM's status line and headers, a Content-Length for the whole body,
+        # then only its first half. werkzeug's server closes every connection
+        # after one response, so the client reads a body that ends too early.
+        kept = [(name, value) for name, value in headers if name.lower() != "content-length"]
+        start_response(status, kept + [("Content-Length", str(len(body)))])
+        return [body[: len(body) // 2]]
+    # A proxy's or gateway's own error page: no IAM XML, no request id.
+    try:
+        phrase = HTTPStatus(fault.status).phrase
+    except ValueError:
+        phrase = "Error"
+    page = (
+        f"<html>\r\n<head><title>{fault.status} {phrase}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{fault.status} {phrase}</h1></center>\r\n</body>\r\n</html>\r\n"
+    ).encode()
+    start_response(
+        f"{fault.status} {phrase}",
+        [("Content-Type", "text/html"), ("Content-Length", str(len(page)))],
+    )
+    return [page]
+
+
 def build_app() -> Any:
-    """moto's server WSGI app, with IAM routed to EmulatorIamResponse and /_emulator/* in front."""
-    # moto builds its IAM Flask app lazily, from moto.iam.urls.url_paths, on the
-    # first IAM request: point the route at our subclass before that happens.
+    """moto's server WSGI app, with IAM and STS routed to the emulator's handlers,
+    response-shape faults applied to their answers, and /_emulator/* in front."""
+    # moto builds its IAM and STS Flask apps lazily, from the urls modules'
+    # url_paths, on the first request: point the routes at our subclasses first.
     iam_urls.url_paths = {path: EmulatorIamResponse.dispatch for path in iam_urls.url_paths}
+    sts_urls.url_paths = {path: EmulatorStsResponse.dispatch for path in sts_urls.url_paths}
     moto_app = DomainDispatcherApplication(create_backend_app)
 
-    def app(environ: dict[str, Any], start_response: Any) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         if environ.get("PATH_INFO", "").startswith("/_emulator/"):
             return fault_switch_app(Request(environ))(environ, start_response)
-        return moto_app(environ, start_response)
+
+        # The handler marks the environ before Flask starts the response, so
+        # by then it is known whether moto's answer goes out or is replaced.
+        held: dict[str, Any] = {}
+        held_body: list[bytes] = []
+
+        def start_or_hold(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if RESPONSE_FAULT_ENVIRON_KEY not in environ:
+                return start_response(status, headers, exc_info)
+            held["status"], held["headers"] = status, headers
+            return held_body.append
+
+        chunks = moto_app(environ, start_or_hold)
+        fault: Fault | None = environ.get(RESPONSE_FAULT_ENVIRON_KEY)
+        if fault is None:
+            return chunks
+        try:
+            held_body.extend(chunks)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        return faulted_response(fault, held["status"], held["headers"], b"".join(held_body), start_response)
 
     return app
 

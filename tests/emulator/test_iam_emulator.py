@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,16 @@ import botocore.credentials
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from botocore.parsers import ResponseParserError
 
 LAUNCHER = Path(__file__).with_name("iam_emulator.py")
 READY_TIMEOUT_SECONDS = 30
 EXIT_TIMEOUT_SECONDS = 10
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 IAM_NS = "{https://iam.amazonaws.com/doc/2010-05-08/}"
+STS_NS = "{https://sts.amazonaws.com/doc/2011-06-15/}"
+ACCOUNT_ID = "123456789012"
+ROOT_SIGNER = "<root_account>"
 INITIAL_PASSWORD = "Initial-Passw0rd!"
 USER_PERMISSIONS = ["iam:ChangePassword", "iam:GetAccountPasswordPolicy", "iam:GetUser"]
 
@@ -56,8 +63,31 @@ class Emulator:
             config=Config(retries={"total_max_attempts": 1}, **config),
         )
 
+    def sts(self, access_key_id: str, secret_access_key: str, session_token: str | None = None) -> Any:
+        """An STS client for the same endpoint (moto routes by the signing service name)."""
+        return boto3.client(
+            "sts",
+            endpoint_url=self.endpoint,
+            region_name=self.info["region"],
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            aws_session_token=session_token,
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+
     def admin(self) -> Any:
         return self.iam(self.info["admin_access_key_id"], self.info["admin_secret_access_key"])
+
+    def root_key(self) -> tuple[str, str]:
+        """A fresh emulated root key pair from POST /_emulator/root-key."""
+        status, body = self.control("POST", "/_emulator/root-key", {})
+        assert status == 200
+        return body["access_key_id"], body["secret_access_key"]
+
+    def check_password(self, user: str, password: str) -> bool:
+        status, body = self.control("POST", "/_emulator/check-password", {"user": user, "password": password})
+        assert status == 200
+        return body["matches"]
 
     def control(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """Call the unsigned /_emulator/* API; returns (status, decoded JSON)."""
@@ -78,11 +108,12 @@ class Emulator:
         assert status == 200
         return body["count"]
 
-    def signed_post(
-        self, access_key_id: str, secret_access_key: str, params: dict[str, str]
-    ) -> tuple[int, dict[str, str], str]:
-        """A raw SigV4-signed IAM query request, to see the exact status, headers and XML."""
-        body = urllib.parse.urlencode({**params, "Version": "2010-05-08"})
+    def signed_request(
+        self, access_key_id: str, secret_access_key: str, params: dict[str, str], service: str = "iam"
+    ) -> tuple[dict[str, str], bytes]:
+        """The headers and body of a SigV4-signed IAM (or STS) query request."""
+        version = {"iam": "2010-05-08", "sts": "2011-06-15"}[service]
+        body = urllib.parse.urlencode({**params, "Version": version})
         request = botocore.awsrequest.AWSRequest(
             method="POST",
             url=self.endpoint + "/",
@@ -90,11 +121,15 @@ class Emulator:
             headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
         )
         credentials = botocore.credentials.Credentials(access_key_id, secret_access_key)
-        botocore.auth.SigV4Auth(credentials, "iam", self.info["region"]).add_auth(request)
-        prepared = request.prepare()
-        http_request = urllib.request.Request(
-            prepared.url, data=body.encode(), headers=dict(prepared.headers), method="POST"
-        )
+        botocore.auth.SigV4Auth(credentials, service, self.info["region"]).add_auth(request)
+        return dict(request.prepare().headers), body.encode()
+
+    def signed_post(
+        self, access_key_id: str, secret_access_key: str, params: dict[str, str], service: str = "iam"
+    ) -> tuple[int, dict[str, str], str]:
+        """A raw SigV4-signed IAM (or STS) query request, to see the exact status, headers and XML."""
+        headers, body = self.signed_request(access_key_id, secret_access_key, params, service)
+        http_request = urllib.request.Request(self.endpoint + "/", data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(http_request, timeout=10) as response:
                 return response.status, dict(response.headers), response.read().decode()
@@ -258,11 +293,13 @@ def test_auth_errors_use_iam_xml_and_carry_the_request_id(emulator: Emulator) ->
     assert_iam_error_xml(body, headers, "SignatureDoesNotMatch", "Sender")
 
 
-def assert_iam_error_xml(body: str, headers: dict[str, str], code: str, fault_type: str) -> None:
+def assert_iam_error_xml(
+    body: str, headers: dict[str, str], code: str, fault_type: str, namespace: str = IAM_NS
+) -> None:
     assert headers.get("Content-Type", "").startswith("text/xml")
     root = ET.fromstring(body)
-    assert root.tag in ("ErrorResponse", IAM_NS + "ErrorResponse")
-    ns = IAM_NS if root.tag.startswith("{") else ""
+    assert root.tag in ("ErrorResponse", namespace + "ErrorResponse")
+    ns = namespace if root.tag.startswith("{") else ""
     error = root.find(ns + "Error")
     assert error is not None, body  # directly under ErrorResponse, where the SDKs look
     assert error.findtext(ns + "Code") == code
@@ -620,13 +657,41 @@ def test_delay_with_error(emulator: Emulator) -> None:
         {"action": "ChangePassword", "error": "Throttling", "status": "500"},
         {"action": "ChangePassword", "delay_seconds": -1},
         "not an object",
+        {"action": "ChangePassword", "response": "garbled"},
+        {"action": "ChangePassword", "response": "truncated", "error": "Throttling"},
+        {"action": "ChangePassword", "response": "truncated", "message": "m"},
+        {"action": "ChangePassword", "response": "truncated", "status": 500},
+        {"action": "ChangePassword", "response": "truncated", "apply": False},
+        {"action": "ChangePassword", "response": "bare"},
+        {"action": "ChangePassword", "response": "bare", "apply": "yes"},
+        {"action": "ChangePassword", "response": "bare", "apply": True, "status": 404},
+        {"action": "ChangePassword", "response": "bare", "apply": True, "error": "ServiceFailure"},
+        {"action": "ChangePassword", "error": "Throttling", "apply": True},
     ],
-    ids=["no-action", "neither-error-nor-delay", "count-0", "status-string", "negative-delay", "not-object"],
+    ids=[
+        "no-action",
+        "neither-error-nor-delay",
+        "count-0",
+        "status-string",
+        "negative-delay",
+        "not-object",
+        "unknown-response",
+        "truncated-with-error",
+        "truncated-with-message",
+        "truncated-with-status",
+        "truncated-not-applied",
+        "bare-without-apply",
+        "bare-apply-not-bool",
+        "bare-not-5xx",
+        "bare-with-error",
+        "apply-without-response",
+    ],
 )
 def test_bad_fault_requests_are_refused(emulator: Emulator, body: Any) -> None:
     status, answer = emulator.control("POST", "/_emulator/faults", body)
     assert status == 400
     assert answer["ok"] is False
+    assert answer["error"]
 
 
 # --- call counting ---------------------------------------------------------------------
@@ -730,3 +795,326 @@ def test_check_password_tells_the_current_password_without_changing_it(emulator:
     with pytest.raises(urllib.error.HTTPError) as missing:
         check("nobody", INITIAL_PASSWORD)
     assert missing.value.code == 404
+
+
+# --- response-shape faults -------------------------------------------------------------
+
+
+def raw_exchange(emulator: Emulator, headers: dict[str, str], body: bytes) -> tuple[str, dict[str, str], bytes]:
+    """One request on a fresh socket, read until the server closes it: (status line, headers, body bytes)."""
+    url = urllib.parse.urlsplit(emulator.endpoint)
+    assert url.hostname and url.port
+    lines = ["POST / HTTP/1.1", f"Host: {url.hostname}:{url.port}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if "Content-Length" not in headers:
+        lines.append(f"Content-Length: {len(body)}")
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    response_headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        response_headers[name.strip().lower()] = value.strip()
+    return status_line, response_headers, rest
+
+
+CHANGE_TO_SECOND = {"Action": "ChangePassword", "OldPassword": INITIAL_PASSWORD, "NewPassword": "Second-Passw0rd!"}
+
+
+def test_truncated_response_applies_the_change_then_cuts_the_body(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice")
+    emulator.add_fault(action="ChangePassword", user="alice", response="truncated")
+    headers, body = emulator.signed_request(alice.access_key_id, alice.secret_access_key, CHANGE_TO_SECOND)
+    status_line, response_headers, received = raw_exchange(emulator, headers, body)
+    assert status_line.startswith("HTTP/1.1 200 ")
+    assert response_headers["content-type"].startswith("text/xml")
+    assert UUID_RE.match(response_headers["x-amzn-requestid"])
+    # Part of IAM's XML, fewer bytes than announced, then the connection closed.
+    assert 0 < len(received) < int(response_headers["content-length"])
+    assert received.startswith(b"<ChangePasswordResponse")
+    assert emulator.check_password("alice", "Second-Passw0rd!")
+    # count defaults to 1: the next answer is whole again.
+    alice.client.change_password(OldPassword="Second-Passw0rd!", NewPassword="Third-Passw0rd!")
+
+
+def test_truncated_response_is_an_error_for_http_clients(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice")
+    emulator.add_fault(action="ChangePassword", response="truncated")
+    headers, body = emulator.signed_request(alice.access_key_id, alice.secret_access_key, CHANGE_TO_SECOND)
+    url = urllib.parse.urlsplit(emulator.endpoint)
+    connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+    try:
+        connection.request("POST", "/", body=body, headers=headers)
+        response = connection.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+    finally:
+        connection.close()
+    assert emulator.check_password("alice", "Second-Passw0rd!")
+
+
+def test_truncated_response_is_not_a_success_for_boto3(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice")
+    emulator.add_fault(action="ChangePassword", user="alice", response="truncated")
+    # botocore reads without enforcing Content-Length, then cannot parse the half XML.
+    with pytest.raises(ResponseParserError):
+        alice.client.change_password(OldPassword=INITIAL_PASSWORD, NewPassword="Second-Passw0rd!")
+    assert emulator.check_password("alice", "Second-Passw0rd!")
+    assert emulator.calls("ChangePassword", "alice") == 1
+
+
+@pytest.mark.parametrize(
+    ("apply", "status", "phrase"),
+    [(True, 502, "Bad Gateway"), (False, 504, "Gateway Timeout")],
+    ids=["applied", "not-applied"],
+)
+def test_bare_gateway_error(emulator: Emulator, apply: bool, status: int, phrase: str) -> None:
+    alice = create_user(emulator, "alice")
+    emulator.add_fault(action="ChangePassword", user="alice", response="bare", status=status, apply=apply)
+    got_status, headers, body = emulator.signed_post(alice.access_key_id, alice.secret_access_key, CHANGE_TO_SECOND)
+    assert got_status == status
+    lowered = {name.lower(): value for name, value in headers.items()}
+    assert lowered["content-type"].startswith("text/html")
+    assert "x-amzn-requestid" not in lowered
+    assert phrase in body
+    assert "<ErrorResponse" not in body and "<Code>" not in body and "RequestId" not in body
+    # applied: the proxy lost IAM's answer to a change that happened.
+    assert emulator.check_password("alice", "Second-Passw0rd!") is apply
+    assert emulator.check_password("alice", INITIAL_PASSWORD) is not apply
+
+
+def test_bare_gateway_error_defaults_to_502_for_boto3(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice")
+    emulator.add_fault(action="ChangePassword", response="bare", apply=False)
+    with pytest.raises(ClientError) as raised:
+        alice.client.change_password(OldPassword=INITIAL_PASSWORD, NewPassword="Second-Passw0rd!")
+    response = raised.value.response
+    # No IAM error code: botocore falls back to the HTTP status and reason.
+    assert (response["Error"]["Code"], response["ResponseMetadata"]["HTTPStatusCode"]) == ("502", 502)
+    assert "RequestId" not in response["ResponseMetadata"]
+    assert_password_is(alice, INITIAL_PASSWORD)
+
+
+def test_response_fault_never_bypasses_authentication(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice")
+    emulator.add_fault(action="ChangePassword", response="bare", apply=True)
+    status, headers, body = emulator.signed_post(alice.access_key_id, "not-the-secret", CHANGE_TO_SECOND)
+    assert status == 403
+    assert_iam_error_xml(body, headers, "SignatureDoesNotMatch", "Sender")
+    assert emulator.check_password("alice", INITIAL_PASSWORD)
+    status, _, _ = emulator.signed_post(alice.access_key_id, alice.secret_access_key, CHANGE_TO_SECOND)
+    assert status == 502
+    assert emulator.check_password("alice", "Second-Passw0rd!")
+    assert emulator.calls("ChangePassword", "alice") == 2
+
+
+def test_response_fault_with_count_and_delay(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice")
+    emulator.add_fault(action="GetUser", response="bare", status=503, apply=True, count=2, delay_seconds=0.3)
+    started = time.monotonic()
+    for _ in range(2):
+        assert error_of(alice.client.get_user)[:2] == ("503", 503)
+    assert time.monotonic() - started >= 0.6
+    assert alice.client.get_user()["User"]["UserName"] == "alice"
+
+
+# --- STS GetCallerIdentity (same port) --------------------------------------------------
+
+
+def test_get_caller_identity_needs_no_permission(emulator: Emulator) -> None:
+    admin = emulator.admin()
+    deny_sts = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Action": "sts:*", "Resource": "*"}]}
+    for name, permissions in (("no-policy", None), ("iam-only", USER_PERMISSIONS), ("deny-sts", None)):
+        user = create_user(emulator, name, permissions=permissions)
+        if name == "deny-sts":  # AWS: allowed even when a policy explicitly denies it
+            admin.put_user_policy(UserName=name, PolicyName="deny", PolicyDocument=json.dumps(deny_sts))
+        identity = emulator.sts(user.access_key_id, user.secret_access_key).get_caller_identity()
+        assert identity["Arn"] == f"arn:aws:iam::{ACCOUNT_ID}:user/{name}"
+        assert identity["Account"] == ACCOUNT_ID
+        assert identity["UserId"] == admin.get_user(UserName=name)["User"]["UserId"]
+        assert UUID_RE.match(identity["ResponseMetadata"]["RequestId"])
+
+
+def test_get_caller_identity_arn_carries_the_user_path(emulator: Emulator) -> None:
+    admin = emulator.admin()
+    admin.create_user(UserName="pathed", Path="/team/ops/")
+    key = admin.create_access_key(UserName="pathed")["AccessKey"]
+    identity = emulator.sts(key["AccessKeyId"], key["SecretAccessKey"]).get_caller_identity()
+    assert identity["Arn"] == f"arn:aws:iam::{ACCOUNT_ID}:user/team/ops/pathed"
+
+
+def test_get_caller_identity_raw_xml_and_request_id(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice", permissions=None)
+    status, headers, body = emulator.signed_post(
+        alice.access_key_id, alice.secret_access_key, {"Action": "GetCallerIdentity"}, service="sts"
+    )
+    assert status == 200
+    root = ET.fromstring(body)
+    assert root.tag == STS_NS + "GetCallerIdentityResponse"
+    assert root.findtext(f"{STS_NS}GetCallerIdentityResult/{STS_NS}Arn") == f"arn:aws:iam::{ACCOUNT_ID}:user/alice"
+    assert root.findtext(f"{STS_NS}GetCallerIdentityResult/{STS_NS}Account") == ACCOUNT_ID
+    assert root.findtext(f"{STS_NS}GetCallerIdentityResult/{STS_NS}UserId")
+    request_id = root.findtext(f"{STS_NS}ResponseMetadata/{STS_NS}RequestId")
+    assert request_id and UUID_RE.match(request_id)
+    assert headers["x-amzn-RequestId"] == request_id
+
+
+@pytest.mark.parametrize(
+    ("key", "code"),
+    [("unknown", "InvalidClientTokenId"), ("wrong-secret", "SignatureDoesNotMatch")],
+)
+def test_get_caller_identity_still_checks_the_signature(emulator: Emulator, key: str, code: str) -> None:
+    alice = create_user(emulator, "alice", permissions=None)
+    key_id = "AKIAIOSFODNN7EXAMPLE" if key == "unknown" else alice.access_key_id
+    status, headers, body = emulator.signed_post(key_id, "not-the-secret", {"Action": "GetCallerIdentity"}, service="sts")
+    assert status == 403
+    assert_iam_error_xml(body, headers, code, "Sender", namespace=STS_NS)
+    client = emulator.sts(key_id, "not-the-secret")
+    assert error_of(client.get_caller_identity)[:2] == (code, 403)
+
+
+def test_get_caller_identity_calls_are_counted_per_signer(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice", permissions=None)
+    bob = create_user(emulator, "bob", permissions=None)
+    for _ in range(2):
+        emulator.sts(alice.access_key_id, alice.secret_access_key).get_caller_identity()
+    emulator.sts(bob.access_key_id, bob.secret_access_key).get_caller_identity()
+    error_of(emulator.sts(alice.access_key_id, "not-the-secret").get_caller_identity)
+    assert emulator.calls("GetCallerIdentity", "alice") == 3
+    assert emulator.calls("GetCallerIdentity", "bob") == 1
+    assert emulator.calls("GetCallerIdentity") == 4
+
+
+def test_faults_target_get_caller_identity(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice", permissions=None)
+    bob = create_user(emulator, "bob", permissions=None)
+    sts = emulator.sts(alice.access_key_id, alice.secret_access_key)
+    emulator.add_fault(action="GetCallerIdentity", user="alice", error="AccessDenied", status=403)
+    emulator.sts(bob.access_key_id, bob.secret_access_key).get_caller_identity()
+    status, headers, body = emulator.signed_post(
+        alice.access_key_id, alice.secret_access_key, {"Action": "GetCallerIdentity"}, service="sts"
+    )
+    assert status == 403
+    assert_iam_error_xml(body, headers, "AccessDenied", "Sender", namespace=STS_NS)
+    emulator.add_fault(action="GetCallerIdentity", user="alice", delay_seconds=1.0)
+    started = time.monotonic()
+    assert sts.get_caller_identity()["Arn"].endswith(":user/alice")
+    assert time.monotonic() - started >= 1.0
+    emulator.add_fault(action="GetCallerIdentity", response="truncated")
+    with pytest.raises(ResponseParserError):
+        sts.get_caller_identity()
+
+
+def test_get_caller_identity_with_assumed_role_credentials(emulator: Emulator) -> None:
+    admin = emulator.admin()
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
+    }
+    role = admin.create_role(RoleName="reader", AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    admin_sts = emulator.sts(emulator.info["admin_access_key_id"], emulator.info["admin_secret_access_key"])
+    assumed = admin_sts.assume_role(RoleArn=role["Arn"], RoleSessionName="session-1")
+    credentials = assumed["Credentials"]
+    # The role has no policy at all.
+    session = emulator.sts(credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"])
+    identity = session.get_caller_identity()
+    assert identity["Arn"] == f"arn:aws:sts::{ACCOUNT_ID}:assumed-role/reader/session-1"
+    assert identity["Arn"] == assumed["AssumedRoleUser"]["Arn"]
+    assert identity["UserId"] == f"{role['RoleId']}:session-1"
+    assert identity["Account"] == ACCOUNT_ID
+    assert emulator.calls("GetCallerIdentity") == 1
+
+
+# --- emulated root credentials ------------------------------------------------------------
+
+
+def test_root_key_is_an_akia_key_that_sts_reports_as_the_root(emulator: Emulator) -> None:
+    status, body = emulator.control("POST", "/_emulator/root-key", {})
+    assert status == 200
+    assert re.fullmatch(r"AKIA[A-Z0-9]{16}", body["access_key_id"])
+    assert len(body["secret_access_key"]) == 40
+    assert body["arn"] == f"arn:aws:iam::{ACCOUNT_ID}:root"
+    assert body["account_id"] == ACCOUNT_ID
+    identity = emulator.sts(body["access_key_id"], body["secret_access_key"]).get_caller_identity()
+    assert identity["Arn"] == f"arn:aws:iam::{ACCOUNT_ID}:root"
+    assert identity["UserId"] == ACCOUNT_ID
+    assert identity["Account"] == ACCOUNT_ID
+    assert UUID_RE.match(identity["ResponseMetadata"]["RequestId"])
+    # Each call makes another key; all of them stay valid.
+    second = emulator.root_key()
+    assert second[0] != body["access_key_id"]
+    assert emulator.sts(*second).get_caller_identity()["Arn"] == identity["Arn"]
+    assert emulator.sts(body["access_key_id"], body["secret_access_key"]).get_caller_identity()["Arn"] == identity["Arn"]
+
+
+def test_root_key_belongs_to_no_iam_user(emulator: Emulator) -> None:
+    key_id, _ = emulator.root_key()
+    admin = emulator.admin()
+    assert [user["UserName"] for user in admin.list_users()["Users"]] == ["emulator-admin"]
+    assert key_id not in {key["AccessKeyId"] for key in admin.list_access_keys()["AccessKeyMetadata"]}
+
+
+def test_root_may_call_iam_actions_without_any_policy(emulator: Emulator) -> None:
+    root = emulator.iam(*emulator.root_key())
+    root.update_account_password_policy(MinimumPasswordLength=10)
+    assert root.get_account_password_policy()["PasswordPolicy"]["MinimumPasswordLength"] == 10
+    root.create_user(UserName="made-by-root")
+    user = root.get_user()["User"]
+    assert user["Arn"] == f"arn:aws:iam::{ACCOUNT_ID}:root"
+    assert user["UserId"] == ACCOUNT_ID
+    assert "UserName" not in user  # IAM names no user for the root
+    assert root.get_user(UserName="made-by-root")["User"]["UserName"] == "made-by-root"
+
+
+def test_root_change_password_is_invalid_user_type(emulator: Emulator) -> None:
+    create_user(emulator, "alice")
+    root = emulator.iam(*emulator.root_key())
+    code, status, _ = error_of(root.change_password, OldPassword=INITIAL_PASSWORD, NewPassword="Second-Passw0rd!")
+    assert (code, status) == ("InvalidUserType", 400)
+    assert emulator.check_password("alice", INITIAL_PASSWORD)
+    # The parameters are still validated first, as for everyone.
+    client = emulator.iam(*emulator.root_key(), parameter_validation=False)
+    assert error_of(client.change_password, OldPassword="", NewPassword="x")[0] == "ValidationError"
+
+
+def test_root_key_still_needs_a_valid_signature(emulator: Emulator) -> None:
+    key_id, secret = emulator.root_key()
+    assert error_of(emulator.sts(key_id, "not-the-secret").get_caller_identity)[:2] == ("SignatureDoesNotMatch", 403)
+    assert error_of(emulator.iam(key_id, "not-the-secret").get_user)[:2] == ("SignatureDoesNotMatch", 403)
+    with_token = emulator.sts(key_id, secret, session_token="not-a-session-token")
+    assert error_of(with_token.get_caller_identity)[:2] == ("InvalidClientTokenId", 403)
+
+
+def test_root_calls_and_faults_use_the_root_signer_name(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice", permissions=None)
+    root_sts = emulator.sts(*emulator.root_key())
+    emulator.add_fault(action="GetCallerIdentity", user=ROOT_SIGNER, error="AccessDenied", status=403)
+    emulator.sts(alice.access_key_id, alice.secret_access_key).get_caller_identity()
+    assert error_of(root_sts.get_caller_identity)[:2] == ("AccessDenied", 403)
+    root_sts.get_caller_identity()
+    assert emulator.calls("GetCallerIdentity", ROOT_SIGNER) == 2
+    assert emulator.calls("GetCallerIdentity", "alice") == 1
+
+
+# --- concurrent counting ----------------------------------------------------------------------
+
+
+def test_concurrent_get_account_password_policy_calls_are_counted_per_signer(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice")
+    bob = create_user(emulator, "bob")
+    emulator.admin().update_account_password_policy(MinimumPasswordLength=9)
+
+    def get_policy(user: IamUser) -> int:
+        return emulator.signed_post(user.access_key_id, user.secret_access_key, {"Action": "GetAccountPasswordPolicy"})[0]
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        statuses = list(pool.map(get_policy, [alice] * 60 + [bob] * 40))
+    assert statuses == [200] * 100
+    assert emulator.calls("GetAccountPasswordPolicy", "alice") == 60
+    assert emulator.calls("GetAccountPasswordPolicy", "bob") == 40
+    assert emulator.calls("GetAccountPasswordPolicy") == 100
