@@ -175,6 +175,7 @@ impl Worker {
                         old_password: old.clone(),
                         new_password: new.clone(),
                         validate_only,
+                        request_id: String::new(),
                     })
                     .await
                     .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?

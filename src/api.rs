@@ -17,6 +17,7 @@ impl fmt::Debug for ChangePasswordRequest {
             .field("old_password", &"[REDACTED]")
             .field("new_password", &"[REDACTED]")
             .field("validate_only", &self.validate_only)
+            .field("request_id", &self.request_id)
             .finish()
     }
 }
@@ -31,6 +32,7 @@ mod tests {
             old_password: "old-Secret-1".into(),
             new_password: "new-Secret-2".into(),
             validate_only: true,
+            request_id: String::new(),
         };
         let shown = format!("{request:?} {request:#?}");
         assert!(!shown.contains("Secret"), "{shown}");

@@ -1,36 +1,160 @@
-//! The audit trail: exactly one event per `ChangePassword` attempt, allowed or
-//! not, on the `credgate::audit` target so it can be routed separately.
+//! The audit trail: exactly one event per `ChangePassword` attempt that
+//! reaches credgate, on the `credgate::audit` target, with the attempt's
+//! final outcome.
+//!
+//! An [`AuditSlot`] is opened when the request arrives, before queueing or
+//! reading its body. Whoever learns the final outcome closes it: the edge
+//! (caller not mapped, too large, timed out while queued), the handler
+//! (invalid input), or the attempt task (everything that went further, long
+//! after a caller may have gone away). A slot that is dropped unclosed — the
+//! caller cancelled before the attempt started — records `CANCELLED`. Either
+//! way the event is written once and only once.
+//!
+//! Audit events have their own subscriber filter ([`crate::telemetry`]):
+//! `RUST_LOG` cannot switch them off.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
-/// What one attempt did.
-#[derive(Debug, Default)]
-pub struct Attempt<'a> {
-    /// The matched caller identity, or the presented one when unmapped.
-    pub caller: &'a str,
-    /// The IAM user acted as; empty when the caller was not mapped.
-    pub iam_user: &'a str,
-    /// `OK`, `VALIDATED`, or the ErrorInfo reason.
-    pub outcome: &'a str,
+/// The audit target, routed by its own filter.
+pub(crate) const TARGET: &str = "credgate::audit";
+
+/// Outcome recorded when the caller went away before the attempt started:
+/// nothing was sent to IAM.
+pub(crate) const CANCELLED: &str = "CANCELLED";
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outcome {
+    /// `OK`, `VALIDATED`, an ErrorInfo reason, or [`CANCELLED`].
+    pub(crate) outcome: &'static str,
     /// IAM's request id, when IAM answered.
-    pub request_id: &'a str,
-    /// The TCP peer.
-    pub peer: Option<SocketAddr>,
-    /// The trace this attempt belongs to.
-    pub trace_id: &'a str,
+    pub(crate) iam_request_id: Option<String>,
+    /// The outcome was replayed from an earlier attempt with the same
+    /// `request_id`; IAM was not called.
+    pub(crate) replayed: bool,
 }
 
-/// Emits the audit event.
-pub fn record(attempt: &Attempt<'_>) {
-    let peer = attempt.peer.map(|p| p.to_string()).unwrap_or_default();
+impl Outcome {
+    /// An outcome without an IAM request id.
+    pub(crate) fn of(outcome: &'static str) -> Self {
+        Self {
+            outcome,
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    caller: String,
+    iam_user: String,
+    peer: Option<SocketAddr>,
+    trace_id: String,
+    request_id: String,
+    validate_only: bool,
+}
+
+/// One attempt's pending audit event.
+#[derive(Debug)]
+pub(crate) struct AuditSlot {
+    /// `None` once written.
+    record: Mutex<Option<Record>>,
+    /// Set when an attempt task took the slot over: from then on only that
+    /// task writes the event.
+    handed_off: AtomicBool,
+}
+
+impl AuditSlot {
+    /// Opens the slot for a request from `caller` (the matched identity, or
+    /// what an unmapped certificate presented).
+    pub(crate) fn open(
+        caller: &str,
+        iam_user: &str,
+        peer: Option<SocketAddr>,
+        trace_id: String,
+    ) -> Self {
+        Self {
+            record: Mutex::new(Some(Record {
+                caller: caller.to_owned(),
+                iam_user: iam_user.to_owned(),
+                peer,
+                trace_id,
+                ..Record::default()
+            })),
+            handed_off: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the slot as owned by an attempt task.
+    pub(crate) fn hand_off(&self) {
+        self.handed_off.store(true, Ordering::Release);
+    }
+
+    /// Whether an attempt task owns the slot.
+    pub(crate) fn handed_off(&self) -> bool {
+        self.handed_off.load(Ordering::Acquire)
+    }
+
+    /// Adds what the request body said, once decoded.
+    pub(crate) fn describe(&self, request_id: &str, validate_only: bool) {
+        if let Some(record) = self.lock().as_mut() {
+            request_id.clone_into(&mut record.request_id);
+            record.validate_only = validate_only;
+        }
+    }
+
+    /// The IAM user as IAM reported it, once known.
+    pub(crate) fn set_iam_user(&self, name: &str) {
+        if let Some(record) = self.lock().as_mut() {
+            name.clone_into(&mut record.iam_user);
+        }
+    }
+
+    /// Writes the event with its final outcome; later calls do nothing.
+    pub(crate) fn close(&self, outcome: Outcome) {
+        let record = self.lock().take();
+        if let Some(record) = record {
+            emit(&record, &outcome);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Record>> {
+        // A panic while holding the lock cannot leave the record half-written.
+        self.record.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for AuditSlot {
+    fn drop(&mut self) {
+        let record = self
+            .record
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(record) = record {
+            emit(&record, &Outcome::of(CANCELLED));
+        }
+    }
+}
+
+fn emit(record: &Record, outcome: &Outcome) {
     tracing::info!(
-        target: "credgate::audit",
-        caller = attempt.caller,
-        iam_user = attempt.iam_user,
-        outcome = attempt.outcome,
-        iam_request_id = attempt.request_id,
-        peer.address = peer,
-        trace_id = attempt.trace_id,
+        target: TARGET,
+        caller = record.caller.as_str(),
+        iam_user = record.iam_user.as_str(),
+        outcome = outcome.outcome,
+        iam_request_id = outcome.iam_request_id.as_deref().unwrap_or_default(),
+        request_id = record.request_id.as_str(),
+        validate_only = record.validate_only,
+        replayed = outcome.replayed,
+        peer.address = record.peer.map(tracing::field::display),
+        trace_id = record.trace_id.as_str(),
         "password change attempt"
     );
 }

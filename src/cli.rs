@@ -6,10 +6,12 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     config::{CONFIG_ENV, Config, ConfigError},
-    credentials::{self, IamClients},
+    credentials::{self, AwsClients},
     devpki,
     iam::Iam,
+    principal::Principals,
     server::{self, Listeners},
+    state::Store,
     telemetry, tls,
 };
 
@@ -43,8 +45,9 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
         config: PathBuf,
-        /// Also call IAM GetUser with each caller's profile and check that the
-        /// credentials belong to the configured iam_user.
+        /// Also ask AWS whose key each profile holds (STS GetCallerIdentity,
+        /// else IAM GetUser) and check it is the configured iam_user's, and
+        /// PING the [state] store when one is configured.
         #[arg(long)]
         online: bool,
     },
@@ -190,6 +193,10 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
         Ok(config) => {
             let mut problems = tls::check(&config.tls);
             problems.extend(credentials::missing_profiles(&config.callers).await);
+            // Offline: reads the password and TLS files, connects to nothing.
+            if let Err(e) = Store::new(&config.state, &config.limits, Duration::ZERO) {
+                problems.push(e);
+            }
             if online && problems.is_empty() {
                 problems.extend(check_online(&config).await);
             }
@@ -201,7 +208,7 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
                     config.server.listen,
                     config.server.admin_listen,
                     if online {
-                        "; IAM identities verified"
+                        "; IAM identities verified, state store reachable"
                     } else {
                         ""
                     }
@@ -219,29 +226,13 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
 }
 
 async fn check_online(config: &Config) -> Vec<String> {
-    let iam = Iam::new(
-        IamClients::new(
-            &config.aws,
-            config.callers.iter().map(|c| c.aws_profile.as_str()),
-        )
-        .await,
-    );
-    let mut problems = Vec::new();
-    for caller in &config.callers {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        match iam.user_name(&caller.aws_profile, deadline).await {
-            Ok(name) if name == caller.iam_user => {}
-            Ok(name) => problems.push(format!(
-                "caller {}: profile {:?} signs as IAM user {name:?}, not {:?}",
-                caller.matcher, caller.aws_profile, caller.iam_user
-            )),
-            Err(e) => problems.push(format!(
-                "caller {}: IAM GetUser with profile {:?} failed: {} ({e})",
-                caller.matcher,
-                caller.aws_profile,
-                e.reason()
-            )),
-        }
+    let profiles = config.callers.iter().map(|c| c.aws_profile.as_str());
+    let iam = Iam::new(AwsClients::new(&config.aws, profiles).await);
+    let mut problems = Principals::new(&config.callers).problems(&iam).await;
+    if let Ok(store) = Store::new(&config.state, &config.limits, Duration::ZERO)
+        && let Err(e) = store.ping().await
+    {
+        problems.push(format!("state: {e}: {}", crate::error::chain(&e)));
     }
     problems
 }

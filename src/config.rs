@@ -30,6 +30,8 @@ pub struct Config {
     pub aws: AwsSettings,
     /// Brute-force protection for the old password.
     pub limits: LimitSettings,
+    /// Where the attempt counters and `request_id` outcomes live.
+    pub state: StateSettings,
     /// Log format.
     pub telemetry: TelemetrySettings,
     /// Caller identities and the IAM users they act as.
@@ -47,8 +49,17 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Drain budget after SIGTERM.
     pub shutdown_grace: Duration,
-    /// Requests served at once across all connections.
+    /// PasswordService requests served at once across all connections.
     pub max_concurrent_requests: usize,
+    /// PasswordService requests in flight per caller identity.
+    pub max_requests_per_caller: usize,
+    /// Open mTLS connections, handshakes included.
+    pub max_connections: usize,
+    /// An HTTP/2 connection without a call for this long is closed.
+    pub idle_timeout: Duration,
+    /// Every connection is asked to reconnect (GOAWAY) after this long, so
+    /// that CA, CRL and caller changes reach long-lived channels too.
+    pub max_connection_age: Duration,
 }
 
 impl Default for ServerSettings {
@@ -59,6 +70,10 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(20),
             max_concurrent_requests: 512,
+            max_requests_per_caller: 16,
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(5 * 60),
+            max_connection_age: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -72,8 +87,9 @@ pub struct TlsSettings {
     pub key: PathBuf,
     /// CA bundle that client certificates must chain to (PEM).
     pub client_ca: PathBuf,
-    /// Optional PEM CRL(s) of the client CA.
-    pub crl: Option<PathBuf>,
+    /// PEM CRL files: one per CA in the client chains (a file may hold
+    /// several). Empty: no revocation checking.
+    pub crl: Vec<PathBuf>,
 }
 
 /// `[aws]`
@@ -83,6 +99,9 @@ pub struct AwsSettings {
     pub region: String,
     /// Override of the IAM endpoint (an emulator or a VPC endpoint).
     pub endpoint_url: Option<String>,
+    /// Override of the STS endpoint used to verify whose key a profile
+    /// holds; defaults to `endpoint_url` when that is set.
+    pub sts_endpoint_url: Option<String>,
 }
 
 impl Default for AwsSettings {
@@ -90,6 +109,7 @@ impl Default for AwsSettings {
         Self {
             region: "us-east-1".to_owned(),
             endpoint_url: None,
+            sts_endpoint_url: None,
         }
     }
 }
@@ -111,6 +131,54 @@ impl Default for LimitSettings {
         }
     }
 }
+
+/// `[state]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSettings {
+    /// Where the state lives.
+    pub backend: StateBackend,
+    /// Prefix of every key, so that deployments can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            backend: StateBackend::Memory,
+            key_prefix: "credgate:".to_owned(),
+        }
+    }
+}
+
+/// The state backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateBackend {
+    /// In this process: one replica's promises only.
+    Memory,
+    /// Redis or Valkey, shared by every replica.
+    Redis(RedisSettings),
+}
+
+/// How to reach Redis/Valkey.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` or `rediss://...` (TLS), without a password.
+    pub url: String,
+    /// File holding the password (else `CREDGATE_REDIS_PASSWORD`, else none).
+    pub password_file: Option<PathBuf>,
+    /// PEM CA bundle for `rediss://` (else the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for `rediss://` with mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    /// Its key.
+    pub client_key: Option<PathBuf>,
+    /// Budget of each command, reconnects included.
+    pub command_timeout: Duration,
+}
+
+/// Environment variable holding the Redis password when no
+/// `state.password_file` is set.
+pub const REDIS_PASSWORD_ENV: &str = "CREDGATE_REDIS_PASSWORD";
 
 /// `[telemetry]`
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -187,12 +255,21 @@ impl Config {
         p.unknown_keys(
             &root,
             "",
-            &["server", "tls", "aws", "limits", "telemetry", "callers"],
+            &[
+                "server",
+                "tls",
+                "aws",
+                "limits",
+                "state",
+                "telemetry",
+                "callers",
+            ],
         );
         let server = parse_server(&mut p, &root);
         let tls = parse_tls(&mut p, &root);
         let aws = parse_aws(&mut p, &root);
         let limits = parse_limits(&mut p, &root);
+        let state = parse_state(&mut p, &root);
         let telemetry = parse_telemetry(&mut p, &root);
         let callers = parse_callers(&mut p, &root);
         match tls {
@@ -201,6 +278,7 @@ impl Config {
                 tls,
                 aws,
                 limits,
+                state,
                 telemetry,
                 callers,
             }),
@@ -294,6 +372,18 @@ impl Problems {
         Some(v)
     }
 
+    fn http_url(&mut self, table: &Table, path: &str, key: &str) -> Option<String> {
+        let url: String = self.value(table, path, key)?;
+        if url.starts_with("http://") || url.starts_with("https://") {
+            Some(url)
+        } else {
+            self.push(format!(
+                "{path}.{key}: {url:?} must start with http:// or https://"
+            ));
+            None
+        }
+    }
+
     fn required_string(&mut self, table: &Table, path: &str, key: &str) -> Option<String> {
         if !table.contains_key(key) {
             self.push(format!("{path}.{key}: missing"));
@@ -316,6 +406,10 @@ fn parse_server(p: &mut Problems, root: &Table) -> ServerSettings {
         "request_timeout",
         "shutdown_grace",
         "max_concurrent_requests",
+        "max_requests_per_caller",
+        "max_connections",
+        "idle_timeout",
+        "max_connection_age",
     ];
     let Some(t) = p.section(root, "server", &known) else {
         return s;
@@ -333,6 +427,18 @@ fn parse_server(p: &mut Problems, root: &Table) -> ServerSettings {
     s.max_concurrent_requests = p
         .positive(t, "server", "max_concurrent_requests")
         .unwrap_or(s.max_concurrent_requests);
+    s.max_requests_per_caller = p
+        .positive(t, "server", "max_requests_per_caller")
+        .unwrap_or(s.max_requests_per_caller);
+    s.max_connections = p
+        .positive(t, "server", "max_connections")
+        .unwrap_or(s.max_connections);
+    s.idle_timeout = p
+        .duration(t, "server", "idle_timeout")
+        .unwrap_or(s.idle_timeout);
+    s.max_connection_age = p
+        .duration(t, "server", "max_connection_age")
+        .unwrap_or(s.max_connection_age);
     // Port 0 (any free port) on both is fine: each bind gets its own.
     if s.listen == s.admin_listen && s.listen.port() != 0 {
         p.push(format!(
@@ -352,32 +458,42 @@ fn parse_tls(p: &mut Problems, root: &Table) -> Option<TlsSettings> {
     let cert = p.required_string(t, "tls", "cert");
     let key = p.required_string(t, "tls", "key");
     let client_ca = p.required_string(t, "tls", "client_ca");
-    let crl: Option<String> = p.value(t, "tls", "crl");
+    // One file or a list: a chain through intermediates needs each CA's CRL.
+    let crl = match t.get("crl") {
+        None => Vec::new(),
+        Some(Value::String(path)) => vec![PathBuf::from(path)],
+        Some(Value::Array(_)) => p
+            .value::<Vec<String>>(t, "tls", "crl")
+            .unwrap_or_default()
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+        Some(other) => {
+            p.push(format!(
+                "tls.crl: expected a path or a list of paths, found {}",
+                other.type_str()
+            ));
+            Vec::new()
+        }
+    };
     Some(TlsSettings {
         cert: cert?.into(),
         key: key?.into(),
         client_ca: client_ca?.into(),
-        crl: crl.map(PathBuf::from),
+        crl,
     })
 }
 
 fn parse_aws(p: &mut Problems, root: &Table) -> AwsSettings {
     let mut s = AwsSettings::default();
-    let Some(t) = p.section(root, "aws", &["region", "endpoint_url"]) else {
+    let Some(t) = p.section(root, "aws", &["region", "endpoint_url", "sts_endpoint_url"]) else {
         return s;
     };
     if t.contains_key("region") {
         s.region = p.required_string(t, "aws", "region").unwrap_or(s.region);
     }
-    if let Some(url) = p.value::<String>(t, "aws", "endpoint_url") {
-        if url.starts_with("http://") || url.starts_with("https://") {
-            s.endpoint_url = Some(url);
-        } else {
-            p.push(format!(
-                "aws.endpoint_url: {url:?} must start with http:// or https://"
-            ));
-        }
-    }
+    s.endpoint_url = p.http_url(t, "aws", "endpoint_url");
+    s.sts_endpoint_url = p.http_url(t, "aws", "sts_endpoint_url");
     s
 }
 
@@ -397,6 +513,102 @@ fn parse_limits(p: &mut Problems, root: &Table) -> LimitSettings {
         .duration(t, "limits", "failed_attempts_window")
         .unwrap_or(s.failed_attempts_window);
     s
+}
+
+fn parse_state(p: &mut Problems, root: &Table) -> StateSettings {
+    let mut s = StateSettings::default();
+    let known = [
+        "backend",
+        "url",
+        "key_prefix",
+        "password_file",
+        "ca_file",
+        "client_cert",
+        "client_key",
+        "command_timeout",
+    ];
+    let Some(t) = p.section(root, "state", &known) else {
+        return s;
+    };
+    if t.contains_key("key_prefix") {
+        s.key_prefix = p
+            .required_string(t, "state", "key_prefix")
+            .unwrap_or(s.key_prefix);
+    }
+    let backend: Option<String> = p.value(t, "state", "backend");
+    let url: Option<String> = p.value(t, "state", "url");
+    let path = |p: &mut Problems, key| p.value::<String>(t, "state", key).map(PathBuf::from);
+    let password_file = path(p, "password_file");
+    let ca_file = path(p, "ca_file");
+    let client_cert = path(p, "client_cert");
+    let client_key = path(p, "client_key");
+    let command_timeout = p
+        .duration(t, "state", "command_timeout")
+        .unwrap_or(Duration::from_millis(250));
+    let redis_only = [
+        ("password_file", password_file.is_some()),
+        ("ca_file", ca_file.is_some()),
+        ("client_cert", client_cert.is_some()),
+        ("client_key", client_key.is_some()),
+    ];
+    match (backend.as_deref(), url) {
+        (None | Some("memory"), None) => {
+            for (key, set) in redis_only {
+                if set {
+                    p.push(format!("state.{key}: only applies to the redis backend (set state.url)"));
+                }
+            }
+        }
+        (Some("memory"), Some(_)) => {
+            p.push("state.url: the memory backend takes no url (remove it, or set backend = \"redis\")".to_owned());
+        }
+        (Some("redis"), None) => p.push("state.url: required by the redis backend".to_owned()),
+        (None | Some("redis"), Some(url)) => {
+            let tls = url.starts_with("rediss://");
+            if !(tls || url.starts_with("redis://")) {
+                p.push(format!("state.url: {url:?} must start with redis:// or rediss://"));
+            } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                p.push(format!("state.url: not a Redis URL: {e}"));
+            } else if url_has_password(&url) {
+                p.push(
+                    "state.url: must not carry a password; use state.password_file or the \
+                     CREDGATE_REDIS_PASSWORD environment variable"
+                        .to_owned(),
+                );
+            }
+            if !tls {
+                for (key, set) in &redis_only[1..] {
+                    if *set {
+                        p.push(format!("state.{key}: only applies to rediss:// (TLS) URLs"));
+                    }
+                }
+            }
+            if client_cert.is_some() != client_key.is_some() {
+                p.push("state.client_cert and state.client_key: set both or neither".to_owned());
+            }
+            s.backend = StateBackend::Redis(RedisSettings {
+                url,
+                password_file,
+                ca_file,
+                client_cert,
+                client_key,
+                command_timeout,
+            });
+        }
+        (Some(other), _) => p.push(format!(
+            "state.backend: {other:?} is not \"memory\" or \"redis\""
+        )),
+    }
+    s
+}
+
+/// Whether `redis://user:password@host` carries a password.
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
 fn parse_telemetry(p: &mut Problems, root: &Table) -> TelemetrySettings {
@@ -447,13 +659,14 @@ fn parse_callers(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
         p.unknown_keys(t, &format!("{path}."), &known);
         let mut matchers = Vec::new();
         if let Some(v) = p.value::<String>(t, &path, "spiffe_id") {
-            if v.starts_with("spiffe://") && v.len() > "spiffe://".len() {
-                matchers.push(Matcher::SpiffeId(v));
-            } else {
-                p.push(format!(
-                    "{path}.spiffe_id: {v:?} is not a SPIFFE ID (spiffe://trust-domain/path)"
-                ));
-                continue;
+            match crate::spiffe::validate(&v) {
+                Ok(()) => matchers.push(Matcher::SpiffeId(v)),
+                Err(why) => {
+                    p.push(format!(
+                        "{path}.spiffe_id: {v:?} is not a SPIFFE ID (spiffe://trust-domain/path): {why}"
+                    ));
+                    continue;
+                }
             }
         }
         if let Some(v) = p.value::<String>(t, &path, "dns_name") {
@@ -472,11 +685,18 @@ fn parse_callers(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
             continue;
         }
         let matcher = matchers.remove(0);
-        if let Matcher::DnsName(v) | Matcher::CommonName(v) = &matcher
-            && v.trim().is_empty()
-        {
-            p.push(format!("{path}: identity must not be empty"));
-            continue;
+        if let Matcher::DnsName(v) | Matcher::CommonName(v) = &matcher {
+            if v.trim().is_empty() {
+                p.push(format!("{path}: identity must not be empty"));
+                continue;
+            }
+            if v.len() > crate::identity::MAX_NAME_LEN {
+                p.push(format!(
+                    "{path}: identity longer than {} bytes can never match a certificate",
+                    crate::identity::MAX_NAME_LEN
+                ));
+                continue;
+            }
         }
         if !seen.insert(matcher.clone()) {
             p.push(format!(
@@ -485,6 +705,19 @@ fn parse_callers(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
             continue;
         }
         if let (Some(iam_user), Some(aws_profile)) = (iam_user, aws_profile) {
+            // A profile holds one user's key: two users on one profile means
+            // one caller would act as the other's IAM user.
+            if let Some(first) = callers
+                .iter()
+                .find(|c: &&CallerSettings| c.aws_profile == aws_profile && c.iam_user != iam_user)
+            {
+                p.push(format!(
+                    "{path}: aws_profile {aws_profile:?} is already the profile of iam_user {:?}; \
+                     a profile holds one IAM user's key, so it cannot act as {iam_user:?} too",
+                    first.iam_user
+                ));
+                continue;
+            }
             callers.push(CallerSettings {
                 matcher,
                 iam_user,

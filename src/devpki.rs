@@ -41,9 +41,20 @@ pub enum DevPkiError {
 pub struct Issued {
     /// Certificate (PEM).
     pub cert_pem: String,
+    /// The certificate followed by its issuer's chain up to (not including)
+    /// the root: what a client presents when issued by an intermediate.
+    pub chain_pem: String,
     /// Private key (PKCS#8 PEM).
     pub key_pem: String,
+    der: Vec<u8>,
     serial: SerialNumber,
+}
+
+impl Issued {
+    /// The certificate (DER).
+    pub fn der(&self) -> Vec<u8> {
+        self.der.clone()
+    }
 }
 
 /// What a client certificate should say about its holder.
@@ -55,6 +66,20 @@ pub struct ClientSpec {
     pub dns_names: Vec<String>,
     /// Subject CN.
     pub common_name: Option<String>,
+    /// Deliberate departures from a proper leaf, for tests of the rules
+    /// credgate enforces on client certificates.
+    pub defects: LeafDefects,
+}
+
+/// Ways a client certificate can break the leaf rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LeafDefects {
+    /// No extended key usage extension at all.
+    pub no_extended_key_usage: bool,
+    /// No basicConstraints extension.
+    pub no_basic_constraints: bool,
+    /// keyCertSign in the key usage.
+    pub key_cert_sign: bool,
 }
 
 impl ClientSpec {
@@ -74,6 +99,9 @@ pub struct Authority {
     pub cert_pem: String,
     /// The CA private key (PEM).
     pub key_pem: String,
+    /// What a leaf issued here presents after itself: nothing for a root,
+    /// this certificate and its parents' chain for an intermediate.
+    chain_pem: String,
 }
 
 fn serial() -> SerialNumber {
@@ -90,6 +118,22 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+fn ca_params(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(serial());
+    validity(&mut params, 365);
+    params
+}
+
 fn validity(params: &mut CertificateParams, days: i64) {
     let now = OffsetDateTime::now_utc();
     // Backdated a little: clocks in a cluster disagree.
@@ -101,23 +145,27 @@ impl Authority {
     /// A new self-signed CA valid for a year.
     pub fn new(name: &str) -> Result<Self, DevPkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.serial_number = Some(serial());
-        validity(&mut params, 365);
+        let params = ca_params(name);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         Ok(Self {
             cert_pem: cert.pem(),
             key_pem,
+            issuer: Issuer::new(params, key),
+            chain_pem: String::new(),
+        })
+    }
+
+    /// An intermediate CA signed by this one.
+    pub fn intermediate(&self, name: &str) -> Result<Self, DevPkiError> {
+        let key = KeyPair::generate()?;
+        let params = ca_params(name);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert_pem = cert.pem();
+        Ok(Self {
+            chain_pem: format!("{cert_pem}{}", self.chain_pem),
+            cert_pem,
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         })
     }
@@ -127,11 +175,24 @@ impl Authority {
         let serial = serial();
         params.serial_number = Some(serial.clone());
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.is_ca = IsCa::ExplicitNoCa;
         validity(&mut params, 90);
+        Ok(self.sign(params, key, serial)?)
+    }
+
+    fn sign(
+        &self,
+        params: CertificateParams,
+        key: KeyPair,
+        serial: SerialNumber,
+    ) -> Result<Issued, rcgen::Error> {
         let cert = params.signed_by(&key, &self.issuer)?;
+        let cert_pem = cert.pem();
         Ok(Issued {
-            cert_pem: cert.pem(),
+            chain_pem: format!("{cert_pem}{}", self.chain_pem),
+            cert_pem,
             key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
             serial,
         })
     }
@@ -170,7 +231,23 @@ impl Authority {
                 .push(DnType::CommonName, cn.as_str());
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(params)
+        let key = KeyPair::generate()?;
+        let serial = serial();
+        params.serial_number = Some(serial.clone());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.is_ca = IsCa::ExplicitNoCa;
+        validity(&mut params, 90);
+        let defects = spec.defects;
+        if defects.no_extended_key_usage {
+            params.extended_key_usages.clear();
+        }
+        if defects.no_basic_constraints {
+            params.is_ca = IsCa::NoCa;
+        }
+        if defects.key_cert_sign {
+            params.key_usages.push(KeyUsagePurpose::KeyCertSign);
+        }
+        Ok(self.sign(params, key, serial)?)
     }
 
     /// A CRL (PEM) revoking `revoked`, valid for a week.
@@ -248,10 +325,10 @@ pub fn write(
     put("server.key", &server.key_pem, true)?;
     let mut client_paths = Vec::new();
     for (i, id) in clients.iter().enumerate() {
-        if !id.starts_with("spiffe://") {
+        if let Err(why) = crate::spiffe::validate(id) {
             return Err(DevPkiError::Identity(
                 id.clone(),
-                "expected a SPIFFE ID (spiffe://trust-domain/path)".into(),
+                format!("not a SPIFFE ID (spiffe://trust-domain/path): {why}"),
             ));
         }
         let issued = ca.client(&ClientSpec::spiffe(id))?;

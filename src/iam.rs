@@ -1,18 +1,27 @@
-//! The one narrow seam over aws-sdk-iam: the three IAM calls credgate makes,
-//! deliberate retries, and the classification of every IAM outcome into
+//! The one narrow seam over the AWS SDK: the IAM and STS calls credgate
+//! makes, deliberate retries, and the classification of every outcome into
 //! [`Error`].
 //!
 //! Retries: `ChangePassword` is not idempotent, so a request is repeated only
 //! when it provably was not applied — the connection to IAM never opened, or
 //! IAM answered `Throttling` — and once after refreshing credentials that IAM
-//! called expired or unknown. A deadline that passes while a request is in
-//! flight is `OUTCOME_UNKNOWN`, never a retry.
+//! called expired or unknown. A request that may have been sent is never
+//! repeated here.
+//!
+//! Honesty: an answer that may hide an applied change — a 2xx cut off
+//! mid-body, a 5xx without an IAM error code (a proxy's 502/504), a timeout
+//! after sending — is `OUTCOME_UNKNOWN` for a change. For reads it is
+//! `IAM_TIMEOUT` or `IAM_SERVICE_FAILURE`: nothing changes on a read.
 
-use std::{error::Error as StdError, future::Future, time::Duration};
+use std::{
+    error::Error as StdError,
+    future::Future,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_iam::{
-    Client,
     error::{ProvideErrorMetadata, SdkError},
     operation::RequestId,
 };
@@ -20,9 +29,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    credentials::IamClients,
-    error::{AwsContext, Error},
-    identity::Caller,
+    credentials::{AwsClients, CONNECT_TIMEOUT, ProfileClient, TRANSMITTED},
+    deadline::Deadline,
+    error::{AwsContext, Cause, Error, IamCode},
     password::{Password, Policy, Violation},
     telemetry,
 };
@@ -31,65 +40,79 @@ use crate::{
 const MAX_ATTEMPTS: u32 = 3;
 /// First backoff; doubles each attempt.
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
+/// Connect timeouts used when less than [`CONNECT_TIMEOUT`] remains. A
+/// handful of fixed values, because the SDK keeps one connection pool per
+/// distinct timeout setting.
+const SHORT_CONNECT_TIMEOUTS: [Duration; 5] = [
+    Duration::from_secs(2),
+    Duration::from_secs(1),
+    Duration::from_millis(500),
+    Duration::from_millis(250),
+    Duration::from_millis(100),
+];
 
 /// How an SDK call failed, before deciding what that means for the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Failure {
-    /// IAM answered with an error.
+    /// IAM (or something in front of it) answered.
     Answered {
-        /// IAM's error code; `None` when the body had none (e.g. a proxy's 503).
-        code: Option<String>,
+        /// IAM's error code; `None` when the body had none (e.g. a proxy's 502).
+        code: Option<IamCode>,
         /// IAM's request id.
         request_id: Option<String>,
-        /// HTTP status, consulted only when there is no code.
+        /// HTTP status.
         status: u16,
     },
+    /// A response arrived but could not be read to the end (cut off).
+    Unreadable {
+        /// HTTP status of the unreadable response.
+        status: u16,
+        /// Why it could not be read.
+        cause: Cause,
+    },
     /// The connection never opened: nothing reached IAM.
-    NeverSent(String),
+    NeverSent(Cause),
     /// The request may have reached IAM but no answer came back.
-    MaybeSent,
-    /// The profile's credentials could not be loaded.
-    NoCredentials(String),
+    MaybeSent(Cause),
+    /// The profile's credentials could not be loaded (nothing was sent).
+    NoCredentials(Cause),
 }
 
 impl Failure {
-    fn of<E>(err: &SdkError<E>) -> Self
+    fn of<E>(err: SdkError<E>) -> Self
     where
         E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
     {
-        if let Some(e) = find_in_chain::<CredentialsError>(err) {
-            return Self::NoCredentials(e.to_string());
+        if find_in_chain::<CredentialsError>(&err).is_some() {
+            return Self::NoCredentials(Cause::new(err));
         }
-        match err {
+        match &err {
             SdkError::ServiceError(ctx) => Self::Answered {
-                code: ctx.err().code().map(str::to_owned),
+                code: ctx.err().code().map(IamCode::parse),
                 request_id: err.request_id().map(str::to_owned),
                 status: ctx.raw().status().as_u16(),
             },
-            SdkError::ResponseError(ctx) => Self::Answered {
-                code: None,
-                request_id: err.request_id().map(str::to_owned),
+            SdkError::ResponseError(ctx) => Self::Unreadable {
                 status: ctx.raw().status().as_u16(),
+                cause: Cause::new(err),
             },
             SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-                match find_in_chain::<hyper_util::client::legacy::Error>(err) {
-                    Some(e) if e.is_connect() => {
-                        Self::NeverSent(aws_sdk_iam::error::DisplayErrorContext(err).to_string())
-                    }
-                    _ => Self::MaybeSent,
+                match find_in_chain::<hyper_util::client::legacy::Error>(&err) {
+                    Some(e) if e.is_connect() => Self::NeverSent(Cause::new(err)),
+                    _ => Self::MaybeSent(Cause::new(err)),
                 }
             }
-            // Failed while building the request: nothing was sent.
-            _ => Self::NeverSent(aws_sdk_iam::error::DisplayErrorContext(err).to_string()),
+            // Failed while building or signing the request: nothing was sent.
+            _ => Self::NeverSent(Cause::new(err)),
         }
     }
 
     /// Whether repeating the request cannot apply a change twice.
     fn is_retryable(&self) -> bool {
         match self {
-            Self::Answered { code, .. } => code.as_deref() == Some("Throttling"),
+            Self::Answered { code, .. } => *code == Some(IamCode::Throttling),
             Self::NeverSent(_) => true,
-            Self::MaybeSent | Self::NoCredentials(_) => false,
+            Self::Unreadable { .. } | Self::MaybeSent(_) | Self::NoCredentials(_) => false,
         }
     }
 
@@ -97,13 +120,13 @@ impl Failure {
     /// or unknown (a rotated Secret), or the profile could not be loaded (a
     /// Secret fixed since start-up).
     fn is_stale_credentials(&self) -> bool {
-        match self {
-            Self::Answered { code: Some(c), .. } => {
-                c == "ExpiredToken" || c == "InvalidClientTokenId"
-            }
-            Self::NoCredentials(_) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            Self::Answered {
+                code: Some(IamCode::ExpiredToken | IamCode::InvalidClientTokenId),
+                ..
+            } | Self::NoCredentials(_)
+        )
     }
 }
 
@@ -119,7 +142,7 @@ fn find_in_chain<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -
 }
 
 /// Classifies a failed IAM call on IAM's error code (never on the message
-/// text, and on the HTTP status only when there is no code).
+/// text), and on the HTTP status only when there is no code.
 ///
 /// `signer_is_iam_user` disambiguates `InvalidUserType`: IAM sends it for a
 /// wrong old password and for principals that are not IAM users.
@@ -130,16 +153,34 @@ pub fn classify(failure: Failure, signer_is_iam_user: bool) -> Error {
             request_id,
             status,
         } => (code, request_id, status),
-        Failure::NeverSent(detail) => return Error::IamUnreachable(detail),
-        Failure::MaybeSent => return Error::OutcomeUnknown,
-        Failure::NoCredentials(_) => return Error::UpstreamCredentialsRejected(None),
+        Failure::Unreadable { status, cause } => {
+            let aws = AwsContext::default();
+            // A success cut off mid-body was applied; a cut-off 5xx may have
+            // been. Only a client error is known not to have been.
+            return if !(400..500).contains(&status) {
+                Error::OutcomeUnknown {
+                    aws: Some(aws),
+                    cause: Some(cause),
+                }
+            } else {
+                Error::IamError(aws)
+            };
+        }
+        Failure::NeverSent(cause) => return Error::IamUnreachable(cause),
+        Failure::MaybeSent(cause) => {
+            return Error::OutcomeUnknown {
+                aws: None,
+                cause: Some(cause),
+            };
+        }
+        Failure::NoCredentials(cause) => return Error::UpstreamCredentialsRejected(None, Some(cause)),
     };
     let aws = AwsContext {
-        code: code.clone().unwrap_or_default(),
+        code: code.clone(),
         request_id,
     };
-    match code.as_deref() {
-        Some("PasswordPolicyViolation") => Error::PolicyViolation {
+    match code {
+        Some(IamCode::PasswordPolicyViolation) => Error::PolicyViolation {
             violations: vec![Violation {
                 field: "new_password",
                 description: "IAM rejected the new password under the account password policy \
@@ -148,83 +189,121 @@ pub fn classify(failure: Failure, signer_is_iam_user: bool) -> Error {
             }],
             aws: Some(aws),
         },
-        Some("InvalidUserType") if signer_is_iam_user => Error::OldPasswordIncorrect(aws),
-        Some("InvalidUserType") => Error::InvalidUserType(aws),
-        Some("NoSuchEntity") => Error::LoginProfileMissing(aws),
-        Some("AccessDenied") => Error::IamAccessDenied(aws),
-        Some("LimitExceeded") => Error::IamLimitExceeded(aws),
-        Some("Throttling") => Error::IamThrottled(aws),
-        Some("EntityTemporarilyUnmodifiable") => Error::EntityTemporarilyUnmodifiable(aws),
-        Some("ServiceFailure") => Error::IamServiceFailure(aws),
-        Some("InvalidClientTokenId" | "SignatureDoesNotMatch" | "ExpiredToken") => {
-            Error::UpstreamCredentialsRejected(Some(aws))
-        }
-        Some(_) => Error::IamError(aws),
-        None if status >= 500 => Error::IamServiceFailure(aws),
+        Some(IamCode::InvalidUserType) if signer_is_iam_user => Error::OldPasswordIncorrect(aws),
+        Some(IamCode::InvalidUserType) => Error::InvalidUserType(aws),
+        Some(IamCode::NoSuchEntity) => Error::LoginProfileMissing(aws),
+        Some(IamCode::AccessDenied) => Error::IamAccessDenied(aws),
+        Some(IamCode::LimitExceeded) => Error::IamLimitExceeded(aws),
+        Some(IamCode::Throttling) => Error::IamThrottled(aws),
+        Some(IamCode::EntityTemporarilyUnmodifiable) => Error::EntityTemporarilyUnmodifiable(aws),
+        Some(IamCode::ServiceFailure) => Error::IamServiceFailure(aws),
+        Some(
+            IamCode::InvalidClientTokenId | IamCode::SignatureDoesNotMatch | IamCode::ExpiredToken,
+        ) => Error::UpstreamCredentialsRejected(Some(aws), None),
+        Some(IamCode::Other(_)) => Error::IamError(aws),
+        // A 5xx without IAM's code comes from something in front of IAM (a
+        // proxy or VPC endpoint) that may have passed the request on.
+        None if status >= 500 => Error::OutcomeUnknown {
+            aws: Some(aws),
+            cause: None,
+        },
         None => Error::IamError(aws),
     }
 }
 
-/// A successful change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Changed {
-    /// IAM's request id.
-    pub request_id: String,
+/// What a read answers instead of `OUTCOME_UNKNOWN`: nothing changes on a
+/// read, so a lost answer is a timeout or a service failure, and retrying
+/// is always safe.
+fn for_read(err: Error) -> Error {
+    match err {
+        Error::OutcomeUnknown { aws, .. } => Error::IamServiceFailure(aws.unwrap_or_default()),
+        other => other,
+    }
 }
 
-/// IAM, as credgate uses it.
-pub struct Iam {
-    clients: IamClients,
+/// Whose key a profile holds, as STS or IAM reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CallerIdentity {
+    /// The principal's ARN.
+    pub(crate) arn: String,
+}
+
+/// AWS, as credgate uses it.
+pub(crate) struct Iam {
+    clients: AwsClients,
 }
 
 impl Iam {
     /// Wraps the per-profile clients.
-    pub fn new(clients: IamClients) -> Self {
+    pub(crate) fn new(clients: AwsClients) -> Self {
         Self { clients }
     }
 
-    /// Changes `caller`'s IAM user's console password, signed with that
-    /// user's own key.
-    pub async fn change_password(
+    /// The clients.
+    pub(crate) fn clients(&self) -> &AwsClients {
+        &self.clients
+    }
+
+    /// Changes the console password of `profile`'s IAM user, signed with
+    /// that user's own key. The deadline bounds connecting and the decision
+    /// to retry, never a request in flight: the caller of this function
+    /// decides what to do when its deadline passes (see `attempt`), and must
+    /// run it inside a [`TRANSMITTED`] scope.
+    pub(crate) async fn change_password(
         &self,
-        caller: &Caller,
+        profile: &str,
         old: &Password,
         new: &Password,
-        deadline: Instant,
-    ) -> Result<Changed, Error> {
+        deadline: Deadline,
+        signer_is_iam_user: Option<bool>,
+    ) -> Result<String, Error> {
         let span = client_span("ChangePassword", self.clients.region());
         let result = self
-            .call(&caller.aws_profile, deadline, |client| {
-                client
-                    .change_password()
-                    .old_password(old.expose())
-                    .new_password(new.expose())
-                    .send()
-            })
+            .call(
+                profile,
+                deadline,
+                signer_is_iam_user,
+                |client, connect| {
+                    let mut op = client
+                        .iam
+                        .change_password()
+                        .old_password(old.expose())
+                        .new_password(new.expose())
+                        .customize();
+                    if let Some(t) = connect {
+                        op = op.config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
+                    }
+                    op.send()
+                },
+            )
             .instrument(span.clone())
             .await;
         record_outcome(&span, "ChangePassword", &result);
-        result.map(|(_, request_id)| Changed { request_id })
+        result.map(|(_, request_id)| request_id)
     }
 
     /// The account password policy, `None` when the account has none.
-    pub async fn password_policy(
+    pub(crate) async fn password_policy(
         &self,
-        caller: &Caller,
-        deadline: Instant,
+        profile: &str,
+        deadline: Deadline,
     ) -> Result<Option<Policy>, Error> {
         let span = client_span("GetAccountPasswordPolicy", self.clients.region());
         let result = self
-            .call(&caller.aws_profile, deadline, |client| {
-                client.get_account_password_policy().send()
+            .read(profile, deadline, |client, connect| {
+                let mut op = client.iam.get_account_password_policy().customize();
+                if let Some(t) = connect {
+                    op = op.config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
+                }
+                op.send()
             })
             .instrument(span.clone())
             .await;
         match result {
             // IAM's way of saying "this account has no password policy"
             // (classified as a missing entity, which it is).
-            Err(Error::LoginProfileMissing(aws)) => {
-                telemetry::count_iam_outcome("GetAccountPasswordPolicy", &aws.code);
+            Err(Error::LoginProfileMissing(_)) => {
+                telemetry::count_iam_outcome("GetAccountPasswordPolicy", "NoSuchEntity");
                 Ok(None)
             }
             result => {
@@ -234,27 +313,93 @@ impl Iam {
         }
     }
 
-    /// The IAM user name that `profile`'s credentials belong to.
-    pub async fn user_name(&self, profile: &str, deadline: Instant) -> Result<String, Error> {
-        let (out, _) = self
-            .call(profile, deadline, |client| client.get_user().send())
-            .await?;
-        Ok(out
-            .user()
-            .map(|u| u.user_name().to_owned())
-            .unwrap_or_default())
-    }
-
-    async fn call<T, E, F, Fut>(
+    /// Whose key `profile` holds: STS `GetCallerIdentity` (no permission
+    /// needed), else IAM `GetUser` (needs `iam:GetUser` on itself).
+    pub(crate) async fn caller_identity(
         &self,
         profile: &str,
-        deadline: Instant,
+        deadline: Deadline,
+    ) -> Result<CallerIdentity, (Error, Error)> {
+        let span = client_span("GetCallerIdentity", self.clients.region());
+        let sts = self
+            .read(profile, deadline, |client, connect| {
+                let mut op = client.sts.get_caller_identity().customize();
+                if let Some(t) = connect {
+                    op = op.config_override(aws_sdk_sts::config::Builder::default().timeout_config(t));
+                }
+                op.send()
+            })
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, "GetCallerIdentity", &sts);
+        let sts_err = match sts {
+            Ok((out, _)) if out.arn().is_some() => {
+                return Ok(CallerIdentity {
+                    arn: out.arn().unwrap_or_default().to_owned(),
+                });
+            }
+            Ok(_) => Error::IamError(AwsContext::default()),
+            Err(e) => e,
+        };
+        let span = client_span("GetUser", self.clients.region());
+        let user = self
+            .read(profile, deadline, |client, connect| {
+                let mut op = client.iam.get_user().customize();
+                if let Some(t) = connect {
+                    op = op.config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
+                }
+                op.send()
+            })
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, "GetUser", &user);
+        match user {
+            Ok((out, _)) => match out.user() {
+                Some(user) => Ok(CallerIdentity {
+                    arn: user.arn().to_owned(),
+                }),
+                None => Err((sts_err, Error::IamError(AwsContext::default()))),
+            },
+            Err(e) => Err((sts_err, e)),
+        }
+    }
+
+    /// A read, bounded by the deadline as a whole.
+    async fn read<T, E, F, Fut>(
+        &self,
+        profile: &str,
+        deadline: Deadline,
         op: F,
     ) -> Result<(T, String), Error>
     where
         T: RequestId,
         E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
-        F: Fn(Client) -> Fut,
+        F: Fn(&ProfileClient, Option<aws_config::timeout::TimeoutConfig>) -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E>>>,
+    {
+        let transmitted = Arc::default();
+        let call = TRANSMITTED.scope(
+            Arc::clone(&transmitted),
+            self.call(profile, deadline, Some(true), op),
+        );
+        match tokio::time::timeout_at(deadline.instant(), call).await {
+            Ok(result) => result.map_err(for_read),
+            Err(_) if transmitted.load(Ordering::Acquire) => Err(Error::IamTimeout),
+            Err(_) => Err(Error::DeadlineBeforeSend { stage: "iam" }),
+        }
+    }
+
+    async fn call<T, E, F, Fut>(
+        &self,
+        profile: &str,
+        deadline: Deadline,
+        signer_is_iam_user: Option<bool>,
+        op: F,
+    ) -> Result<(T, String), Error>
+    where
+        T: RequestId,
+        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+        F: Fn(&ProfileClient, Option<aws_config::timeout::TimeoutConfig>) -> Fut,
         Fut: Future<Output = Result<T, SdkError<E>>>,
     {
         let mut refreshed = false;
@@ -263,54 +408,98 @@ impl Iam {
             let client = self
                 .clients
                 .get(profile)
-                .ok_or(Error::UpstreamCredentialsRejected(None))?;
-            let sent = tokio::time::timeout_at(deadline, op(client.client.clone())).await;
-            let failure = match sent {
-                Err(_elapsed) => return Err(Error::OutcomeUnknown),
-                Ok(Ok(out)) => {
+                .ok_or(Error::UpstreamCredentialsRejected(None, None))?;
+            let connect = match connect_timeout(deadline.remaining()) {
+                Ok(connect) => connect,
+                Err(()) => return Err(Error::DeadlineBeforeSend { stage: "connect" }),
+            };
+            let failure = match op(&client, connect).await {
+                Ok(out) => {
                     let request_id = out.request_id().unwrap_or_default().to_owned();
                     return Ok((out, request_id));
                 }
-                Ok(Err(err)) => {
-                    tracing::debug!(error = %aws_sdk_iam::error::DisplayErrorContext(&err), attempt, "IAM call failed");
-                    Failure::of(&err)
+                Err(err) => {
+                    tracing::debug!(error = %aws_sdk_iam::error::DisplayErrorContext(&err), attempt, "AWS call failed");
+                    Failure::of(err)
                 }
             };
             if failure.is_stale_credentials() && !refreshed {
                 refreshed = true;
-                tracing::info!(
-                    profile,
-                    "IAM rejected the credentials; re-reading the profile once"
-                );
-                self.clients.refresh(profile).await;
+                if self.clients.refresh(profile).await {
+                    tracing::info!(
+                        profile,
+                        "AWS rejected the credentials; re-read the profile, trying once more"
+                    );
+                }
+                not_transmitted();
                 continue;
             }
             let backoff = BASE_BACKOFF * 2u32.pow(attempt - 1);
             if failure.is_retryable()
                 && attempt < MAX_ATTEMPTS
-                && Instant::now() + backoff < deadline
+                && Instant::now() + backoff < deadline.instant()
             {
                 attempt += 1;
+                not_transmitted();
                 tokio::time::sleep(backoff).await;
                 continue;
             }
-            return Err(classify(failure, client.signs_as_iam_user().await));
+            let is_user = match signer_is_iam_user {
+                Some(known) => known,
+                None => client.looks_like_user_key().await,
+            };
+            return Err(classify(failure, is_user));
         }
     }
+}
+
+/// The previous try provably applied nothing: what follows starts afresh.
+fn not_transmitted() {
+    let _ = TRANSMITTED.try_with(|flag| flag.store(false, Ordering::Release));
+}
+
+/// The connect timeout for a try with `remaining` time: the default when
+/// there is time for it, else the largest short one that fits; `Err` when
+/// not even the shortest fits (nothing can be sent in time).
+fn connect_timeout(
+    remaining: Duration,
+) -> Result<Option<aws_config::timeout::TimeoutConfig>, ()> {
+    if remaining >= CONNECT_TIMEOUT {
+        return Ok(None);
+    }
+    let fits = SHORT_CONNECT_TIMEOUTS
+        .iter()
+        .find(|t| **t <= remaining)
+        .ok_or(())?;
+    Ok(Some(
+        aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(*fits)
+            .build(),
+    ))
 }
 
 fn client_span(method: &'static str, region: &str) -> tracing::Span {
     tracing::info_span!(
         "IAM",
-        otel.name = format!("IAM.{method}"),
+        otel.name = method_span_name(method),
         otel.kind = "client",
         rpc.system = "aws-api",
-        rpc.service = "IAM",
+        rpc.service = if method == "GetCallerIdentity" { "STS" } else { "IAM" },
         rpc.method = method,
         cloud.region = region,
         aws.request_id = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     )
+}
+
+fn method_span_name(method: &'static str) -> &'static str {
+    match method {
+        "ChangePassword" => "IAM.ChangePassword",
+        "GetAccountPasswordPolicy" => "IAM.GetAccountPasswordPolicy",
+        "GetUser" => "IAM.GetUser",
+        "GetCallerIdentity" => "STS.GetCallerIdentity",
+        _ => "IAM",
+    }
 }
 
 /// Records the outcome on the CLIENT span (request id; on failure status
@@ -326,17 +515,14 @@ fn record_outcome<T>(
             telemetry::count_iam_outcome(method, "OK");
         }
         Err(err) => {
-            if let Some(aws) = err.aws()
-                && let Some(id) = &aws.request_id
-            {
-                span.record("aws.request_id", id.as_str());
+            if let Some(id) = err.aws().and_then(|a| a.request_id.as_deref()) {
+                span.record("aws.request_id", id);
             }
             span.record("otel.status_code", "ERROR");
             let code = err
                 .aws()
-                .map(|a| a.code.as_str())
-                .filter(|c| !c.is_empty())
-                .unwrap_or(err.reason());
+                .and_then(|a| a.code.as_ref())
+                .map_or(err.reason().as_str(), IamCode::as_str);
             telemetry::count_iam_outcome(method, code);
             span.in_scope(|| {
                 tracing::event!(
@@ -368,10 +554,11 @@ fn policy_from_iam(p: &aws_sdk_iam::types::PasswordPolicy) -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Reason;
 
     fn answered(code: &str, status: u16) -> Failure {
         Failure::Answered {
-            code: Some(code.to_owned()),
+            code: Some(IamCode::parse(code)),
             request_id: Some("rid".to_owned()),
             status,
         }
@@ -380,37 +567,29 @@ mod tests {
     #[test]
     fn each_iam_code_classifies_to_its_row() {
         let rows = [
-            ("PasswordPolicyViolation", true, "PASSWORD_POLICY_VIOLATION"),
-            ("InvalidUserType", true, "OLD_PASSWORD_INCORRECT"),
-            ("InvalidUserType", false, "INVALID_USER_TYPE"),
-            ("NoSuchEntity", true, "LOGIN_PROFILE_MISSING"),
-            ("AccessDenied", true, "IAM_ACCESS_DENIED"),
-            ("LimitExceeded", true, "IAM_LIMIT_EXCEEDED"),
-            ("Throttling", true, "IAM_THROTTLED"),
+            ("PasswordPolicyViolation", true, Reason::PasswordPolicyViolation),
+            ("InvalidUserType", true, Reason::OldPasswordIncorrect),
+            ("InvalidUserType", false, Reason::InvalidUserType),
+            ("NoSuchEntity", true, Reason::LoginProfileMissing),
+            ("AccessDenied", true, Reason::IamAccessDenied),
+            ("LimitExceeded", true, Reason::IamLimitExceeded),
+            ("Throttling", true, Reason::IamThrottled),
             (
                 "EntityTemporarilyUnmodifiable",
                 true,
-                "ENTITY_TEMPORARILY_UNMODIFIABLE",
+                Reason::EntityTemporarilyUnmodifiable,
             ),
-            ("ServiceFailure", true, "IAM_SERVICE_FAILURE"),
-            (
-                "InvalidClientTokenId",
-                true,
-                "UPSTREAM_CREDENTIALS_REJECTED",
-            ),
-            (
-                "SignatureDoesNotMatch",
-                true,
-                "UPSTREAM_CREDENTIALS_REJECTED",
-            ),
-            ("ExpiredToken", true, "UPSTREAM_CREDENTIALS_REJECTED"),
-            ("SomethingNew", true, "IAM_ERROR"),
+            ("ServiceFailure", true, Reason::IamServiceFailure),
+            ("InvalidClientTokenId", true, Reason::UpstreamCredentialsRejected),
+            ("SignatureDoesNotMatch", true, Reason::UpstreamCredentialsRejected),
+            ("ExpiredToken", true, Reason::UpstreamCredentialsRejected),
+            ("SomethingNew", true, Reason::IamError),
         ];
         for (code, user, reason) in rows {
             let err = classify(answered(code, 400), user);
             assert_eq!(err.reason(), reason, "{code}");
             let aws = err.aws().expect("IAM answered");
-            assert_eq!(aws.code, code);
+            assert_eq!(aws.code.as_ref().map(IamCode::as_str), Some(code));
             assert_eq!(aws.request_id.as_deref(), Some("rid"));
         }
     }
@@ -420,38 +599,71 @@ mod tests {
         // A 500 with a client-error code is still classified by the code.
         assert_eq!(
             classify(answered("AccessDenied", 500), true).reason(),
-            "IAM_ACCESS_DENIED"
+            Reason::IamAccessDenied
+        );
+        // IAM's own ServiceFailure says nothing was applied...
+        assert_eq!(
+            classify(answered("ServiceFailure", 500), true).reason(),
+            Reason::IamServiceFailure
         );
         let no_code = |status| Failure::Answered {
             code: None,
             request_id: None,
             status,
         };
-        assert_eq!(classify(no_code(503), true).reason(), "IAM_SERVICE_FAILURE");
-        assert_eq!(classify(no_code(418), true).reason(), "IAM_ERROR");
+        // ...a proxy's bare 502/504 says nothing about IAM.
+        assert_eq!(classify(no_code(502), true).reason(), Reason::OutcomeUnknown);
+        assert_eq!(classify(no_code(504), true).reason(), Reason::OutcomeUnknown);
+        assert_eq!(classify(no_code(418), true).reason(), Reason::IamError);
+    }
+
+    #[test]
+    fn a_response_cut_off_after_a_success_status_is_outcome_unknown() {
+        let cut = |status| Failure::Unreadable {
+            status,
+            cause: Cause::msg("connection closed before message completed"),
+        };
+        assert_eq!(classify(cut(200), true).reason(), Reason::OutcomeUnknown);
+        assert_eq!(classify(cut(502), true).reason(), Reason::OutcomeUnknown);
+        assert_eq!(classify(cut(400), true).reason(), Reason::IamError);
     }
 
     #[test]
     fn transport_failures_classify_by_whether_anything_was_sent() {
         assert_eq!(
-            classify(Failure::NeverSent("refused".into()), true).reason(),
-            "IAM_UNREACHABLE"
+            classify(Failure::NeverSent(Cause::msg("refused")), true).reason(),
+            Reason::IamUnreachable
         );
         assert_eq!(
-            classify(Failure::MaybeSent, true).reason(),
-            "OUTCOME_UNKNOWN"
+            classify(Failure::MaybeSent(Cause::msg("reset")), true).reason(),
+            Reason::OutcomeUnknown
         );
         assert_eq!(
-            classify(Failure::NoCredentials("no profile".into()), true).reason(),
-            "UPSTREAM_CREDENTIALS_REJECTED"
+            classify(Failure::NoCredentials(Cause::msg("no profile")), true).reason(),
+            Reason::UpstreamCredentialsRejected
         );
+    }
+
+    #[test]
+    fn reads_never_answer_outcome_unknown() {
+        let lost = classify(Failure::MaybeSent(Cause::msg("reset")), true);
+        assert_eq!(for_read(lost).reason(), Reason::IamServiceFailure);
+        let proxy = classify(
+            Failure::Answered {
+                code: None,
+                request_id: None,
+                status: 502,
+            },
+            true,
+        );
+        assert_eq!(for_read(proxy).reason(), Reason::IamServiceFailure);
     }
 
     #[test]
     fn only_unapplied_outcomes_are_retryable() {
         assert!(answered("Throttling", 400).is_retryable());
-        assert!(Failure::NeverSent(String::new()).is_retryable());
-        assert!(!Failure::MaybeSent.is_retryable());
+        assert!(Failure::NeverSent(Cause::msg("")).is_retryable());
+        assert!(!Failure::MaybeSent(Cause::msg("")).is_retryable());
         for code in [
             "ServiceFailure",
             "LimitExceeded",
@@ -459,5 +671,15 @@ mod tests {
         ] {
             assert!(!answered(code, 500).is_retryable(), "{code}");
         }
+    }
+
+    #[test]
+    fn short_deadlines_get_a_connect_timeout_that_fits() {
+        assert!(matches!(connect_timeout(Duration::from_secs(5)), Ok(None)));
+        let t = connect_timeout(Duration::from_millis(1_400))
+            .expect("fits")
+            .expect("short");
+        assert_eq!(t.connect_timeout(), Some(Duration::from_secs(1)));
+        assert!(connect_timeout(Duration::from_millis(40)).is_err());
     }
 }

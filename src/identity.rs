@@ -1,14 +1,31 @@
 //! Caller identity: what a verified client certificate says about its holder,
-//! and which configured caller (and so which IAM user) that is.
+//! the rules a client leaf must follow, and which configured caller (and so
+//! which IAM user) the holder is.
+//!
+//! A certificate whose URI SAN is a SPIFFE ID is an X.509-SVID and is
+//! identified by that ID alone: its DNS SANs and CN are not consulted, so an
+//! SVID issued for one workload can never pass as a DNS or CN caller.
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use x509_parser::{extensions::GeneralName, prelude::FromDer};
+use tokio::sync::Semaphore;
+use x509_parser::{
+    certificate::X509Certificate,
+    extensions::{GeneralName, ParsedExtension},
+    prelude::FromDer,
+};
 
 use crate::{
     config::{CallerSettings, Matcher},
-    error::Error,
+    error::{Error, MAX_PRESENTED_LEN, truncate},
+    spiffe,
 };
+
+/// Most subject alternative names a client certificate may carry. Workload
+/// certificates carry one or a few; thousands only bloat logs and errors.
+pub(crate) const MAX_SANS: usize = 32;
+/// Longest DNS SAN or CN accepted (a DNS name is at most 253 bytes).
+pub const MAX_NAME_LEN: usize = 255;
 
 /// The identities a client certificate presents.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,54 +39,148 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
-    /// Reads the identities from a DER certificate that rustls has already
-    /// verified against the client CA.
+    /// Reads the identities from a DER certificate, refusing certificates
+    /// with more names, or longer names, than any workload needs.
     pub fn from_der(der: &[u8]) -> Result<Self, String> {
-        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        let (_, cert) = X509Certificate::from_der(der)
             .map_err(|e| format!("client certificate does not parse: {e}"))?;
+        Self::from_cert(&cert)
+    }
+
+    fn from_cert(cert: &X509Certificate<'_>) -> Result<Self, String> {
         let mut identity = Self::default();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            for name in &san.value.general_names {
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| format!("client certificate has a malformed SAN extension: {e}"))?;
+        if let Some(san) = san {
+            let names = &san.value.general_names;
+            if names.len() > MAX_SANS {
+                return Err(format!(
+                    "client certificate has {} subject alternative names (at most {MAX_SANS})",
+                    names.len()
+                ));
+            }
+            for name in names {
                 match name {
-                    GeneralName::URI(uri) => identity.uris.push((*uri).to_owned()),
-                    GeneralName::DNSName(dns) => identity.dns_names.push((*dns).to_owned()),
+                    GeneralName::URI(uri) => {
+                        check_len("URI SAN", uri, spiffe::MAX_LEN)?;
+                        identity.uris.push((*uri).to_owned());
+                    }
+                    GeneralName::DNSName(dns) => {
+                        check_len("DNS SAN", dns, MAX_NAME_LEN)?;
+                        identity.dns_names.push((*dns).to_owned());
+                    }
                     _ => {}
                 }
             }
         }
-        identity.common_name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_owned);
+        let mut common_names = cert.subject().iter_common_name();
+        if let Some(cn) = common_names.next() {
+            let cn = cn
+                .as_str()
+                .map_err(|_| "client certificate CN is not a string".to_owned())?;
+            check_len("CN", cn, MAX_NAME_LEN)?;
+            identity.common_name = Some(cn.to_owned());
+        }
+        if common_names.next().is_some() {
+            return Err("client certificate has several CNs".to_owned());
+        }
         Ok(identity)
     }
+
+    /// What the certificate presented, bounded for logs and error metadata.
+    pub fn presented(&self) -> String {
+        truncate(&self.to_string(), MAX_PRESENTED_LEN)
+    }
+}
+
+fn check_len(what: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!(
+            "client certificate {what} is {} bytes long (at most {max})",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The rules a client leaf must follow beyond chain validation, from the
+/// X.509-SVID specification (not a CA, no certificate or CRL signing) plus
+/// one stricter than it: the clientAuth extended key usage must be present
+/// (cert-manager and SPIRE both set it; a certificate without any EKU would
+/// otherwise be usable for everything).
+pub(crate) fn check_leaf(der: &[u8]) -> Result<PeerIdentity, String> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| format!("client certificate does not parse: {e}"))?;
+    let mut basic_constraints = None;
+    let mut client_auth = false;
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::BasicConstraints(bc) => basic_constraints = Some(bc.ca),
+            ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                return Err(
+                    "client certificate may sign certificates or CRLs (keyCertSign/cRLSign): \
+                     a leaf must not"
+                        .to_owned(),
+                );
+            }
+            ParsedExtension::ExtendedKeyUsage(eku) => client_auth = eku.client_auth || eku.any,
+            _ => {}
+        }
+    }
+    match basic_constraints {
+        None => {
+            return Err(
+                "client certificate has no basicConstraints extension (a leaf must say CA:FALSE)"
+                    .to_owned(),
+            );
+        }
+        Some(true) => return Err("client certificate is a CA certificate".to_owned()),
+        Some(false) => {}
+    }
+    if !client_auth {
+        return Err(
+            "client certificate lacks the clientAuth extended key usage".to_owned(),
+        );
+    }
+    PeerIdentity::from_cert(&cert)
 }
 
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        parts.extend(self.uris.iter().map(|u| format!("uri={u}")));
-        parts.extend(self.dns_names.iter().map(|d| format!("dns={d}")));
-        parts.extend(self.common_name.iter().map(|c| format!("cn={c}")));
-        if parts.is_empty() {
-            f.write_str("(no identity)")
-        } else {
-            f.write_str(&parts.join(","))
+        let mut first = true;
+        let mut part = |f: &mut fmt::Formatter<'_>, kind: &str, value: &str| {
+            let sep = if first { "" } else { "," };
+            first = false;
+            write!(f, "{sep}{kind}={value}")
+        };
+        for u in &self.uris {
+            part(f, "uri", u)?;
         }
+        for d in &self.dns_names {
+            part(f, "dns", d)?;
+        }
+        if let Some(c) = &self.common_name {
+            part(f, "cn", c)?;
+        }
+        if first {
+            f.write_str("(no identity)")?;
+        }
+        Ok(())
     }
 }
 
 /// A configured caller, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Caller {
     /// The identity that matched, as configured (for logs and spans).
     pub identity: String,
-    /// The IAM user this caller acts as.
+    /// The IAM user this caller acts as, as configured.
     pub iam_user: String,
     /// The profile whose access key signs for that user.
     pub aws_profile: String,
+    /// `server.max_requests_per_caller` slots.
+    pub(crate) in_flight: Arc<Semaphore>,
 }
 
 /// The `[[callers]]` table, indexed for exact lookups.
@@ -80,7 +191,7 @@ pub struct Callers {
 
 impl Callers {
     /// Indexes the configured callers (already checked for duplicates).
-    pub fn new(callers: &[CallerSettings]) -> Self {
+    pub fn new(callers: &[CallerSettings], max_in_flight: usize) -> Self {
         let by_matcher = callers
             .iter()
             .map(|c| {
@@ -93,6 +204,7 @@ impl Callers {
                     identity,
                     iam_user: c.iam_user.clone(),
                     aws_profile: c.aws_profile.clone(),
+                    in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 };
                 (c.matcher.clone(), Arc::new(caller))
             })
@@ -102,22 +214,32 @@ impl Callers {
 
     /// Maps a certificate to exactly one caller.
     ///
-    /// Every identity the certificate presents is looked up; the call is
-    /// allowed only when they all lead to one caller. A certificate that could
-    /// act as two different IAM users is refused rather than guessed at, and a
-    /// certificate with several URI SANs has no SPIFFE identity at all.
+    /// An X.509-SVID (a SPIFFE URI SAN) is looked up by its SPIFFE ID only.
+    /// Otherwise every DNS SAN and the CN are looked up, and the call is
+    /// allowed only when they all lead to one caller: a certificate that
+    /// could act as two IAM users is refused rather than guessed at. A
+    /// certificate with several URI SANs has no identity at all.
     pub fn resolve(&self, peer: &PeerIdentity) -> Result<Arc<Caller>, Error> {
         let not_mapped = || Error::CallerNotMapped {
-            presented: peer.to_string(),
+            presented: peer.presented(),
         };
         if peer.uris.len() > 1 {
             return Err(not_mapped());
         }
+        if let Some(uri) = peer.uris.first().filter(|u| spiffe::is_spiffe_uri(u)) {
+            if spiffe::validate(uri).is_err() {
+                return Err(not_mapped());
+            }
+            return self
+                .by_matcher
+                .get(&Matcher::SpiffeId(uri.clone()))
+                .cloned()
+                .ok_or_else(not_mapped);
+        }
         let candidates = peer
-            .uris
+            .dns_names
             .iter()
-            .map(|u| Matcher::SpiffeId(u.clone()))
-            .chain(peer.dns_names.iter().map(|d| Matcher::DnsName(d.clone())))
+            .map(|d| Matcher::DnsName(d.clone()))
             .chain(
                 peer.common_name
                     .iter()
@@ -139,6 +261,8 @@ impl Callers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devpki::{Authority, ClientSpec};
+    use proptest::prelude::*;
 
     fn callers() -> Callers {
         let entry = |matcher, user: &str| CallerSettings {
@@ -146,11 +270,14 @@ mod tests {
             iam_user: user.into(),
             aws_profile: user.into(),
         };
-        Callers::new(&[
-            entry(Matcher::SpiffeId("spiffe://corp/ns/a/sa/a".into()), "a"),
-            entry(Matcher::DnsName("b.corp".into()), "b"),
-            entry(Matcher::CommonName("c".into()), "c"),
-        ])
+        Callers::new(
+            &[
+                entry(Matcher::SpiffeId("spiffe://corp/ns/a/sa/a".into()), "a"),
+                entry(Matcher::DnsName("b.corp".into()), "b"),
+                entry(Matcher::CommonName("c".into()), "c"),
+            ],
+            4,
+        )
     }
 
     fn peer(uris: &[&str], dns: &[&str], cn: Option<&str>) -> PeerIdentity {
@@ -185,7 +312,7 @@ mod tests {
         ] {
             assert_eq!(
                 c.resolve(&p).expect_err("denied").reason(),
-                "CALLER_NOT_MAPPED"
+                crate::error::Reason::CallerNotMapped
             );
         }
     }
@@ -198,9 +325,93 @@ mod tests {
     }
 
     #[test]
+    fn an_svid_is_its_spiffe_id_alone() {
+        let c = callers();
+        // A mapped CN or DNS name beside an unmapped SPIFFE ID does not help.
+        for p in [
+            peer(&["spiffe://corp/ns/evil/sa/evil"], &[], Some("c")),
+            peer(&["spiffe://corp/ns/evil/sa/evil"], &["b.corp"], None),
+        ] {
+            assert!(c.resolve(&p).is_err(), "{p}");
+        }
+        // Nor do a mapped SPIFFE ID's extra DNS names make it ambiguous.
+        let a = c.resolve(&peer(&["spiffe://corp/ns/a/sa/a"], &["b.corp"], Some("c")));
+        assert_eq!(a.expect("a").iam_user, "a");
+        // A non-SPIFFE URI is not an SVID: the other names still apply.
+        let b = c.resolve(&peer(&["https://b.corp/x"], &["b.corp"], None));
+        assert_eq!(b.expect("b").iam_user, "b");
+    }
+
+    #[test]
     fn a_certificate_matching_two_callers_is_refused() {
         let c = callers();
-        let p = peer(&["spiffe://corp/ns/a/sa/a"], &["b.corp"], None);
+        let p = peer(&[], &["b.corp"], Some("c"));
         assert!(c.resolve(&p).is_err());
+    }
+
+    #[test]
+    fn presented_identities_are_bounded() {
+        let dns: Vec<String> = (0..100).map(|i| format!("name-{i}.corp.example")).collect();
+        let p = PeerIdentity {
+            dns_names: dns,
+            ..PeerIdentity::default()
+        };
+        assert!(p.presented().len() <= MAX_PRESENTED_LEN + 20);
+    }
+
+    #[test]
+    fn leaf_rules_are_enforced() {
+        let ca = Authority::new("test CA").expect("CA");
+        let good = ca
+            .client(&ClientSpec::spiffe("spiffe://corp/ns/a/sa/a"))
+            .expect("cert");
+        assert!(check_leaf(&good.der()).is_ok());
+
+        let too_many = ClientSpec {
+            dns_names: (0..=MAX_SANS).map(|i| format!("n{i}.corp")).collect(),
+            ..ClientSpec::default()
+        };
+        let err = check_leaf(&ca.client(&too_many).expect("cert").der()).expect_err("SANs");
+        assert!(err.contains("subject alternative names"), "{err}");
+
+        let long = ClientSpec {
+            common_name: Some("x".repeat(MAX_NAME_LEN + 1)),
+            ..ClientSpec::default()
+        };
+        let err = check_leaf(&ca.client(&long).expect("cert").der()).expect_err("long");
+        assert!(err.contains("CN"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(der in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = check_leaf(&der);
+            let _ = PeerIdentity::from_der(&der);
+        }
+
+        #[test]
+        fn mutated_certificates_never_panic_nor_gain_an_identity_they_lack(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            static CERT: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+                let ca = Authority::new("prop CA").expect("CA");
+                ca.client(&ClientSpec::spiffe("spiffe://corp/ns/a/sa/a")).expect("cert").der()
+            });
+            let mut der = CERT.clone();
+            for (index, byte) in flips {
+                let i = index.index(der.len());
+                der[i] ^= byte | 1;
+            }
+            if let Ok(peer) = PeerIdentity::from_der(&der) {
+                prop_assert!(peer.uris.len() + peer.dns_names.len() <= MAX_SANS);
+                prop_assert!(peer.presented().len() <= MAX_PRESENTED_LEN + 20);
+                // Resolution of whatever survived is still exact: only the
+                // untouched SPIFFE ID maps to caller "a".
+                if let Ok(c) = callers().resolve(&peer) {
+                    prop_assert_eq!(&peer.uris, &vec!["spiffe://corp/ns/a/sa/a".to_owned()]);
+                    prop_assert_eq!(&c.iam_user, "a");
+                }
+            }
+        }
     }
 }

@@ -5,40 +5,52 @@
 //!
 //! A request flows through the modules in this order:
 //!
-//! - [`tls`]: accepts TCP, completes the mTLS handshake with credgate's own
-//!   rustls config (client certificate required, CRLs, hot reload) and hands
-//!   the stream to tonic.
-//! - [`server`]: the tower stack ([`rpc_span`] for traces and metrics,
-//!   [`rejections`] for tonic's own rejections, a global concurrency limit),
-//!   health on both ports, reflection, graceful shutdown.
-//! - [`service`]: the `PasswordService` handlers, which only order the steps:
-//!   - [`identity`]: verified peer certificate → the one configured caller;
-//!   - [`password`]: IAM's character rules and the account password policy;
-//!   - [`limits`]: wrong-old-password lockout per caller;
-//!   - [`iam`] over [`credentials`]: the IAM call, signed with the caller's
-//!     own profile, with deliberate retries and outcome classification;
-//!   - [`audit`]: one audit event per attempt.
-//! - [`error`]: the single error enum and its one mapping to `tonic::Status`.
-//! - [`telemetry`]: logs, OTLP traces and metrics.
-//! - [`config`], [`cli`], [`devpki`]: configuration, command line, dev PKI.
+//! - [`connections`]: accepts TCP within bounds, completes the mTLS
+//!   handshake with [`tls`]'s config (client certificate required and
+//!   checked, CRLs, hot reload), resolves the caller once per connection
+//!   ([`identity`]) and serves HTTP/2 with bounded streams, idle timeout and
+//!   connection age.
+//! - [`rpc_span`]: the SERVER span and `rpc.server.duration` of each call.
+//! - [`edge`]: admission — the [`deadline`] from arrival, the [`audit`]
+//!   slot, an unmapped caller refused, the per-caller and global limits, the
+//!   body read within bounds.
+//! - [`service`]: the `PasswordService` handlers: check the input, hand the
+//!   attempt over.
+//! - [`attempt`]: one `ChangePassword` in its own task: the `request_id`
+//!   claim and the attempt limit in [`state`], the profile's identity
+//!   ([`principal`]), the account policy ([`policy_cache`], [`password`]),
+//!   then [`iam`] over [`credentials`]; its outcome settles the limit, is
+//!   stored for replay and closes the audit slot.
+//! - [`error`]: the single error enum, the reason table and the one mapping
+//!   to `tonic::Status`.
+//! - [`server`]: wires it all, health on both ports, reflection, shutdown.
+//! - [`telemetry`]: logs, audit events, OTLP traces and metrics.
+//! - [`config`], [`spiffe`], [`cli`], [`devpki`]: configuration, SPIFFE ID
+//!   rules, command line, dev PKI.
 //! - [`api`]: the generated `credgate.v1` types.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod audit;
+pub(crate) mod attempt;
+pub(crate) mod audit;
 pub mod cli;
 pub mod config;
-pub mod credentials;
+pub(crate) mod connections;
+pub(crate) mod credentials;
+pub mod deadline;
 pub mod devpki;
+pub(crate) mod edge;
 pub mod error;
 pub mod iam;
 pub mod identity;
-pub mod limits;
 pub mod password;
-pub mod rejections;
+pub(crate) mod policy_cache;
+pub(crate) mod principal;
 pub mod rpc_span;
 pub mod server;
-pub mod service;
+pub(crate) mod service;
+pub(crate) mod spiffe;
+pub(crate) mod state;
 pub mod telemetry;
 pub mod tls;

@@ -1,9 +1,11 @@
 //! Tower middleware giving each `credgate.v1` RPC its SERVER span (continuing
 //! the caller's W3C trace) and its `rpc.server.duration` measurement.
 //!
-//! It runs outside the generated service so that requests tonic rejects before
-//! the handler (undecodable, oversized) are traced too. Health and reflection
-//! pass through untraced: probes every few seconds would drown real traces.
+//! It runs outside everything else, so that requests refused at the edge or
+//! by tonic's decoder are traced and measured too. Health and reflection pass
+//! through untraced: probes every few seconds would drown real traces. Method
+//! names come from a closed set (unknown ones are `_OTHER`), so a client
+//! inventing paths cannot grow span names or metric series.
 
 use std::{
     future::Future,
@@ -17,10 +19,54 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::telemetry;
+use crate::{
+    error::{Reason, reason_of},
+    telemetry,
+};
 
 /// The gRPC service traced by this layer.
 pub const SERVICE: &str = "credgate.v1.PasswordService";
+
+/// A `credgate.v1.PasswordService` method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    ChangePassword,
+    GetPasswordPolicy,
+    /// Any other path under the service: not a method.
+    Other,
+}
+
+impl Method {
+    /// The method a request path names, `None` outside the service.
+    pub(crate) fn of_path(path: &str) -> Option<Self> {
+        let method = path
+            .strip_prefix('/')?
+            .strip_prefix(SERVICE)?
+            .strip_prefix('/')?;
+        Some(match method {
+            "ChangePassword" => Self::ChangePassword,
+            "GetPasswordPolicy" => Self::GetPasswordPolicy,
+            _ => Self::Other,
+        })
+    }
+
+    /// The name in spans and metric attributes.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::ChangePassword => "ChangePassword",
+            Self::GetPasswordPolicy => "GetPasswordPolicy",
+            Self::Other => "_OTHER",
+        }
+    }
+
+    fn span_name(self) -> &'static str {
+        match self {
+            Self::ChangePassword => "credgate.v1.PasswordService/ChangePassword",
+            Self::GetPasswordPolicy => "credgate.v1.PasswordService/GetPasswordPolicy",
+            Self::Other => "credgate.v1.PasswordService/_OTHER",
+        }
+    }
+}
 
 /// Adds [`RpcSpan`] around a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -57,19 +103,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let Some(method) = req
-            .uri()
-            .path()
-            .strip_prefix("/")
-            .and_then(|p| p.strip_prefix(SERVICE))
-            .and_then(|p| p.strip_prefix('/'))
-            .map(str::to_owned)
-        else {
+        let Some(method) = Method::of_path(req.uri().path()) else {
             return Box::pin(self.inner.call(req));
         };
         let span = tracing::info_span!(
             "rpc",
-            otel.name = format!("{SERVICE}/{method}"),
+            otel.name = method.span_name(),
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.service = SERVICE,
@@ -89,28 +128,41 @@ where
             let result = future.instrument(span.clone()).await;
             // Errors come back trailers-only, with grpc-status in the
             // headers; a success carries it in the trailers, after the body.
-            let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .unwrap_or(0),
-                Err(_) => tonic::Code::Unknown as i32,
+            let (code, reason) = match &result {
+                Ok(response) => {
+                    let code = response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .unwrap_or(0);
+                    let reason = response
+                        .extensions()
+                        .get::<tonic::Status>()
+                        .and_then(reason_of);
+                    (code, reason)
+                }
+                Err(_) => (tonic::Code::Unknown as i32, None),
             };
             span.record("rpc.grpc.status_code", code);
+            if let Some(reason) = reason {
+                span.record("error.type", reason.as_str());
+            }
             if is_server_fault(tonic::Code::from(code)) {
                 span.record("otel.status_code", "ERROR");
             }
-            telemetry::metrics().rpc_server_duration.record(
-                started.elapsed().as_secs_f64() * 1000.0,
-                &[
-                    KeyValue::new("rpc.system", "grpc"),
-                    KeyValue::new("rpc.service", SERVICE),
-                    KeyValue::new("rpc.method", method),
-                    KeyValue::new("rpc.grpc.status_code", i64::from(code)),
-                ],
-            );
+            let mut attributes = vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", SERVICE),
+                KeyValue::new("rpc.method", method.as_str()),
+                KeyValue::new("rpc.grpc.status_code", i64::from(code)),
+            ];
+            if let Some(reason) = reason {
+                attributes.push(KeyValue::new("error.type", Reason::as_str(reason)));
+            }
+            telemetry::metrics()
+                .rpc_server_duration
+                .record(started.elapsed().as_secs_f64() * 1000.0, &attributes);
             result
         })
     }

@@ -6,27 +6,29 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{service::Routes, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::Layer;
 
 use crate::{
     api::{self, password_service_server::PasswordServiceServer},
+    attempt::{Gate, UPSTREAM_TIMEOUT},
     config::Config,
-    credentials::{self, IamClients},
+    connections::{self, MakeService},
+    credentials::{self, AwsClients},
+    edge::{Connection, Edge, Limits, MAX_REQUEST_BYTES},
     iam::Iam,
     identity::Callers,
-    limits::FailedAttempts,
-    rejections,
-    rpc_span::{RpcSpanLayer, SERVICE},
+    policy_cache::PolicyCache,
+    principal::Principals,
+    rpc_span::{RpcSpan, RpcSpanLayer, SERVICE},
     service::PasswordGate,
-    tls::{self, ReloadingConfig},
+    state::Store,
+    tls::ReloadingConfig,
 };
-
-/// Largest request accepted. Two 128-character passwords fit many times over;
-/// anything bigger is not a password change and is refused before decoding.
-const MAX_REQUEST_BYTES: usize = 4 * 1024;
 
 /// Failures that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,9 @@ pub enum ServeError {
     /// The TLS files are unusable.
     #[error("TLS configuration:\n  - {}", .0.join("\n  - "))]
     Tls(Vec<String>),
+    /// The state store cannot be set up (not: is unreachable).
+    #[error("state store: {0}")]
+    State(String),
     /// Reflection could not be built from the descriptor sets.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -81,9 +86,24 @@ impl Listeners {
     }
 }
 
+/// The per-connection service stack: span and metrics outermost, then the
+/// edge, then tonic's routes.
+struct Stack {
+    routes: Routes,
+    limits: Arc<Limits>,
+}
+
+impl MakeService for Stack {
+    type Service = RpcSpan<Edge<Routes>>;
+
+    fn make(&self, conn: Arc<Connection>) -> Self::Service {
+        RpcSpanLayer.layer(Edge::new(self.routes.clone(), self.limits.clone(), conn))
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains: admin health turns
-/// NOT_SERVING, new connections are refused, in-flight calls get up to
-/// `shutdown_grace` to finish.
+/// NOT_SERVING, new connections are refused, open connections get a GOAWAY,
+/// and in-flight calls and attempts get up to `shutdown_grace` to finish.
 pub async fn serve(
     config: Config,
     listeners: Listeners,
@@ -96,19 +116,34 @@ pub async fn serve(
     for problem in credentials::missing_profiles(&config.callers).await {
         tracing::warn!(problem, "caller cannot be served until its profile exists");
     }
-    let clients = IamClients::new(
-        &config.aws,
-        config.callers.iter().map(|c| c.aws_profile.as_str()),
-    )
-    .await;
-    let gate = PasswordGate::new(
-        Callers::new(&config.callers),
-        Iam::new(clients),
-        FailedAttempts::new(&config.limits),
-        config.server.request_timeout,
-    );
+    let profiles = || config.callers.iter().map(|c| c.aws_profile.as_str());
+    let clients = AwsClients::new(&config.aws, profiles()).await;
+    // A claim still pending after this long belongs to a replica that died.
+    let pending_lifetime = config.server.request_timeout + UPSTREAM_TIMEOUT + Duration::from_secs(60);
+    let store = Store::new(&config.state, &config.limits, pending_lifetime)
+        .map_err(ServeError::State)?;
+    if !store.is_shared() {
+        tracing::info!(
+            "state in process memory: the attempt limit and request_id replays hold for this replica only"
+        );
+    }
+    let tracker = TaskTracker::new();
+    let gate = Arc::new(Gate {
+        iam: Iam::new(clients),
+        store,
+        principals: Principals::new(&config.callers),
+        policies: PolicyCache::new(profiles()),
+        tracker: tracker.clone(),
+    });
+    // Whose key each profile holds, learnt in the background: SERVING does
+    // not wait for AWS, and a profile not verified yet is verified on use.
+    tokio::spawn({
+        let gate = gate.clone();
+        async move { gate.principals.verify_all(&gate.iam).await }
+    });
 
     let (reporter, health) = tonic_health::server::health_reporter();
+    let health = health.max_decoding_message_size(MAX_REQUEST_BYTES);
     set_serving(&reporter, ServingStatus::Serving).await;
     // Both versions: grpcurl before 1.9 only speaks v1alpha.
     let reflection = || {
@@ -120,50 +155,68 @@ pub async fn serve(
     };
     let reflection_v1 = reflection()
         .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        .map_err(|e| ServeError::Reflection(e.to_string()))?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move { tls::stopped(&mut rx).await };
-
-    tokio::spawn(tls_config.clone().watch(stop_rx.clone()));
-    let incoming = tls::incoming(listeners.tls, tls_config, stop_rx.clone());
-    let password_service =
-        PasswordServiceServer::new(gate).max_decoding_message_size(MAX_REQUEST_BYTES);
-    let tls_server = Server::builder()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            config.server.max_concurrent_requests,
-        ))
-        .layer(RpcSpanLayer)
-        .layer(rejections::layer())
-        .add_service(password_service)
+        .map_err(|e| ServeError::Reflection(e.to_string()))?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let password_service = PasswordServiceServer::new(PasswordGate::new(gate))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let routes = Routes::new(password_service)
         .add_service(health.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
-    let mut tls_task = tokio::spawn(tls_server);
+        .prepare();
+    let stack = Arc::new(Stack {
+        routes,
+        limits: Arc::new(Limits {
+            request_timeout: config.server.request_timeout,
+            concurrent: Arc::new(tokio::sync::Semaphore::new(
+                config.server.max_concurrent_requests,
+            )),
+            per_caller: config.server.max_requests_per_caller,
+        }),
+    });
+    let callers = Arc::new(Callers::new(
+        &config.callers,
+        config.server.max_requests_per_caller,
+    ));
 
-    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    let admin_server = Server::builder()
-        .add_service(health)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.admin),
-            stopped(admin_stop_rx),
-        );
+    let stop = CancellationToken::new();
+    tokio::spawn(tls_config.clone().watch(stop.clone()));
+    let settings = connections::Settings {
+        max_connections: config.server.max_connections,
+        idle_timeout: config.server.idle_timeout,
+        max_connection_age: config.server.max_connection_age,
+        grace: config.server.request_timeout + Duration::from_secs(1),
+    };
+    let mut tls_task = tokio::spawn(connections::serve(
+        listeners.tls,
+        tls_config,
+        callers,
+        settings,
+        stack,
+        stop.clone(),
+        tracker.clone(),
+    ));
+
+    let admin_stop = CancellationToken::new();
+    let admin_server = Server::builder().add_service(health).serve_with_incoming_shutdown(
+        TcpListenerStream::new(listeners.admin),
+        admin_stop.clone().cancelled_owned(),
+    );
     let admin_task = tokio::spawn(admin_server);
 
     tokio::select! {
         () = shutdown => {}
-        // The server ending on its own is a failure; report it.
+        // The accept loop ending on its own is a failure; report it.
         ended = &mut tls_task => {
-            let _ = admin_stop_tx.send(true);
-            return match ended {
-                Ok(Ok(())) => Err(ServeError::Transport("mTLS server stopped unexpectedly".into())),
-                Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
-                Err(e) => Err(ServeError::Transport(e.to_string())),
-            };
+            admin_stop.cancel();
+            return Err(ServeError::Transport(match ended {
+                Ok(()) => "mTLS listener stopped unexpectedly".to_owned(),
+                Err(e) => e.to_string(),
+            }));
         }
     }
 
@@ -172,20 +225,17 @@ pub async fn serve(
         "shutting down: health NOT_SERVING, refusing new connections, draining in-flight calls"
     );
     set_serving(&reporter, ServingStatus::NotServing).await;
-    let _ = stop_tx.send(true);
-    match tokio::time::timeout(config.server.shutdown_grace, &mut tls_task).await {
-        Ok(Ok(Ok(()))) => tracing::info!("drained"),
-        Ok(Ok(Err(e))) => {
-            tracing::warn!(error = %e, "mTLS server ended with an error while draining")
-        }
-        Ok(Err(e)) => tracing::warn!(error = %e, "mTLS server task failed while draining"),
-        Err(_) => {
-            tls_task.abort();
-            tracing::warn!("shutdown grace expired; cancelling the calls still in flight");
-        }
+    stop.cancel();
+    tracker.close();
+    match tokio::time::timeout(config.server.shutdown_grace, tracker.wait()).await {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!(
+            still_running = tracker.len(),
+            "shutdown grace expired; abandoning the calls and attempts still in flight"
+        ),
     }
     // The admin port outlives the drain so probes see NOT_SERVING meanwhile.
-    let _ = admin_stop_tx.send(true);
+    admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     Ok(())
 }

@@ -9,12 +9,21 @@
 //! - Each layer has its own filter: a global `RUST_LOG=warn` must not starve
 //!   the exporter, and the exporter's own hyper/h2/tonic spans must never be
 //!   exported (a telemetry loop).
+//! - Audit events (`credgate::audit`) have a layer and filter of their own:
+//!   they are written whatever `RUST_LOG` says, even `off`.
 
-use std::{collections::HashMap, fmt, sync::LazyLock};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, LazyLock, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use opentelemetry::{
     KeyValue, global,
-    metrics::{Counter, Histogram},
+    metrics::{Counter, Histogram, ObservableGauge},
     propagation::Extractor,
     trace::{TraceContextExt, TracerProvider as _},
 };
@@ -27,14 +36,14 @@ use tracing::{Subscriber, field::Field};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter, Layer,
-    filter::{LevelFilter, Targets},
+    filter::{FilterExt, LevelFilter, Targets, dynamic_filter_fn, filter_fn},
     fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
     layer::SubscriberExt,
     registry::LookupSpan,
     util::SubscriberInitExt,
 };
 
-use crate::config::LogFormat;
+use crate::{audit, config::LogFormat};
 
 /// Flushes and stops the exporters when dropped.
 pub struct Telemetry {
@@ -118,16 +127,11 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     let tracer = tracer_provider.tracer("credgate");
     global::set_tracer_provider(tracer_provider.clone());
 
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let log_layer = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .event_format(JsonLines)
-            .with_writer(std::io::stdout)
-            .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stdout)
-            .boxed(),
-    };
+    let log_filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .and(filter_fn(|meta| meta.target() != audit::TARGET));
+    let audit_filter = Targets::new().with_target(audit::TARGET, LevelFilter::INFO);
+
     // Our spans, and the AWS SDK's (debug level) nested under the IAM span.
     // Everything else, notably the exporter's own transport, stays out.
     let otel_filter = Targets::new()
@@ -135,11 +139,18 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         .with_target("credgate", LevelFilter::INFO)
         .with_target("aws_sdk_iam", LevelFilter::DEBUG)
         .with_target("aws_smithy_runtime", LevelFilter::DEBUG);
+    // Only RPC server spans start a trace. Everything else (IAM client,
+    // SDK, state store spans) is exported inside an RPC's trace, never as a
+    // trace of its own: background work (profile verification) stays out.
+    let in_a_trace = dynamic_filter_fn(|meta, cx| {
+        !meta.is_span() || meta.name() == "rpc" || cx.lookup_current().is_some()
+    });
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_filter(otel_filter);
+        .with_filter(otel_filter.and(in_a_trace));
     tracing_subscriber::registry()
-        .with(log_layer.with_filter(log_filter))
+        .with(lines(format).with_filter(log_filter))
+        .with(lines(format).with_filter(audit_filter))
         .with(otel_layer)
         .try_init()
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
@@ -147,6 +158,22 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         tracer_provider,
         meter_provider,
     })
+}
+
+/// A layer writing log lines to stdout in `format`.
+fn lines<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .event_format(JsonLines)
+            .with_writer(std::io::stdout)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stdout)
+            .boxed(),
+    }
 }
 
 /// The trace and span id of the current span, hex-encoded; empty strings when
@@ -181,12 +208,23 @@ pub fn extract_parent(headers: &http::HeaderMap) -> opentelemetry::Context {
 }
 
 /// The service's metric instruments, created from the global meter provider
-/// on first use (after [`init`]).
+/// on first use (after [`init`]). Names and attributes are the contract of
+/// `deploy/observability` (its `metrics.json`).
 pub struct Metrics {
-    /// `rpc.server.duration`, milliseconds, by method and status code.
+    /// `rpc.server.duration`, milliseconds, by method, status code and
+    /// `error.type` (the ErrorInfo reason).
     pub rpc_server_duration: Histogram<f64>,
     /// `credgate.iam.outcomes`: IAM calls by method and error code.
     pub iam_outcomes: Counter<u64>,
+    /// `credgate.limit.decisions`: attempt reservations, `allowed`/`refused`.
+    pub limit_decisions: Counter<u64>,
+    /// `credgate.idempotency.replays`: retries answered from a stored
+    /// outcome (`stored`) or still waiting at their deadline (`in_progress`).
+    pub idempotency_replays: Counter<u64>,
+    /// `credgate.state.duration`: state store commands, milliseconds.
+    pub state_duration: Histogram<f64>,
+    /// `credgate.state.errors`: failed state store commands.
+    pub state_errors: Counter<u64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -201,8 +239,41 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .u64_counter("credgate.iam.outcomes")
             .with_description("IAM calls by outcome (aws.error_code, OK on success)")
             .build(),
+        limit_decisions: meter
+            .u64_counter("credgate.limit.decisions")
+            .with_description("Wrong-old-password limit decisions (decision: allowed|refused)")
+            .build(),
+        idempotency_replays: meter
+            .u64_counter("credgate.idempotency.replays")
+            .with_description(
+                "Retries with a known request_id (result: stored|in_progress); IAM not called",
+            )
+            .build(),
+        state_duration: meter
+            .f64_histogram("credgate.state.duration")
+            .with_unit("ms")
+            .with_description("State store (Redis) command latency")
+            .build(),
+        state_errors: meter
+            .u64_counter("credgate.state.errors")
+            .with_description("Failed state store (Redis) commands")
+            .build(),
     }
 });
+
+/// Exports `credgate.state.up` (1 reachable, 0 not) from `up`.
+pub(crate) fn observe_state_up(up: Arc<AtomicBool>) {
+    static GAUGE: OnceLock<ObservableGauge<u64>> = OnceLock::new();
+    GAUGE.get_or_init(|| {
+        global::meter("credgate")
+            .u64_observable_gauge("credgate.state.up")
+            .with_description("Whether the shared state store answered its last command")
+            .with_callback(move |observer| {
+                observer.observe(u64::from(up.load(Ordering::Relaxed)), &[]);
+            })
+            .build()
+    });
+}
 
 /// The global instruments.
 pub fn metrics() -> &'static Metrics {
@@ -250,11 +321,14 @@ where
         line.extend(fields.0);
         if let Some(span) = ctx.lookup_current() {
             line.insert("span".into(), Value::String(span.name().to_owned()));
-            let (trace_id, span_id) = current_ids();
-            if !trace_id.is_empty() {
-                line.insert("trace_id".into(), Value::String(trace_id));
-                line.insert("span_id".into(), Value::String(span_id));
-            }
+        }
+        // From the dispatcher's current span, not this layer's view of it:
+        // the audit layer's filter sees no spans, yet its events belong to
+        // the call's trace.
+        let (trace_id, span_id) = current_ids();
+        if !trace_id.is_empty() {
+            line.insert("trace_id".into(), Value::String(trace_id));
+            line.insert("span_id".into(), Value::String(span_id));
         }
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")

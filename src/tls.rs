@@ -1,14 +1,12 @@
-//! The mTLS listener: credgate's own rustls `ServerConfig` (client certificate
-//! required, optional CRLs), reloaded when its files change, and an accept
-//! loop that hands finished handshakes to tonic.
+//! credgate's own rustls `ServerConfig`: client certificate required and
+//! checked beyond chain validation (leaf rules, bounded names, CRLs for every
+//! CA in the chain), reloaded when its files change.
 //!
 //! tonic's built-in TLS cannot reload certificates or check CRLs, which is why
-//! the handshake happens here and tonic only sees established streams.
+//! the handshake happens in [`crate::connections`] with this config.
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
-    io,
-    net::SocketAddr,
     path::Path,
     sync::Arc,
     time::Duration,
@@ -16,25 +14,26 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rustls::{
-    RootCertStore, ServerConfig,
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    ServerConfig, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
     crypto::CryptoProvider,
-    server::WebPkiClientVerifier,
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
     version::{TLS12, TLS13},
 };
 use rustls_pki_types::{
-    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject,
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime, pem::PemObject,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+use tokio_util::sync::CancellationToken;
+use x509_parser::{
+    certificate::X509Certificate, prelude::FromDer, revocation_list::CertificateRevocationList,
 };
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::TlsSettings;
+use crate::{config::TlsSettings, identity};
 
-/// How long a client may take to finish the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the certificate files are compared with what is loaded.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -49,7 +48,7 @@ struct TlsFiles {
     cert: Vec<u8>,
     key: Vec<u8>,
     client_ca: Vec<u8>,
-    crl: Option<Vec<u8>>,
+    crls: Vec<Vec<u8>>,
 }
 
 impl TlsFiles {
@@ -66,7 +65,7 @@ impl TlsFiles {
             cert: read("cert", &settings.cert),
             key: read("key", &settings.key),
             client_ca: read("client_ca", &settings.client_ca),
-            crl: settings.crl.as_deref().map(|p| read("crl", p)),
+            crls: settings.crl.iter().map(|p| read("crl", p)).collect(),
         };
         if problems.is_empty() {
             Ok(files)
@@ -98,35 +97,44 @@ impl TlsFiles {
                 problems.push(format!("tls.client_ca: unusable CA certificate: {e}"));
             }
         }
-        let crls = match &self.crl {
-            None => Vec::new(),
-            Some(bytes) => {
-                match CertificateRevocationListDer::pem_slice_iter(bytes)
-                    .collect::<Result<Vec<_>, _>>()
-                {
-                    Ok(crls) if crls.is_empty() => {
-                        problems.push("tls.crl: no PEM X509 CRL found".to_owned());
-                        Vec::new()
-                    }
-                    Ok(crls) => crls,
-                    Err(e) => {
-                        problems.push(format!("tls.crl: not a PEM CRL: {e}"));
-                        Vec::new()
+        let mut crls = Vec::new();
+        let mut crl_issuers = Vec::new();
+        for bytes in &self.crls {
+            match CertificateRevocationListDer::pem_slice_iter(bytes)
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(found) if found.is_empty() => {
+                    problems.push("tls.crl: no PEM X509 CRL found".to_owned());
+                }
+                Ok(found) => {
+                    for crl in found {
+                        match CertificateRevocationList::from_der(crl.as_ref()) {
+                            Ok((_, parsed)) => crl_issuers.push(parsed.issuer().as_raw().to_vec()),
+                            Err(e) => problems.push(format!("tls.crl: unparsable CRL: {e}")),
+                        }
+                        crls.push(crl);
                     }
                 }
+                Err(e) => problems.push(format!("tls.crl: not a PEM CRL: {e}")),
             }
-        };
+        }
         let (Some(key), true) = (key, problems.is_empty()) else {
             return Err(problems);
         };
         let provider = crypto_provider();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .with_crls(crls)
-                // The CRL is the client CA's: intermediates are not revocation-checked.
-                .only_check_end_entity_revocation()
-                .build()
-                .map_err(|e| vec![format!("tls.client_ca/tls.crl: {e}")])?;
+        let checks_revocation = !crls.is_empty();
+        // Every certificate of the chain is checked against its issuer's
+        // CRL, and a certificate whose issuer has no CRL loaded is refused
+        // (fail closed): with CRLs configured, "unknown" is not "valid".
+        let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(crls)
+            .build()
+            .map_err(|e| vec![format!("tls.client_ca/tls.crl: {e}")])?;
+        let verifier = Arc::new(ClientLeafVerifier {
+            webpki,
+            crl_issuers,
+            checks_revocation,
+        });
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&TLS13, &TLS12])
             .map_err(|e| vec![format!("tls: {e}")])?
@@ -135,6 +143,111 @@ impl TlsFiles {
             .map_err(|e| vec![format!("tls.cert/tls.key: {e}")])?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(config)
+    }
+}
+
+/// rustls' WebPKI client verifier plus credgate's leaf rules
+/// ([`identity::check_leaf`]) and a precise error when a CRL is missing.
+#[derive(Debug)]
+struct ClientLeafVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+    /// Raw issuer names of the loaded CRLs.
+    crl_issuers: Vec<Vec<u8>>,
+    checks_revocation: bool,
+}
+
+impl ClientLeafVerifier {
+    /// Names the first certificate of the chain whose issuer has no CRL.
+    fn missing_crl(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> rustls::Error {
+        let missing = std::iter::once(end_entity)
+            .chain(intermediates)
+            .filter_map(|der| X509Certificate::from_der(der.as_ref()).ok())
+            .map(|(_, cert)| (cert.issuer().to_string(), cert.issuer().as_raw().to_vec()))
+            .find(|(_, raw)| !self.crl_issuers.iter().any(|i| i == raw))
+            .map(|(name, _)| name);
+        let text = match missing {
+            Some(issuer) => format!(
+                "revocation status unknown: no CRL is loaded for issuer \"{issuer}\" \
+                 (add that CA's CRL to tls.crl)"
+            ),
+            None => "revocation status unknown: a loaded CRL has expired or is unusable".to_owned(),
+        };
+        reject(text)
+    }
+}
+
+fn reject(text: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+        LeafRejected(text),
+    ))))
+}
+
+#[derive(Debug)]
+struct LeafRejected(String);
+
+impl std::fmt::Display for LeafRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LeafRejected {}
+
+impl ClientCertVerifier for ClientLeafVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.webpki.verify_client_cert(end_entity, intermediates, now) {
+            Err(rustls::Error::InvalidCertificate(CertificateError::UnknownRevocationStatus))
+                if self.checks_revocation =>
+            {
+                return Err(self.missing_crl(end_entity, intermediates));
+            }
+            result => result?,
+        };
+        identity::check_leaf(end_entity.as_ref()).map_err(reject)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
     }
 }
 
@@ -203,13 +316,13 @@ impl ReloadingConfig {
     }
 
     /// Polls the files until `shutdown` fires.
-    pub async fn watch(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(RELOAD_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = stopped(&mut shutdown) => return,
+                () = shutdown.cancelled() => return,
             }
             match self.reload_if_changed() {
                 Ok(true) => tracing::info!("TLS certificates reloaded"),
@@ -219,69 +332,6 @@ impl ReloadingConfig {
                     "TLS files changed but cannot be loaded; still serving the previous certificates"
                 ),
             }
-        }
-    }
-}
-
-/// Resolves once `shutdown` says stop (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not Send: drop it before any await.
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-/// Accepts TCP connections and yields completed TLS handshakes to tonic.
-///
-/// Each handshake runs in its own task with a timeout, so one slow client
-/// cannot stall the others. On shutdown the listener is dropped at once so new
-/// connections are refused while tonic drains the established ones.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<ReloadingConfig>,
-    mut shutdown: watch::Receiver<bool>,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = stopped(&mut shutdown) => return,
-            };
-            let acceptor = TlsAcceptor::from(tls.current());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Some(stream) = handshake(acceptor, tcp, peer).await {
-                    // The receiver is gone only when the server stopped.
-                    let _ = tx.send(Ok(stream)).await;
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-async fn handshake(
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) -> Option<TlsStream<TcpStream>> {
-    // gRPC is latency-sensitive and small-message: don't wait to coalesce.
-    let _ = tcp.set_nodelay(true);
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => Some(stream),
-        Ok(Err(e)) => {
-            tracing::info!(peer.address = %peer, error = %e, "TLS handshake rejected");
-            None
-        }
-        Err(_) => {
-            tracing::info!(peer.address = %peer, "TLS handshake timed out");
-            None
         }
     }
 }

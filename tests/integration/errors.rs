@@ -343,58 +343,46 @@ async fn an_unreachable_iam_endpoint_is_iam_unreachable() {
 }
 
 #[tokio::test]
-async fn non_user_credentials_are_invalid_user_type() {
-    let emulator = Emulator::shared();
-    let admin = emulator.admin();
-    let role = unique("role");
-    let trust = json!({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
-    });
-    let created = admin
-        .create_role()
-        .role_name(&role)
-        .assume_role_policy_document(trust.to_string())
-        .send()
-        .await
-        .expect("CreateRole");
-    let allow = json!({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": ["iam:ChangePassword", "iam:GetAccountPasswordPolicy"], "Resource": "*"}],
-    });
-    admin
-        .put_role_policy()
-        .role_name(&role)
-        .policy_name("change")
-        .policy_document(allow.to_string())
-        .send()
-        .await
-        .expect("PutRolePolicy");
-    let sts = aws_sdk_sts::Client::from_conf(
-        aws_sdk_sts::Config::builder()
-            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
-            .region(aws_sdk_sts::config::Region::new(emulator.region.clone()))
-            .endpoint_url(&emulator.endpoint)
-            .credentials_provider(emulator.admin_credentials())
-            .build(),
-    );
-    let assumed = sts
-        .assume_role()
-        .role_arn(created.role().expect("role").arn())
-        .role_session_name("credgate-test")
-        .send()
-        .await
-        .expect("AssumeRole");
-    let creds = assumed.credentials().expect("credentials");
-    let session = IamUser {
-        name: role.clone(),
-        key: AccessKey {
-            id: creds.access_key_id().to_owned(),
-            secret: creds.secret_access_key().to_owned(),
-            session_token: Some(creds.session_token().to_owned()),
-        },
+async fn profiles_signing_as_a_role_session_or_the_root_are_refused_without_calling_iam() {
+    // Private emulator: its ChangePassword counter counts every signer.
+    let emulator = Emulator::start();
+    let session = emulator
+        .role_session(&["iam:ChangePassword", "iam:GetAccountPasswordPolicy"])
+        .await;
+    let root = IamUser {
+        name: "root-profile".into(),
+        key: emulator.root_key().await,
     };
-    let rig = Rig::for_user(emulator, CALLER, session, |s| s);
+    for principal in [session, root] {
+        let profile = principal.name.clone();
+        let rig = Rig::for_user(&emulator, CALLER, principal, |s| s);
+        let status = rig
+            .change("Role-pass-1", "Role-pass-2")
+            .await
+            .expect_err("not the configured IAM user");
+        expect_error(&status, Code::FailedPrecondition, "IAM_USER_MISMATCH");
+        rig.app
+            .wait_for_line("one ERROR naming the profile", |v| {
+                v["level"] == "ERROR" && v["profile"] == profile.as_str()
+            })
+            .await;
+    }
+    assert_eq!(emulator.all_calls("ChangePassword").await, 0);
+}
+
+#[tokio::test]
+async fn an_unverifiable_session_key_is_served_and_iam_says_invalid_user_type() {
+    // Private emulator: the faults below hit every signer.
+    let emulator = Emulator::start();
+    for action in ["GetCallerIdentity", "GetUser"] {
+        emulator
+            .fault_for_anyone(action, json!({"error": "AccessDenied", "count": -1}))
+            .await;
+    }
+    let session = emulator
+        .role_session(&["iam:ChangePassword", "iam:GetAccountPasswordPolicy"])
+        .await;
+    let rig = Rig::for_user(&emulator, CALLER, session, |s| s);
     let status = rig
         .change("Role-pass-1", "Role-pass-2")
         .await
@@ -405,6 +393,13 @@ async fn non_user_credentials_are_invalid_user_type() {
         "INVALID_USER_TYPE",
         "InvalidUserType",
     );
+    let warnings = rig
+        .app
+        .lines()
+        .iter()
+        .filter(|l| l.contains("cannot read whose key this profile holds"))
+        .count();
+    assert_eq!(warnings, 1, "one WARN line for an unverifiable profile");
 }
 
 #[tokio::test]

@@ -282,6 +282,13 @@ impl Emulator {
         self.http("POST", "/_emulator/faults", Some(body)).await;
     }
 
+    /// Arms the fault switch for `action` by anyone (private emulators only).
+    pub async fn fault_for_anyone(&self, action: &str, fault: Value) {
+        let mut body = fault;
+        body["action"] = action.into();
+        self.http("POST", "/_emulator/faults", Some(body)).await;
+    }
+
     /// How many `action` requests signed by `user` reached the emulator.
     pub async fn calls(&self, action: &str, user: &str) -> u64 {
         let v = self
@@ -292,6 +299,80 @@ impl Emulator {
             )
             .await;
         v["count"].as_u64().expect("count")
+    }
+
+    /// How many `action` requests reached the emulator, whoever signed them
+    /// (for private emulators).
+    pub async fn all_calls(&self, action: &str) -> u64 {
+        let v = self
+            .http("GET", &format!("/_emulator/calls?action={action}"), None)
+            .await;
+        v["count"].as_u64().expect("count")
+    }
+
+    /// A new access key of the account root user (emulated: AKIA..., STS
+    /// reports `arn:aws:iam::<account>:root`).
+    pub async fn root_key(&self) -> AccessKey {
+        let v = self.http("POST", "/_emulator/root-key", None).await;
+        let s = |k: &str| v[k].as_str().expect(k).to_owned();
+        AccessKey {
+            id: s("access_key_id"),
+            secret: s("secret_access_key"),
+            session_token: None,
+        }
+    }
+
+    /// Credentials of a session of a new role allowed `actions` (sts:AssumeRole).
+    pub async fn role_session(&self, actions: &[&str]) -> IamUser {
+        let admin = self.admin();
+        let role = unique("role");
+        let trust = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
+        });
+        let created = admin
+            .create_role()
+            .role_name(&role)
+            .assume_role_policy_document(trust.to_string())
+            .send()
+            .await
+            .expect("CreateRole");
+        let allow = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+        });
+        admin
+            .put_role_policy()
+            .role_name(&role)
+            .policy_name("allow")
+            .policy_document(allow.to_string())
+            .send()
+            .await
+            .expect("PutRolePolicy");
+        let sts = aws_sdk_sts::Client::from_conf(
+            aws_sdk_sts::Config::builder()
+                .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+                .region(aws_sdk_sts::config::Region::new(self.region.clone()))
+                .endpoint_url(&self.endpoint)
+                .credentials_provider(self.admin_credentials())
+                .build(),
+        );
+        let assumed = sts
+            .assume_role()
+            .role_arn(created.role().expect("role").arn())
+            .role_session_name("credgate-test")
+            .send()
+            .await
+            .expect("AssumeRole");
+        let creds = assumed.credentials().expect("credentials");
+        IamUser {
+            name: role,
+            key: AccessKey {
+                id: creds.access_key_id().to_owned(),
+                secret: creds.secret_access_key().to_owned(),
+                session_token: Some(creds.session_token().to_owned()),
+            },
+        }
     }
 }
 
@@ -405,6 +486,15 @@ impl<'a> Setup<'a> {
         self
     }
 
+    /// Shared state in `redis`.
+    pub fn redis(self, redis: &Redis) -> Self {
+        self.toml(&format!(
+            "[state]\nurl = {:?}\nkey_prefix = {:?}\n",
+            redis.url(),
+            unique("credgate") + ":"
+        ))
+    }
+
     /// Writes config, certificates and the AWS credentials file into a temp
     /// directory, returning the directory and the config path.
     pub fn write(&self) -> (tempfile::TempDir, PathBuf) {
@@ -453,6 +543,16 @@ impl<'a> Setup<'a> {
     pub fn start(self) -> Credgate {
         let (dir, config) = self.write();
         Credgate::spawn(dir, &config, &self.env)
+    }
+
+    /// `n` credgate processes on this one configuration (replicas).
+    pub fn start_replicas(self, n: usize) -> Vec<Credgate> {
+        (0..n)
+            .map(|_| {
+                let (dir, config) = self.write();
+                Credgate::spawn(dir, &config, &self.env)
+            })
+            .collect()
     }
 }
 
@@ -733,6 +833,135 @@ pub fn change(old: &str, new: &str) -> credgate::api::ChangePasswordRequest {
         old_password: old.to_owned(),
         new_password: new.to_owned(),
         validate_only: false,
+        request_id: String::new(),
+    }
+}
+
+/// A ChangePassword request with a `request_id`.
+pub fn change_with_id(old: &str, new: &str, id: &str) -> credgate::api::ChangePasswordRequest {
+    credgate::api::ChangePasswordRequest {
+        request_id: id.to_owned(),
+        ..change(old, new)
+    }
+}
+
+/// A fresh UUID for a `request_id`.
+pub fn request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A request whose deadline reaches credgate only as `grpc-timeout`
+/// metadata, so that the client itself does not give up first.
+pub fn with_timeout<T>(message: T, grpc_timeout: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", grpc_timeout.parse().expect("header"));
+    request
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// A real `redis-server` (Debian package) on a free 127.0.0.1 port,
+/// persistence off, stopped on drop.
+pub struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut redis = Redis { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (again) on the same port, waiting until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server (Debian package redis-server; scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + STARTUP;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (as a crash or partition would look to credgate).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
+    }
+
+    /// Every key with a dump of its value (strings, sorted-set members and
+    /// scores), for leak checks.
+    pub async fn dump(&self) -> Vec<(String, String)> {
+        let mut conn = self.connection().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        let mut out = Vec::new();
+        for key in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("TYPE");
+            let value = match kind.as_str() {
+                "string" => redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .expect("GET"),
+                "zset" => {
+                    let members: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES")
+                        .query_async(&mut conn)
+                        .await
+                        .expect("ZRANGE");
+                    format!("{members:?}")
+                }
+                other => panic!("unexpected key type {other} for {key}"),
+            };
+            out.push((key, value));
+        }
+        out
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -1,0 +1,434 @@
+//! One `ChangePassword` attempt, run in its own task so that it ends the
+//! same way whatever the caller does.
+//!
+//! Once the handler has checked the input, the attempt is handed to a task
+//! that the caller's stream cannot cancel. The task claims the `request_id`,
+//! reserves an attempt against the limit, verifies the profile, checks the
+//! policy and calls IAM, all within the request's deadline. If the deadline
+//! passes before IAM was sent anything, the attempt stops there
+//! (`DEADLINE_BEFORE_SEND`). If it passes while IAM is working, the caller is
+//! answered `OUTCOME_UNKNOWN` on time, and the task keeps waiting (up to
+//! [`UPSTREAM_TIMEOUT`]) for IAM's real answer, which then settles the
+//! limit, is stored under the `request_id`, and goes into the one audit
+//! event. Shutdown waits for these tasks within `shutdown_grace`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::{
+    audit::{AuditSlot, Outcome},
+    credentials::TRANSMITTED,
+    deadline::Deadline,
+    error::{Error, Reason},
+    iam::Iam,
+    identity::Caller,
+    password::Password,
+    policy_cache::PolicyCache,
+    principal::{Principals, Verdict as Principal},
+    state::{Claim, ClaimToken, Reserve, Store, StoredOutcome, Verdict, Waited},
+};
+
+/// How long an attempt waits for IAM after its caller's deadline passed.
+pub(crate) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything an attempt needs, shared by all of them.
+pub(crate) struct Gate {
+    pub(crate) iam: Iam,
+    pub(crate) store: Store,
+    pub(crate) principals: Principals,
+    pub(crate) policies: PolicyCache,
+    /// Attempt tasks, waited for at shutdown.
+    pub(crate) tracker: TaskTracker,
+}
+
+/// A checked `ChangePassword` request.
+pub(crate) struct Request {
+    pub(crate) caller: Arc<Caller>,
+    pub(crate) old: Password,
+    pub(crate) new: Password,
+    pub(crate) validate_only: bool,
+    /// A valid UUID, when the caller sent one.
+    pub(crate) request_id: Option<String>,
+    pub(crate) deadline: Deadline,
+    pub(crate) audit: Arc<AuditSlot>,
+}
+
+/// A successful attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct Changed {
+    /// Whose password changed (or would), as IAM reports it when known.
+    pub(crate) iam_user: String,
+    /// IAM's request id; empty for `validate_only`.
+    pub(crate) iam_request_id: String,
+}
+
+/// What the caller is told.
+pub(crate) type Answer = Result<Changed, Error>;
+
+/// Sends the caller's answer once; later sends are dropped.
+struct Reply(Option<oneshot::Sender<Answer>>);
+
+impl Reply {
+    fn send(&mut self, answer: Answer) {
+        if let Some(tx) = self.0.take() {
+            // The handler may be gone (cancelled): the attempt goes on.
+            let _ = tx.send(answer);
+        }
+    }
+}
+
+/// Starts the attempt; the receiver gets the caller's answer by the
+/// request's deadline.
+pub(crate) fn start(gate: &Arc<Gate>, request: Request) -> oneshot::Receiver<Answer> {
+    let (tx, rx) = oneshot::channel();
+    request.audit.hand_off();
+    let span = tracing::Span::current();
+    gate.tracker
+        .spawn(run(gate.clone(), request, Reply(Some(tx))).instrument(span));
+    rx
+}
+
+async fn run(gate: Arc<Gate>, request: Request, mut reply: Reply) {
+    let caller = request.caller.identity.as_str();
+    let mut claim = None;
+    if let (Some(id), false) = (&request.request_id, request.validate_only) {
+        loop {
+            let claimed = bounded(
+                request.deadline,
+                "state",
+                gate.store.claim(caller, id),
+            )
+            .await;
+            let waited = match claimed {
+                Ok(Claim::Fresh(token)) => {
+                    claim = Some(token);
+                    break;
+                }
+                Ok(Claim::Done(stored)) => return replay(&request, &mut reply, stored),
+                Ok(Claim::Lost) => Ok(Waited::Lost),
+                Ok(Claim::Pending) => gate.store.wait(caller, id, request.deadline).await,
+                Err(e) => Err(e),
+            };
+            let ended = match waited {
+                Ok(Waited::Done(stored)) => return replay(&request, &mut reply, stored),
+                // The first call gave up having changed nothing: run again.
+                Ok(Waited::Gone) if !request.deadline.passed() => continue,
+                Ok(Waited::Gone) => Error::DeadlineBeforeSend { stage: "state" },
+                Ok(Waited::StillPending) => Error::StillInProgress,
+                Ok(Waited::Lost) => Error::OutcomeLost,
+                Err(e) => e,
+            };
+            return finish(&request, &mut reply, Err(ended), true);
+        }
+    }
+
+    let answer = attempt(&gate, &request, &mut reply).await;
+
+    if let Some(token) = claim {
+        store_outcome(&gate.store, token, &answer).await;
+    }
+    finish(&request, &mut reply, answer, false);
+}
+
+/// Stores what a retry with the same `request_id` must get, or gives the
+/// claim up when the attempt changed nothing and a retry should run again.
+async fn store_outcome(store: &Store, token: ClaimToken, answer: &Answer) {
+    match answer {
+        Ok(changed) => {
+            let outcome = StoredOutcome::Changed {
+                iam_user: changed.iam_user.clone(),
+                iam_request_id: changed.iam_request_id.clone(),
+            };
+            store.complete(token, outcome).await;
+        }
+        Err(e) if runs_again_on_retry(e.reason()) => store.abandon(token).await,
+        Err(e) => store.complete(token, StoredOutcome::Rejected(e.rejection())).await,
+    }
+}
+
+/// Outcomes that changed nothing and invite a retry: a retry with the same
+/// `request_id` runs the attempt again instead of replaying them.
+fn runs_again_on_retry(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::DeadlineBeforeSend
+            | Reason::TooManyFailedAttempts
+            | Reason::IamThrottled
+            | Reason::EntityTemporarilyUnmodifiable
+            | Reason::IamServiceFailure
+            | Reason::IamUnreachable
+            | Reason::IamTimeout
+            | Reason::StateUnavailable
+    )
+}
+
+fn replay(request: &Request, reply: &mut Reply, stored: StoredOutcome) {
+    let answer = match stored {
+        StoredOutcome::Changed {
+            iam_user,
+            iam_request_id,
+        } => Ok(Changed {
+            iam_user,
+            iam_request_id,
+        }),
+        StoredOutcome::Rejected(rejection) => Err(Error::Replayed(Box::new(rejection))),
+    };
+    finish(request, reply, answer, true);
+}
+
+/// Writes the audit event and answers the caller (if not answered yet).
+fn finish(request: &Request, reply: &mut Reply, answer: Answer, replayed: bool) {
+    let outcome = match &answer {
+        Ok(_) if request.validate_only => "VALIDATED",
+        Ok(_) => "OK",
+        Err(e) => e.reason().as_str(),
+    };
+    let iam_request_id = match &answer {
+        Ok(c) if !c.iam_request_id.is_empty() => Some(c.iam_request_id.clone()),
+        Ok(_) => None,
+        Err(e) => e.rejection().aws_request_id,
+    };
+    if let Ok(c) = &answer {
+        request.audit.set_iam_user(&c.iam_user);
+    }
+    request.audit.close(Outcome {
+        outcome,
+        iam_request_id,
+        replayed,
+    });
+    reply.send(answer);
+}
+
+/// A pre-send step, bounded by the deadline.
+async fn bounded<T>(
+    deadline: Deadline,
+    stage: &'static str,
+    step: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout_at(deadline.instant(), step)
+        .await
+        .unwrap_or(Err(Error::DeadlineBeforeSend { stage }))
+}
+
+/// The attempt proper: limit, identity, policy, IAM.
+async fn attempt(gate: &Gate, request: &Request, reply: &mut Reply) -> Answer {
+    let caller = &request.caller;
+    let deadline = request.deadline;
+    if request.validate_only {
+        // No reservation: a validation never reaches ChangePassword. A
+        // locked-out caller is still told so.
+        if let Some(retry_after) =
+            bounded(deadline, "state", gate.store.check(&caller.identity)).await?
+        {
+            return Err(Error::TooManyFailedAttempts { retry_after });
+        }
+        return prepare(gate, request).await.map(|prepared| Changed {
+            iam_user: prepared.iam_user,
+            iam_request_id: String::new(),
+        });
+    }
+    let reservation =
+        match bounded(deadline, "state", gate.store.reserve(&caller.identity)).await? {
+            Reserve::Granted(reservation) => reservation,
+            Reserve::Refused(retry_after) => {
+                return Err(Error::TooManyFailedAttempts { retry_after });
+            }
+        };
+    let answer = match prepare(gate, request).await {
+        Ok(prepared) => change(gate, request, prepared, reply).await,
+        Err(e) => Err(e),
+    };
+    gate.store.settle(reservation, verdict(&answer)).await;
+    answer
+}
+
+/// What is known before calling IAM.
+struct Prepared {
+    /// The IAM user, as IAM reports it when verified.
+    iam_user: String,
+    /// Whether the profile's key is known to be that user's.
+    verified: bool,
+}
+
+/// Verifies the profile and checks the new password against the account
+/// policy.
+async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
+    let caller = &request.caller;
+    let (iam_user, verified) = match gate
+        .principals
+        .check(&gate.iam, &caller.aws_profile, request.deadline)
+        .await?
+    {
+        Principal::Verified(name) => (name, true),
+        Principal::Unverifiable => (caller.iam_user.clone(), false),
+    };
+    match gate
+        .policies
+        .get(&gate.iam, &caller.aws_profile, request.deadline)
+        .await
+    {
+        Ok(Some(policy)) => {
+            let violations = policy.violations(&request.new);
+            if !violations.is_empty() {
+                return Err(Error::PolicyViolation {
+                    violations,
+                    aws: None,
+                });
+            }
+        }
+        Ok(None) => {}
+        // validate_only promises the policy was checked; a real change can
+        // go ahead while time remains, since IAM enforces the policy itself.
+        Err(e) if request.validate_only || request.deadline.passed() => return Err(e),
+        Err(e) => tracing::warn!(
+            reason = %e.reason(),
+            error = %e,
+            "account password policy unavailable; relying on IAM's own check"
+        ),
+    }
+    Ok(Prepared { iam_user, verified })
+}
+
+/// Calls IAM `ChangePassword`, answering the caller at its deadline at the
+/// latest, and returns IAM's real outcome.
+async fn change(gate: &Gate, request: &Request, prepared: Prepared, reply: &mut Reply) -> Answer {
+    let caller = &request.caller;
+    let Prepared { iam_user, verified } = prepared;
+    let transmitted = Arc::new(AtomicBool::new(false));
+    // The signer's kind disambiguates InvalidUserType: a verified profile is
+    // known to hold an IAM user's key; otherwise the key's shape decides.
+    let verified = verified.then_some(true);
+    let call = TRANSMITTED.scope(
+        transmitted.clone(),
+        gate.iam.change_password(
+            &caller.aws_profile,
+            &request.old,
+            &request.new,
+            request.deadline,
+            verified,
+        ),
+    );
+    tokio::pin!(call);
+    let changed = |iam_request_id| Changed {
+        iam_user: iam_user.clone(),
+        iam_request_id,
+    };
+    tokio::select! {
+        result = &mut call => return result.map(changed),
+        () = tokio::time::sleep_until(request.deadline.instant()) => {}
+    }
+    if !transmitted.load(Ordering::Acquire) {
+        // Nothing was handed to the network yet, and the call is not being
+        // polled: dropping it cannot send anything.
+        return Err(Error::DeadlineBeforeSend { stage: "iam" });
+    }
+    reply.send(Err(Error::OutcomeUnknown {
+        aws: None,
+        cause: None,
+    }));
+    let result = match tokio::time::timeout(UPSTREAM_TIMEOUT, &mut call).await {
+        Ok(result) => result.map(changed),
+        Err(_) => Err(Error::OutcomeUnknown {
+            aws: None,
+            cause: Some(crate::error::Cause::msg(format!(
+                "IAM did not answer within {}s after the caller's deadline",
+                UPSTREAM_TIMEOUT.as_secs()
+            ))),
+        }),
+    };
+    tracing::info!(
+        outcome = result.as_ref().map_or_else(|e| e.reason().as_str(), |_| "OK"),
+        "IAM answered after the caller's deadline; recorded for the audit, the limit and the request_id"
+    );
+    result
+}
+
+/// What an attempt's end means for the wrong-old-password limit: only an
+/// attempt that may have tested the old password, and failed or could not
+/// tell, counts.
+fn verdict(answer: &Answer) -> Verdict {
+    let Err(e) = answer else {
+        return Verdict::Success;
+    };
+    match e {
+        // IAM checked the old password before the policy: it was right.
+        Error::PolicyViolation { aws: Some(_), .. } => Verdict::Success,
+        // Never sent, or refused before the password was looked at
+        // (authentication, authorization, no login profile, throttling).
+        Error::PolicyViolation { aws: None, .. }
+        | Error::DeadlineBeforeSend { .. }
+        | Error::IamUnreachable(_)
+        | Error::IamThrottled(_)
+        | Error::IamUserMismatch
+        | Error::StateUnavailable(_)
+        | Error::UpstreamCredentialsRejected(..)
+        | Error::IamAccessDenied(_)
+        | Error::LoginProfileMissing(_) => Verdict::Release,
+        // A wrong old password, or an answer that cannot rule one out.
+        _ => Verdict::Failure,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{AwsContext, Cause, IamCode};
+
+    fn aws(code: IamCode) -> AwsContext {
+        AwsContext {
+            code: Some(code),
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn only_attempts_that_may_have_tested_the_old_password_count() {
+        let ok: Answer = Ok(Changed {
+            iam_user: "u".into(),
+            iam_request_id: "r".into(),
+        });
+        assert_eq!(verdict(&ok), Verdict::Success);
+        let counts = [
+            Error::OldPasswordIncorrect(aws(IamCode::InvalidUserType)),
+            Error::OutcomeUnknown {
+                aws: None,
+                cause: None,
+            },
+            Error::IamServiceFailure(aws(IamCode::ServiceFailure)),
+            Error::IamError(aws(IamCode::Other("New".into()))),
+        ];
+        for e in counts {
+            assert_eq!(verdict(&Err(e.clone())), Verdict::Failure, "{e:?}");
+        }
+        let free = [
+            Error::DeadlineBeforeSend { stage: "iam" },
+            Error::IamUnreachable(Cause::msg("refused")),
+            Error::IamThrottled(aws(IamCode::Throttling)),
+            Error::IamAccessDenied(aws(IamCode::AccessDenied)),
+        ];
+        for e in free {
+            assert_eq!(verdict(&Err(e.clone())), Verdict::Release, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn outcomes_that_changed_nothing_run_again_on_retry_and_the_others_replay() {
+        for reason in Reason::ALL {
+            if runs_again_on_retry(*reason) {
+                assert!(reason.guarantees_not_applied(), "{reason}");
+            }
+        }
+        assert!(!runs_again_on_retry(Reason::OutcomeUnknown));
+        assert!(!runs_again_on_retry(Reason::OldPasswordIncorrect));
+        assert!(!runs_again_on_retry(Reason::PasswordPolicyViolation));
+    }
+}

@@ -1,0 +1,436 @@
+//! Admission at the edge, before any handler runs or any shared slot is
+//! taken, in this order:
+//!
+//! 1. the deadline is set from the arrival time ([`Deadline::on_arrival`]);
+//! 2. a `ChangePassword` gets its audit slot, so even a request refused here
+//!    leaves its one audit event;
+//! 3. the caller, identified once per connection from its certificate, must
+//!    be mapped (unmapped certificates take no slot at all);
+//! 4. the caller must be under `max_requests_per_caller`;
+//! 5. the whole body must arrive within [`REQUEST_READ_TIMEOUT`] and fit in
+//!    [`MAX_REQUEST_BYTES`];
+//! 6. a slot of `max_concurrent_requests` must free up before the deadline;
+//! 7. the handler runs, bounded by the deadline.
+//!
+//! Health and reflection bypass 3–6: they must keep answering while
+//! PasswordService is saturated, and they have their own small decode limits.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use tokio::{sync::Semaphore, time::Instant};
+use tonic::body::Body;
+use tower::Service;
+
+use crate::{
+    audit::{AuditSlot, Outcome},
+    deadline::Deadline,
+    error::{Error, Reason, reason_of, reject},
+    identity::Caller,
+    rpc_span::Method,
+    telemetry,
+};
+
+/// Largest request accepted. Two 128-character passwords and a UUID fit many
+/// times over; anything bigger is not a password change.
+pub(crate) const MAX_REQUEST_BYTES: usize = 4 * 1024;
+
+/// The whole request must have arrived this long after its headers: a
+/// stream that sends headers and then nothing must not hold a slot.
+pub(crate) const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the edge hands to the handler in the request's extensions.
+#[derive(Clone)]
+pub(crate) struct Admitted {
+    /// The mapped caller.
+    pub(crate) caller: Arc<Caller>,
+    /// The request's deadline, from its arrival.
+    pub(crate) deadline: Deadline,
+    /// The audit slot of a `ChangePassword`.
+    pub(crate) audit: Option<Arc<AuditSlot>>,
+}
+
+/// One established connection, as the edge sees it.
+pub(crate) struct Connection {
+    /// The TCP peer.
+    pub(crate) peer: SocketAddr,
+    /// The caller its certificate maps to, resolved once after the handshake.
+    pub(crate) caller: Result<Arc<Caller>, Error>,
+    /// Requests in flight and the time of the last one, for the idle timeout.
+    active: AtomicUsize,
+    last_active_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Connection {
+    pub(crate) fn new(peer: SocketAddr, caller: Result<Arc<Caller>, Error>) -> Self {
+        Self {
+            peer,
+            caller,
+            active: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.clone())
+    }
+
+    /// When the connection went idle (no request in flight), `None` while
+    /// busy.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ms = self.last_active_ms.load(Ordering::Acquire);
+        Some(self.opened + Duration::from_millis(ms))
+    }
+}
+
+/// A request in flight on its connection.
+struct ActiveGuard(Arc<Connection>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let c = &self.0;
+        let ms = u64::try_from(c.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        c.last_active_ms.store(ms, Ordering::Release);
+        c.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Limits shared by every connection.
+pub(crate) struct Limits {
+    /// `server.request_timeout`.
+    pub(crate) request_timeout: Duration,
+    /// `server.max_concurrent_requests` slots.
+    pub(crate) concurrent: Arc<Semaphore>,
+    /// `server.max_requests_per_caller`.
+    pub(crate) per_caller: usize,
+}
+
+/// The edge around the routes of one connection.
+#[derive(Clone)]
+pub(crate) struct Edge<S> {
+    inner: S,
+    limits: Arc<Limits>,
+    conn: Arc<Connection>,
+}
+
+impl<S> Edge<S> {
+    pub(crate) fn new(inner: S, limits: Arc<Limits>, conn: Arc<Connection>) -> Self {
+        Self {
+            inner,
+            limits,
+            conn,
+        }
+    }
+}
+
+type Response = http::Response<Body>;
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for Edge<S>
+where
+    S: Service<http::Request<Body>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The routes are always ready; admission happens per request.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let deadline = Deadline::on_arrival(
+            self.limits.request_timeout,
+            req.headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let active = self.conn.begin();
+        // Take the service that was driven ready, leave a fresh clone.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let method = Method::of_path(req.uri().path());
+        match method {
+            None => Box::pin(pass_through(inner, req, deadline, active)),
+            Some(method) => Box::pin(admit(
+                inner,
+                req,
+                method,
+                deadline,
+                self.limits.clone(),
+                self.conn.clone(),
+                active,
+            )),
+        }
+    }
+}
+
+/// Health and reflection: no identity or slot needed; bounded like tonic's
+/// own server timeout would bound them.
+async fn pass_through<S, B>(
+    mut inner: S,
+    req: http::Request<B>,
+    deadline: Deadline,
+    active: ActiveGuard,
+) -> Result<Response, Infallible>
+where
+    S: Service<http::Request<Body>, Response = Response, Error = Infallible>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    let call = inner.call(req.map(Body::new));
+    let response = match tokio::time::timeout_at(deadline.instant(), call).await {
+        Ok(Ok(response)) => with_details(response),
+        Err(_) => Error::DeadlineBeforeSend { stage: "handler" }
+            .rejection()
+            .into_status()
+            .into_http(),
+    };
+    // Streams (reflection, health Watch) count as activity until they end.
+    Ok(response.map(|body| Body::new(Tracked { body, _active: active })))
+}
+
+async fn admit<S, B>(
+    mut inner: S,
+    req: http::Request<B>,
+    method: Method,
+    deadline: Deadline,
+    limits: Arc<Limits>,
+    conn: Arc<Connection>,
+    _active: ActiveGuard,
+) -> Result<Response, Infallible>
+where
+    S: Service<http::Request<Body>, Response = Response, Error = Infallible>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    let (presented_caller, iam_user) = match &conn.caller {
+        Ok(c) => (c.identity.as_str(), c.iam_user.as_str()),
+        Err(Error::CallerNotMapped { presented }) => (presented.as_str(), ""),
+        Err(_) => ("", ""),
+    };
+    let span = tracing::Span::current();
+    span.record("credgate.caller", presented_caller);
+    if !iam_user.is_empty() {
+        span.record("credgate.iam_user", iam_user);
+    }
+    let audit = (method == Method::ChangePassword).then(|| {
+        let (trace_id, _) = telemetry::current_ids();
+        Arc::new(AuditSlot::open(
+            presented_caller,
+            iam_user,
+            Some(conn.peer),
+            trace_id,
+        ))
+    });
+    let refuse = |err: Error| {
+        if let Some(slot) = &audit {
+            slot.close(Outcome::of(err.reason().as_str()));
+        }
+        Ok(reject(err).into_http())
+    };
+
+    let caller = match &conn.caller {
+        Ok(caller) => caller.clone(),
+        Err(e) => return refuse(e.clone()),
+    };
+    let Ok(_per_caller) = caller.in_flight.clone().try_acquire_owned() else {
+        return refuse(Error::CallerConcurrencyExceeded {
+            limit: limits.per_caller,
+        });
+    };
+    let (parts, body) = req.into_parts();
+    let read_by = deadline
+        .instant()
+        .min(Instant::now() + REQUEST_READ_TIMEOUT);
+    let body = match tokio::time::timeout_at(read_by, read_body(body)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => return refuse(e),
+        Err(_) => return refuse(Error::DeadlineBeforeSend { stage: "body" }),
+    };
+    let _slot = match tokio::time::timeout_at(
+        deadline.instant(),
+        limits.concurrent.clone().acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => permit,
+        // The semaphore is never closed; a timeout is the only way here.
+        Ok(Err(_)) | Err(_) => return refuse(Error::DeadlineBeforeSend { stage: "queue" }),
+    };
+
+    let mut req = http::Request::from_parts(parts, Body::new(Full::new(body)));
+    req.extensions_mut().insert(Admitted {
+        caller,
+        deadline,
+        audit: audit.clone(),
+    });
+    let call = inner.call(req);
+    // The handler answers by the deadline itself; this only catches a
+    // handler that could not run in time.
+    let response = match tokio::time::timeout_at(deadline.fallback(), call).await {
+        Ok(Ok(response)) => with_details(response),
+        Err(_) => {
+            let err = match &audit {
+                Some(slot) if slot.handed_off() => Error::OutcomeUnknown {
+                    aws: None,
+                    cause: None,
+                },
+                _ => Error::DeadlineBeforeSend { stage: "handler" },
+            };
+            reject(err).into_http()
+        }
+    };
+    // A rejection from before the handler (an undecodable body) closes the
+    // slot; an attempt that was handed off closes it itself, later.
+    if let Some(slot) = &audit
+        && !slot.handed_off()
+    {
+        let reason = response
+            .extensions()
+            .get::<tonic::Status>()
+            .and_then(reason_of)
+            .map_or("OK", Reason::as_str);
+        slot.close(Outcome::of(reason));
+    }
+    Ok(response)
+}
+
+async fn read_body<B>(body: B) -> Result<Bytes, Error>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::RequestTooLarge {
+            limit: MAX_REQUEST_BYTES,
+        }),
+        Err(_) => Err(Error::RequestMalformed(
+            "the request body could not be read".to_owned(),
+        )),
+    }
+}
+
+/// The error credgate reports for a status tonic produced itself, before
+/// any handler: only message decoding fails that way (tonic's codes for an
+/// oversized and an undecodable message).
+fn own_rejection(status: &tonic::Status) -> Option<Error> {
+    if !status.details().is_empty() {
+        return None;
+    }
+    match status.code() {
+        tonic::Code::OutOfRange => Some(Error::RequestTooLarge {
+            limit: MAX_REQUEST_BYTES,
+        }),
+        // prost's decode errors name the field and wire type, never a value.
+        tonic::Code::Internal => Some(Error::RequestMalformed(status.message().to_owned())),
+        _ => None,
+    }
+}
+
+/// A trailers-only rejection by tonic, given credgate's ErrorInfo.
+fn with_details(response: Response) -> Response {
+    match response
+        .extensions()
+        .get::<tonic::Status>()
+        .and_then(own_rejection)
+    {
+        Some(err) => reject(err).into_http(),
+        None => response,
+    }
+}
+
+/// A response body that keeps its request counted as activity until it
+/// ends, and gives tonic's own mid-stream rejections (a reflection message
+/// over the limit) credgate's ErrorInfo.
+struct Tracked {
+    body: Body,
+    _active: ActiveGuard,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        match frame {
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                let mut frame = frame;
+                if let Some(trailers) = frame.trailers_mut()
+                    && let Some(err) =
+                        tonic::Status::from_header_map(trailers).and_then(|s| own_rejection(&s))
+                {
+                    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+                        trailers.remove(name);
+                    }
+                    if let Err(e) = reject(err).add_header(trailers) {
+                        tracing::warn!(error = %e, "cannot encode a rejection's details");
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc_span::SERVICE;
+
+    fn path(method: &str) -> String {
+        format!("/{SERVICE}/{method}")
+    }
+
+    #[test]
+    fn only_password_service_paths_are_admitted() {
+        assert_eq!(
+            Method::of_path(&path("ChangePassword")),
+            Some(Method::ChangePassword)
+        );
+        assert_eq!(
+            Method::of_path(&path("Bogus")),
+            Some(Method::Other),
+            "made-up methods still pass the edge"
+        );
+        assert_eq!(Method::of_path("/grpc.health.v1.Health/Check"), None);
+    }
+}

@@ -1,0 +1,77 @@
+//! The account password policy per profile: read once, shared by every call,
+//! refreshed after a minute.
+//!
+//! Single-flight: a cold or expired entry is fetched by one call while the
+//! others wait for its answer, so 100 concurrent cold requests cost one IAM
+//! call. Failures are cached too (briefly), so a user without
+//! `iam:GetAccountPasswordPolicy` costs one extra IAM call a minute, not one
+//! per change.
+
+use std::{collections::HashMap, time::Duration};
+
+use tokio::{sync::Mutex, time::Instant};
+
+use crate::{deadline::Deadline, error::Error, iam::Iam, password::Policy};
+
+/// How long a policy is trusted. Short: a stricter policy should apply
+/// within a minute, and IAM checks every change itself anyway.
+const POLICY_TTL: Duration = Duration::from_secs(60);
+/// How long a refusal (`AccessDenied`) is remembered: it only changes when
+/// an operator changes the user's policy.
+const DENIED_TTL: Duration = Duration::from_secs(60);
+/// How long any other failure is remembered: enough to spare IAM a herd.
+const FAILURE_TTL: Duration = Duration::from_secs(5);
+
+type Answer = Result<Option<Policy>, Error>;
+
+struct Cached {
+    answer: Answer,
+    until: Instant,
+}
+
+/// See the module docs.
+pub(crate) struct PolicyCache {
+    by_profile: HashMap<String, Mutex<Option<Cached>>>,
+}
+
+impl PolicyCache {
+    /// An empty cache for `profiles`.
+    pub(crate) fn new<'a>(profiles: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            by_profile: profiles
+                .into_iter()
+                .map(|p| (p.to_owned(), Mutex::new(None)))
+                .collect(),
+        }
+    }
+
+    /// The policy for `profile`, from the cache or from IAM.
+    pub(crate) async fn get(&self, iam: &Iam, profile: &str, deadline: Deadline) -> Answer {
+        let Some(slot) = self.by_profile.get(profile) else {
+            return iam.password_policy(profile, deadline).await;
+        };
+        // Held across the fetch: that is what makes it single-flight.
+        let mut cached = tokio::time::timeout_at(deadline.instant(), slot.lock())
+            .await
+            .map_err(|_| Error::DeadlineBeforeSend { stage: "policy" })?;
+        if let Some(c) = cached.as_ref()
+            && Instant::now() < c.until
+        {
+            return c.answer.clone();
+        }
+        let answer = iam.password_policy(profile, deadline).await;
+        let ttl = match &answer {
+            Ok(_) => Some(POLICY_TTL),
+            Err(Error::IamAccessDenied(_)) => Some(DENIED_TTL),
+            // This call's own deadline, not IAM's health: the next call,
+            // with its own budget, tries again.
+            Err(Error::DeadlineBeforeSend { .. } | Error::IamTimeout) => None,
+            Err(_) => Some(FAILURE_TTL),
+        };
+        *cached = ttl.map(|ttl| Cached {
+            answer: answer.clone(),
+            until: Instant::now() + ttl,
+        });
+        answer
+    }
+}
