@@ -102,12 +102,7 @@ async fn run(gate: Arc<Gate>, request: Request, mut reply: Reply) {
     let mut claim = None;
     if let (Some(id), false) = (&request.request_id, request.validate_only) {
         loop {
-            let claimed = bounded(
-                request.deadline,
-                "state",
-                gate.store.claim(caller, id),
-            )
-            .await;
+            let claimed = bounded(request.deadline, "state", gate.store.claim(caller, id)).await;
             let waited = match claimed {
                 Ok(Claim::Fresh(token)) => {
                     claim = Some(token);
@@ -151,7 +146,11 @@ async fn store_outcome(store: &Store, token: ClaimToken, answer: &Answer) {
             store.complete(token, outcome).await;
         }
         Err(e) if runs_again_on_retry(e.reason()) => store.abandon(token).await,
-        Err(e) => store.complete(token, StoredOutcome::Rejected(e.rejection())).await,
+        Err(e) => {
+            store
+                .complete(token, StoredOutcome::Rejected(e.rejection()))
+                .await
+        }
     }
 }
 
@@ -236,13 +235,13 @@ async fn attempt(gate: &Gate, request: &Request, reply: &mut Reply) -> Answer {
             iam_request_id: String::new(),
         });
     }
-    let reservation =
-        match bounded(deadline, "state", gate.store.reserve(&caller.identity)).await? {
-            Reserve::Granted(reservation) => reservation,
-            Reserve::Refused(retry_after) => {
-                return Err(Error::TooManyFailedAttempts { retry_after });
-            }
-        };
+    let reservation = match bounded(deadline, "state", gate.store.reserve(&caller.identity)).await?
+    {
+        Reserve::Granted(reservation) => reservation,
+        Reserve::Refused(retry_after) => {
+            return Err(Error::TooManyFailedAttempts { retry_after });
+        }
+    };
     let answer = match prepare(gate, request).await {
         Ok(prepared) => change(gate, request, prepared, reply).await,
         Err(e) => Err(e),
@@ -286,9 +285,14 @@ async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
             }
         }
         Ok(None) => {}
-        // validate_only promises the policy was checked; a real change can
-        // go ahead while time remains, since IAM enforces the policy itself.
-        Err(e) if request.validate_only || request.deadline.passed() => return Err(e),
+        // validate_only promises the policy was checked.
+        Err(e) if request.validate_only => return Err(e),
+        // Out of time: the change itself was never sent.
+        Err(_) if request.deadline.passed() => {
+            return Err(Error::DeadlineBeforeSend { stage: "policy" });
+        }
+        // A real change can go ahead while time remains: IAM enforces the
+        // policy itself.
         Err(e) => tracing::warn!(
             reason = %e.reason(),
             error = %e,
@@ -346,7 +350,9 @@ async fn change(gate: &Gate, request: &Request, prepared: Prepared, reply: &mut 
         }),
     };
     tracing::info!(
-        outcome = result.as_ref().map_or_else(|e| e.reason().as_str(), |_| "OK"),
+        outcome = result
+            .as_ref()
+            .map_or_else(|e| e.reason().as_str(), |_| "OK"),
         "IAM answered after the caller's deadline; recorded for the audit, the limit and the request_id"
     );
     result

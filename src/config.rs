@@ -555,7 +555,9 @@ fn parse_state(p: &mut Problems, root: &Table) -> StateSettings {
         (None | Some("memory"), None) => {
             for (key, set) in redis_only {
                 if set {
-                    p.push(format!("state.{key}: only applies to the redis backend (set state.url)"));
+                    p.push(format!(
+                        "state.{key}: only applies to the redis backend (set state.url)"
+                    ));
                 }
             }
         }
@@ -566,7 +568,9 @@ fn parse_state(p: &mut Problems, root: &Table) -> StateSettings {
         (None | Some("redis"), Some(url)) => {
             let tls = url.starts_with("rediss://");
             if !(tls || url.starts_with("redis://")) {
-                p.push(format!("state.url: {url:?} must start with redis:// or rediss://"));
+                p.push(format!(
+                    "state.url: {url:?} must start with redis:// or rediss://"
+                ));
             } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
                 p.push(format!("state.url: not a Redis URL: {e}"));
             } else if url_has_password(&url) {

@@ -177,9 +177,9 @@ struct AcceptBackoff {
 
 impl AcceptBackoff {
     async fn failed(&mut self, e: &io::Error) {
-        let delay = self
-            .delay
-            .map_or(Duration::from_millis(10), |d| (d * 2).min(Duration::from_secs(1)));
+        let delay = self.delay.map_or(Duration::from_millis(10), |d| {
+            (d * 2).min(Duration::from_secs(1))
+        });
         self.delay = Some(delay);
         if self
             .last_log
@@ -267,18 +267,17 @@ async fn handshake(
     let _ = tcp.set_nodelay(true);
     let slot = match handshakes.clone().try_acquire_owned() {
         Ok(slot) => slot,
-        Err(_) => match tokio::time::timeout(
-            HANDSHAKE_SLOT_WAIT,
-            handshakes.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(slot)) => slot,
-            _ => {
-                tracing::debug!(peer.address = %peer, "too many handshakes in progress; connection closed");
-                return None;
+        Err(_) => {
+            match tokio::time::timeout(HANDSHAKE_SLOT_WAIT, handshakes.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(slot)) => slot,
+                _ => {
+                    tracing::debug!(peer.address = %peer, "too many handshakes in progress; connection closed");
+                    return None;
+                }
             }
-        },
+        }
     };
     let budget = if handshakes.available_permits() < MAX_HANDSHAKES / 2 {
         HANDSHAKE_TIMEOUT_UNDER_LOAD

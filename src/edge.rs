@@ -211,7 +211,12 @@ where
             .into_http(),
     };
     // Streams (reflection, health Watch) count as activity until they end.
-    Ok(response.map(|body| Body::new(Tracked { body, _active: active })))
+    Ok(response.map(|body| {
+        Body::new(Tracked {
+            body,
+            _active: active,
+        })
+    }))
 }
 
 async fn admit<S, B>(

@@ -472,7 +472,9 @@ impl Error {
         Rejection {
             reason: self.reason(),
             message: self.to_string(),
-            aws_error_code: aws.and_then(|a| a.code.as_ref()).map(|c| c.as_str().to_owned()),
+            aws_error_code: aws
+                .and_then(|a| a.code.as_ref())
+                .map(|c| c.as_str().to_owned()),
             aws_request_id: aws.and_then(|a| a.request_id.clone()),
             peer_identity: match self {
                 Self::CallerNotMapped { presented } => Some(presented.clone()),
@@ -562,8 +564,7 @@ impl Rejection {
             details.set_retry_info(Some(Duration::from_millis(ms)));
         }
         details.set_error_info(self.reason.as_str(), DOMAIN, metadata);
-        let mut status =
-            Status::with_error_details(self.reason.code(), self.message, details);
+        let mut status = Status::with_error_details(self.reason.code(), self.message, details);
         status.set_source(Arc::new(ReasonTag(self.reason)));
         status
     }
@@ -685,7 +686,10 @@ mod tests {
             (Reason::OldPasswordIncorrect, Code::PermissionDenied),
             (Reason::TooManyFailedAttempts, Code::ResourceExhausted),
             (Reason::IamThrottled, Code::Unavailable),
-            (Reason::UpstreamCredentialsRejected, Code::FailedPrecondition),
+            (
+                Reason::UpstreamCredentialsRejected,
+                Code::FailedPrecondition,
+            ),
             (Reason::OutcomeUnknown, Code::DeadlineExceeded),
             (Reason::DeadlineBeforeSend, Code::DeadlineExceeded),
             (Reason::IamUserMismatch, Code::FailedPrecondition),
@@ -783,6 +787,9 @@ mod tests {
     fn truncation_keeps_character_boundaries() {
         assert_eq!(truncate("abc", 5), "abc");
         let cut = truncate("ééééé", 3);
-        assert!(cut.starts_with('é') && cut.ends_with("(truncated)"), "{cut}");
+        assert!(
+            cut.starts_with('é') && cut.ends_with("(truncated)"),
+            "{cut}"
+        );
     }
 }

@@ -173,7 +173,9 @@ pub fn classify(failure: Failure, signer_is_iam_user: bool) -> Error {
                 cause: Some(cause),
             };
         }
-        Failure::NoCredentials(cause) => return Error::UpstreamCredentialsRejected(None, Some(cause)),
+        Failure::NoCredentials(cause) => {
+            return Error::UpstreamCredentialsRejected(None, Some(cause));
+        }
     };
     let aws = AwsContext {
         code: code.clone(),
@@ -217,6 +219,8 @@ pub fn classify(failure: Failure, signer_is_iam_user: bool) -> Error {
 fn for_read(err: Error) -> Error {
     match err {
         Error::OutcomeUnknown { aws, .. } => Error::IamServiceFailure(aws.unwrap_or_default()),
+        // An answer that could not be read at all (cut off): try again.
+        Error::IamError(aws) if aws.code.is_none() => Error::IamServiceFailure(aws),
         other => other,
     }
 }
@@ -259,23 +263,19 @@ impl Iam {
     ) -> Result<String, Error> {
         let span = client_span("ChangePassword", self.clients.region());
         let result = self
-            .call(
-                profile,
-                deadline,
-                signer_is_iam_user,
-                |client, connect| {
-                    let mut op = client
-                        .iam
-                        .change_password()
-                        .old_password(old.expose())
-                        .new_password(new.expose())
-                        .customize();
-                    if let Some(t) = connect {
-                        op = op.config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
-                    }
-                    op.send()
-                },
-            )
+            .call(profile, deadline, signer_is_iam_user, |client, connect| {
+                let mut op = client
+                    .iam
+                    .change_password()
+                    .old_password(old.expose())
+                    .new_password(new.expose())
+                    .customize();
+                if let Some(t) = connect {
+                    op = op
+                        .config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
+                }
+                op.send()
+            })
             .instrument(span.clone())
             .await;
         record_outcome(&span, "ChangePassword", &result);
@@ -293,7 +293,8 @@ impl Iam {
             .read(profile, deadline, |client, connect| {
                 let mut op = client.iam.get_account_password_policy().customize();
                 if let Some(t) = connect {
-                    op = op.config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
+                    op = op
+                        .config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
                 }
                 op.send()
             })
@@ -325,7 +326,8 @@ impl Iam {
             .read(profile, deadline, |client, connect| {
                 let mut op = client.sts.get_caller_identity().customize();
                 if let Some(t) = connect {
-                    op = op.config_override(aws_sdk_sts::config::Builder::default().timeout_config(t));
+                    op = op
+                        .config_override(aws_sdk_sts::config::Builder::default().timeout_config(t));
                 }
                 op.send()
             })
@@ -346,7 +348,8 @@ impl Iam {
             .read(profile, deadline, |client, connect| {
                 let mut op = client.iam.get_user().customize();
                 if let Some(t) = connect {
-                    op = op.config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
+                    op = op
+                        .config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
                 }
                 op.send()
             })
@@ -461,9 +464,7 @@ fn not_transmitted() {
 /// The connect timeout for a try with `remaining` time: the default when
 /// there is time for it, else the largest short one that fits; `Err` when
 /// not even the shortest fits (nothing can be sent in time).
-fn connect_timeout(
-    remaining: Duration,
-) -> Result<Option<aws_config::timeout::TimeoutConfig>, ()> {
+fn connect_timeout(remaining: Duration) -> Result<Option<aws_config::timeout::TimeoutConfig>, ()> {
     if remaining >= CONNECT_TIMEOUT {
         return Ok(None);
     }
@@ -484,7 +485,11 @@ fn client_span(method: &'static str, region: &str) -> tracing::Span {
         otel.name = method_span_name(method),
         otel.kind = "client",
         rpc.system = "aws-api",
-        rpc.service = if method == "GetCallerIdentity" { "STS" } else { "IAM" },
+        rpc.service = if method == "GetCallerIdentity" {
+            "STS"
+        } else {
+            "IAM"
+        },
         rpc.method = method,
         cloud.region = region,
         aws.request_id = tracing::field::Empty,
@@ -567,7 +572,11 @@ mod tests {
     #[test]
     fn each_iam_code_classifies_to_its_row() {
         let rows = [
-            ("PasswordPolicyViolation", true, Reason::PasswordPolicyViolation),
+            (
+                "PasswordPolicyViolation",
+                true,
+                Reason::PasswordPolicyViolation,
+            ),
             ("InvalidUserType", true, Reason::OldPasswordIncorrect),
             ("InvalidUserType", false, Reason::InvalidUserType),
             ("NoSuchEntity", true, Reason::LoginProfileMissing),
@@ -580,8 +589,16 @@ mod tests {
                 Reason::EntityTemporarilyUnmodifiable,
             ),
             ("ServiceFailure", true, Reason::IamServiceFailure),
-            ("InvalidClientTokenId", true, Reason::UpstreamCredentialsRejected),
-            ("SignatureDoesNotMatch", true, Reason::UpstreamCredentialsRejected),
+            (
+                "InvalidClientTokenId",
+                true,
+                Reason::UpstreamCredentialsRejected,
+            ),
+            (
+                "SignatureDoesNotMatch",
+                true,
+                Reason::UpstreamCredentialsRejected,
+            ),
             ("ExpiredToken", true, Reason::UpstreamCredentialsRejected),
             ("SomethingNew", true, Reason::IamError),
         ];
@@ -612,8 +629,14 @@ mod tests {
             status,
         };
         // ...a proxy's bare 502/504 says nothing about IAM.
-        assert_eq!(classify(no_code(502), true).reason(), Reason::OutcomeUnknown);
-        assert_eq!(classify(no_code(504), true).reason(), Reason::OutcomeUnknown);
+        assert_eq!(
+            classify(no_code(502), true).reason(),
+            Reason::OutcomeUnknown
+        );
+        assert_eq!(
+            classify(no_code(504), true).reason(),
+            Reason::OutcomeUnknown
+        );
         assert_eq!(classify(no_code(418), true).reason(), Reason::IamError);
     }
 

@@ -139,9 +139,7 @@ pub(crate) fn check_leaf(der: &[u8]) -> Result<PeerIdentity, String> {
         Some(false) => {}
     }
     if !client_auth {
-        return Err(
-            "client certificate lacks the clientAuth extended key usage".to_owned(),
-        );
+        return Err("client certificate lacks the clientAuth extended key usage".to_owned());
     }
     PeerIdentity::from_cert(&cert)
 }

@@ -211,9 +211,10 @@ impl Profile {
     /// The verdict from what is already known about this key generation.
     fn known(&self, generation: u64) -> Option<Result<Verdict, Error>> {
         match &*self.lock() {
-            State::Verified { name, generation: g } if *g == generation => {
-                Some(Ok(Verdict::Verified(name.clone())))
-            }
+            State::Verified {
+                name,
+                generation: g,
+            } if *g == generation => Some(Ok(Verdict::Verified(name.clone()))),
             State::Mismatch { generation: g, .. } if *g == generation => {
                 Some(Err(Error::IamUserMismatch))
             }
@@ -230,7 +231,11 @@ impl Profile {
         let principal = Principal::of_arn(arn);
         match &principal {
             Principal::User(name) if *name == self.expected => {
-                tracing::info!(profile, arn, "profile verified: its key is the configured IAM user's");
+                tracing::info!(
+                    profile,
+                    arn,
+                    "profile verified: its key is the configured IAM user's"
+                );
                 *self.lock() = State::Verified {
                     name: name.clone(),
                     generation,
@@ -275,18 +280,27 @@ mod tests {
     #[test]
     fn arns_are_read_by_kind() {
         let cases = [
-            ("arn:aws:iam::123456789012:user/alice", Principal::User("alice".into())),
+            (
+                "arn:aws:iam::123456789012:user/alice",
+                Principal::User("alice".into()),
+            ),
             (
                 "arn:aws:iam::123456789012:user/team/ops/alice",
                 Principal::User("alice".into()),
             ),
-            ("arn:aws-cn:iam::123456789012:user/bob", Principal::User("bob".into())),
+            (
+                "arn:aws-cn:iam::123456789012:user/bob",
+                Principal::User("bob".into()),
+            ),
             ("arn:aws:iam::123456789012:root", Principal::Root),
             (
                 "arn:aws:sts::123456789012:assumed-role/admin/session",
                 Principal::Other,
             ),
-            ("arn:aws:sts::123456789012:federated-user/bob", Principal::Other),
+            (
+                "arn:aws:sts::123456789012:federated-user/bob",
+                Principal::Other,
+            ),
             ("arn:aws:iam::123456789012:role/admin", Principal::Other),
             ("not an arn", Principal::Other),
             ("", Principal::Other),

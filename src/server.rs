@@ -119,9 +119,10 @@ pub async fn serve(
     let profiles = || config.callers.iter().map(|c| c.aws_profile.as_str());
     let clients = AwsClients::new(&config.aws, profiles()).await;
     // A claim still pending after this long belongs to a replica that died.
-    let pending_lifetime = config.server.request_timeout + UPSTREAM_TIMEOUT + Duration::from_secs(60);
-    let store = Store::new(&config.state, &config.limits, pending_lifetime)
-        .map_err(ServeError::State)?;
+    let pending_lifetime =
+        config.server.request_timeout + UPSTREAM_TIMEOUT + Duration::from_secs(60);
+    let store =
+        Store::new(&config.state, &config.limits, pending_lifetime).map_err(ServeError::State)?;
     if !store.is_shared() {
         tracing::info!(
             "state in process memory: the attempt limit and request_id replays hold for this replica only"
@@ -202,10 +203,12 @@ pub async fn serve(
     ));
 
     let admin_stop = CancellationToken::new();
-    let admin_server = Server::builder().add_service(health).serve_with_incoming_shutdown(
-        TcpListenerStream::new(listeners.admin),
-        admin_stop.clone().cancelled_owned(),
-    );
+    let admin_server = Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.admin),
+            admin_stop.clone().cancelled_owned(),
+        );
     let admin_task = tokio::spawn(admin_server);
 
     tokio::select! {

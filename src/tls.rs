@@ -100,8 +100,7 @@ impl TlsFiles {
         let mut crls = Vec::new();
         let mut crl_issuers = Vec::new();
         for bytes in &self.crls {
-            match CertificateRevocationListDer::pem_slice_iter(bytes)
-                .collect::<Result<Vec<_>, _>>()
+            match CertificateRevocationListDer::pem_slice_iter(bytes).collect::<Result<Vec<_>, _>>()
             {
                 Ok(found) if found.is_empty() => {
                     problems.push("tls.crl: no PEM X509 CRL found".to_owned());
@@ -181,9 +180,9 @@ impl ClientLeafVerifier {
 }
 
 fn reject(text: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-        LeafRejected(text),
-    ))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(LeafRejected(
+        text,
+    )))))
 }
 
 #[derive(Debug)]
@@ -216,7 +215,10 @@ impl ClientCertVerifier for ClientLeafVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        match self.webpki.verify_client_cert(end_entity, intermediates, now) {
+        match self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             Err(rustls::Error::InvalidCertificate(CertificateError::UnknownRevocationStatus))
                 if self.checks_revocation =>
             {

@@ -218,9 +218,9 @@ impl Memory {
     pub(crate) fn abandon(&self, caller: &str, request_id: &str, owner: &str) {
         let mut records = lock(&self.records);
         if let Some(ids) = records.by_caller.get_mut(caller) {
-            let ours = ids.get(request_id).is_some_and(
-                |r| matches!(&r.entry, Entry::Pending { owner: o, .. } if o == owner),
-            );
+            let ours = ids
+                .get(request_id)
+                .is_some_and(|r| matches!(&r.entry, Entry::Pending { owner: o, .. } if o == owner));
             if ours {
                 ids.remove(request_id);
             }
@@ -239,7 +239,8 @@ impl Memory {
         loop {
             // Registered before looking, so a change in between still wakes us.
             let changed = self.changed.notified();
-            let entry = Self::live(&lock(&self.records), caller, request_id).map(|r| r.entry.clone());
+            let entry =
+                Self::live(&lock(&self.records), caller, request_id).map(|r| r.entry.clone());
             match entry {
                 Some(Entry::Pending { .. }) if !deadline.passed() => {
                     let _ = tokio::time::timeout_at(deadline.instant(), changed).await;
@@ -264,13 +265,14 @@ mod tests {
             assert_eq!(m.reserve("a", &format!("r{i}"), 3, WINDOW), None);
         }
         // Three guesses in flight: the fourth is refused at once.
-        assert_eq!(
-            m.reserve("a", "r3", 3, WINDOW),
-            Some(DEFAULT_RETRY_DELAY)
-        );
+        assert_eq!(m.reserve("a", "r3", 3, WINDOW), Some(DEFAULT_RETRY_DELAY));
         assert_eq!(m.reserve("b", "r0", 3, WINDOW), None, "per caller");
         m.settle("a", "r0", Verdict::Release, WINDOW);
-        assert_eq!(m.reserve("a", "r4", 3, WINDOW), None, "a release frees a slot");
+        assert_eq!(
+            m.reserve("a", "r4", 3, WINDOW),
+            None,
+            "a release frees a slot"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -305,10 +307,20 @@ mod tests {
             started_ms: 0,
         };
         assert_eq!(m.claim("a", "id", pending("o1"), WINDOW), None);
-        assert!(matches!(m.claim("a", "id", pending("o2"), WINDOW), Some(Entry::Pending { .. })));
-        assert_eq!(m.claim("b", "id", pending("o3"), WINDOW), None, "per caller");
+        assert!(matches!(
+            m.claim("a", "id", pending("o2"), WINDOW),
+            Some(Entry::Pending { .. })
+        ));
+        assert_eq!(
+            m.claim("b", "id", pending("o3"), WINDOW),
+            None,
+            "per caller"
+        );
         m.abandon("a", "id", "o2");
-        assert!(m.claim("a", "id", pending("o4"), WINDOW).is_some(), "not o2's to abandon");
+        assert!(
+            m.claim("a", "id", pending("o4"), WINDOW).is_some(),
+            "not o2's to abandon"
+        );
         let done = Entry::Done(StoredOutcome::Changed {
             iam_user: "u".into(),
             iam_request_id: "r".into(),
@@ -330,7 +342,8 @@ mod tests {
         let waiter = {
             let m = m.clone();
             tokio::spawn(async move {
-                m.wait("a", "id", Deadline::at(Instant::now() + WINDOW)).await
+                m.wait("a", "id", Deadline::at(Instant::now() + WINDOW))
+                    .await
             })
         };
         tokio::time::advance(Duration::from_secs(1)).await;

@@ -195,12 +195,22 @@ impl Store {
     /// Reserves one attempt for `caller`, or refuses it over the limit.
     pub(crate) async fn reserve(&self, caller: &str) -> Result<Reserve, Error> {
         let id = uuid::Uuid::new_v4().to_string();
-        let (max, window) = (self.limits.failed_attempts, self.limits.failed_attempts_window);
+        let (max, window) = (
+            self.limits.failed_attempts,
+            self.limits.failed_attempts_window,
+        );
         let refused = match &self.backend {
             Backend::Memory(m) => Ok(m.reserve(caller, &id, max, window)),
-            Backend::Redis(r) => self.track("reserve", r.reserve(caller, &id, max, window)).await,
+            Backend::Redis(r) => {
+                self.track("reserve", r.reserve(caller, &id, max, window))
+                    .await
+            }
         }?;
-        let decision = if refused.is_some() { "refused" } else { "allowed" };
+        let decision = if refused.is_some() {
+            "refused"
+        } else {
+            "allowed"
+        };
         telemetry::metrics()
             .limit_decisions
             .add(1, &[KeyValue::new("decision", decision)]);
@@ -216,7 +226,10 @@ impl Store {
     /// Whether `caller` is over the limit now, without reserving
     /// (`validate_only` calls, which never reach IAM `ChangePassword`).
     pub(crate) async fn check(&self, caller: &str) -> Result<Option<Duration>, Error> {
-        let (max, window) = (self.limits.failed_attempts, self.limits.failed_attempts_window);
+        let (max, window) = (
+            self.limits.failed_attempts,
+            self.limits.failed_attempts_window,
+        );
         match &self.backend {
             Backend::Memory(m) => Ok(m.check(caller, max, window)),
             Backend::Redis(r) => self.track("check", r.check(caller, max, window)).await,
@@ -258,8 +271,11 @@ impl Store {
         let existing = match &self.backend {
             Backend::Memory(m) => Ok(m.claim(caller, request_id, pending, OUTCOME_TTL)),
             Backend::Redis(r) => {
-                self.track("claim", r.claim(caller, request_id, &pending.encode(), OUTCOME_TTL))
-                    .await
+                self.track(
+                    "claim",
+                    r.claim(caller, request_id, &pending.encode(), OUTCOME_TTL),
+                )
+                .await
             }
         }?;
         Ok(match existing {
@@ -347,7 +363,12 @@ impl Store {
             Backend::Redis(r) => {
                 self.track(
                     "complete",
-                    r.complete(&token.caller, &token.request_id, &entry.encode(), OUTCOME_TTL),
+                    r.complete(
+                        &token.caller,
+                        &token.request_id,
+                        &entry.encode(),
+                        OUTCOME_TTL,
+                    ),
                 )
                 .await
             }

@@ -165,7 +165,10 @@ impl Redis {
     }
 
     /// Runs `op` within the command budget.
-    async fn bounded<T>(&self, op: impl Future<Output = redis::RedisResult<T>>) -> Result<T, Cause> {
+    async fn bounded<T>(
+        &self,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Cause> {
         match tokio::time::timeout(self.timeout, op).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(Cause::new(e)),
@@ -320,7 +323,9 @@ impl Redis {
 
     pub(crate) async fn ping(&self) -> Result<(), Cause> {
         let mut conn = self.conn.clone();
-        let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
+        let _: String = self
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
         Ok(())
     }
 }
@@ -328,11 +333,12 @@ impl Redis {
 /// The password: `state.password_file`, else `$CREDGATE_REDIS_PASSWORD`.
 fn password(settings: &RedisSettings) -> Result<Option<String>, String> {
     if let Some(path) = &settings.password_file {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            format!("state.password_file: cannot read {}: {e}", path.display())
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("state.password_file: cannot read {}: {e}", path.display()))?;
         // Secret files usually end in a newline that is not part of the password.
         return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
     }
-    Ok(std::env::var(REDIS_PASSWORD_ENV).ok().filter(|p| !p.is_empty()))
+    Ok(std::env::var(REDIS_PASSWORD_ENV)
+        .ok()
+        .filter(|p| !p.is_empty()))
 }

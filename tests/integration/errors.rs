@@ -238,7 +238,10 @@ async fn rejected_credentials_are_upstream_credentials_rejected() {
         let real = user.key.clone();
         if tamper {
             user.key.secret = tampered(&real.secret);
-            assert_ne!(user.key.secret, real.secret, "the tamper must change the secret");
+            assert_ne!(
+                user.key.secret, real.secret,
+                "the tamper must change the secret"
+            );
         } else {
             user.key.id = tampered(&real.id);
             assert_ne!(user.key.id, real.id, "the tamper must change the key id");

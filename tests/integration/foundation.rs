@@ -521,7 +521,10 @@ async fn check_config_accepts_a_good_config_and_online_verifies_the_iam_user() {
     let (code, _, stderr) = check_config(dir.path(), &config, true);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(
-        stderr.contains(&format!(":user/{}, not as the configured IAM user \"somebody-else\"", other.name)),
+        stderr.contains(&format!(
+            ":user/{}, not as the configured IAM user \"somebody-else\"",
+            other.name
+        )),
         "{stderr}"
     );
 }

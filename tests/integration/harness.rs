@@ -449,6 +449,10 @@ pub struct Setup<'a> {
     pub server_toml: String,
     pub crl_pem: Option<String>,
     pub env: Vec<(String, String)>,
+    /// Extra lines inside `[aws]`.
+    pub aws_toml: String,
+    /// Fixed (mTLS, admin) ports instead of port 0.
+    pub ports: Option<(u16, u16)>,
 }
 
 impl<'a> Setup<'a> {
@@ -461,6 +465,8 @@ impl<'a> Setup<'a> {
             server_toml: String::new(),
             crl_pem: None,
             env: Vec::new(),
+            aws_toml: String::new(),
+            ports: None,
         }
     }
 
@@ -529,12 +535,13 @@ impl<'a> Setup<'a> {
         }
         put("credentials", &credentials);
         put("config", "");
+        let (tls_port, admin_port) = self.ports.unwrap_or((0, 0));
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+            "[server]\nlisten = \"127.0.0.1:{tls_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              shutdown_grace = \"5s\"\n{}\n\
              [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n{crl}\n\
-             [aws]\nregion = \"us-east-1\"\nendpoint_url = {:?}\n\n{}\n{callers}",
-            self.server_toml, self.emulator_endpoint, self.extra_toml
+             [aws]\nregion = \"us-east-1\"\nendpoint_url = {:?}\n{}\n{}\n{callers}",
+            self.server_toml, self.emulator_endpoint, self.aws_toml, self.extra_toml
         );
         let path = put("credgate.toml", &config);
         (dir, path)
@@ -543,6 +550,21 @@ impl<'a> Setup<'a> {
     pub fn start(self) -> Credgate {
         let (dir, config) = self.write();
         Credgate::spawn(dir, &config, &self.env)
+    }
+
+    /// Starts credgate on fixed free ports and waits for its admin port
+    /// instead of its "listening" log line (for runs where RUST_LOG hides it).
+    pub fn start_quiet(mut self) -> Credgate {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port()
+        };
+        let (tls_port, admin_port) = (free(), free());
+        self.ports = Some((tls_port, admin_port));
+        let (dir, config) = self.write();
+        Credgate::spawn_quiet(dir, &config, &self.env, tls_port, admin_port)
     }
 
     /// `n` credgate processes on this one configuration (replicas).
@@ -692,6 +714,46 @@ impl Credgate {
         };
         Credgate {
             tls_addr,
+            admin_addr,
+            dir,
+            lines,
+            child: Some(child),
+        }
+    }
+
+    /// Starts the binary and waits until its admin port accepts connections.
+    pub fn spawn_quiet(
+        dir: tempfile::TempDir,
+        config: &Path,
+        env: &[(String, String)],
+        tls_port: u16,
+        admin_port: u16,
+    ) -> Credgate {
+        let mut cmd = credgate_command(dir.path());
+        cmd.args(["serve", "--config"]).arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn credgate");
+        let lines = Arc::<Mutex<Vec<String>>>::default();
+        let _stdout = collect_lines(child.stdout.take().expect("stdout"), lines.clone());
+        let _stderr = collect_lines(child.stderr.take().expect("stderr"), lines.clone());
+        let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let deadline = Instant::now() + STARTUP;
+        while std::net::TcpStream::connect(admin_addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "credgate did not start; output:\n{}",
+                lines.lock().expect("lines").join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Credgate {
+            tls_addr: SocketAddr::from(([127, 0, 0, 1], tls_port)),
             admin_addr,
             dir,
             lines,

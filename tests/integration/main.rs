@@ -7,5 +7,7 @@
 mod errors;
 mod foundation;
 mod harness;
+mod integrity;
 mod otlp;
+mod shared_state;
 mod telemetry;
