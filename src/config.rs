@@ -814,6 +814,153 @@ mod tests {
         assert!(err.problems[0].contains("found 0"), "{err}");
     }
 
+    fn with_callers(callers: &str) -> String {
+        format!("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n{callers}")
+    }
+
+    #[test]
+    fn every_bad_spiffe_id_is_reported_at_once_with_its_rule() {
+        let bad = [
+            ("spiffe://corp.example/ns/a?x=1", "query"),
+            ("spiffe://corp.example/ns/a#f", "fragment"),
+            ("spiffe://corp.example:8443/ns/a", "port"),
+            ("spiffe://me@corp.example/ns/a", "userinfo"),
+            ("spiffe:///ns/a", "empty trust domain"),
+            ("spiffe://corp.example/ns/../a", "'..'"),
+            ("spiffe://corp.example/ns/a b", "whitespace"),
+        ];
+        let callers: String = bad
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| {
+                format!(
+                    "[[callers]]\nspiffe_id = {id:?}\niam_user = \"u{i}\"\naws_profile = \"p{i}\"\n"
+                )
+            })
+            .collect();
+        let err = Config::parse(&with_callers(&callers)).expect_err("invalid");
+        assert_eq!(err.problems.len(), bad.len(), "{err}");
+        for (i, (_, rule)) in bad.iter().enumerate() {
+            assert!(
+                err.problems[i].starts_with(&format!("callers[{i}].spiffe_id"))
+                    && err.problems[i].contains(rule),
+                "{}",
+                err.problems[i]
+            );
+        }
+    }
+
+    #[test]
+    fn one_profile_cannot_stand_for_two_iam_users() {
+        let text = with_callers(
+            r#"
+            [[callers]]
+            spiffe_id = "spiffe://corp/ns/a/sa/a"
+            iam_user = "alice"
+            aws_profile = "shared"
+            [[callers]]
+            spiffe_id = "spiffe://corp/ns/b/sa/b"
+            iam_user = "bob"
+            aws_profile = "shared"
+            [[callers]]
+            dns_name = "alice.corp"
+            iam_user = "alice"
+            aws_profile = "shared"
+        "#,
+        );
+        let err = Config::parse(&text).expect_err("invalid");
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(err.problems[0].starts_with("callers[1]"), "{err}");
+        assert!(err.problems[0].contains("\"shared\""), "{err}");
+    }
+
+    #[test]
+    fn the_state_section_selects_a_backend_and_refuses_passwords_in_the_url() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.state.backend, StateBackend::Memory);
+        assert_eq!(config.state.key_prefix, "credgate:");
+
+        let redis = format!(
+            "{MINIMAL}\n[state]\nurl = \"rediss://redis.svc:6380/2\"\nkey_prefix = \"team-a:\"\n\
+             ca_file = \"ca.pem\"\ncommand_timeout = \"100ms\"\n"
+        );
+        let config = Config::parse(&redis).expect("valid");
+        let StateBackend::Redis(r) = &config.state.backend else {
+            panic!("redis");
+        };
+        assert_eq!(r.url, "rediss://redis.svc:6380/2");
+        assert_eq!(r.command_timeout, Duration::from_millis(100));
+        assert_eq!(config.state.key_prefix, "team-a:");
+
+        let bad = format!(
+            "{MINIMAL}\n[state]\nbackend = \"redis\"\nurl = \"redis://:hunter2@redis:6379\"\n\
+             ca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\nflavour = 1\n"
+        );
+        let err = Config::parse(&bad).expect_err("invalid");
+        let all = err.problems.join("\n");
+        for needle in [
+            "state.flavour: unknown key",
+            "state.url: must not carry a password",
+            "state.ca_file: only applies to rediss://",
+            "state.client_cert: only applies to rediss://",
+            "state.client_cert and state.client_key",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(
+            !all.contains("hunter2"),
+            "the password is not echoed: {all}"
+        );
+
+        let memory_with_url =
+            format!("{MINIMAL}\n[state]\nbackend = \"memory\"\nurl = \"redis://r\"\n");
+        assert!(Config::parse(&memory_with_url).is_err());
+    }
+
+    #[test]
+    fn a_crl_is_one_file_or_a_list_of_files() {
+        let one = MINIMAL.replace(
+            "client_ca = \"ca.pem\"",
+            "client_ca = \"ca.pem\"\ncrl = \"a.crl\"",
+        );
+        assert_eq!(Config::parse(&one).expect("valid").tls.crl.len(), 1);
+        let two = MINIMAL.replace(
+            "client_ca = \"ca.pem\"",
+            "client_ca = \"ca.pem\"\ncrl = [\"root.crl\", \"issuing.crl\"]",
+        );
+        assert_eq!(Config::parse(&two).expect("valid").tls.crl.len(), 2);
+        let wrong = MINIMAL.replace("client_ca = \"ca.pem\"", "client_ca = \"ca.pem\"\ncrl = 3");
+        assert!(Config::parse(&wrong).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics_on_arbitrary_text(text in "\\PC{0,400}") {
+            let _ = Config::parse(&text);
+        }
+
+        #[test]
+        fn parsing_never_panics_on_mutated_valid_configs(
+            edits in proptest::collection::vec((proptest::sample::select(
+                vec!["=", "\"", "[", "]", "\n", "0", "-1", "x", "spiffe://", "\u{0}", "[[callers]]"]
+            ), proptest::prelude::any::<proptest::sample::Index>()), 1..6),
+        ) {
+            let mut text = MINIMAL.to_owned();
+            for (insert, at) in edits {
+                let mut i = at.index(text.len() + 1);
+                while !text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                text.insert_str(i, insert);
+            }
+            // Valid or not, every outcome is a value: invalid configs list
+            // at least one problem.
+            if let Err(e) = Config::parse(&text) {
+                proptest::prop_assert!(!e.problems.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn a_spiffe_id_must_use_the_spiffe_scheme() {
         let text = MINIMAL.replace("spiffe://corp.example/ns/a/sa/a", "https://a/b");

@@ -187,4 +187,37 @@ mod tests {
     fn no_policy_means_no_violation() {
         assert!(Policy::default().violations(&pw("x")).is_empty());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn the_charset_check_accepts_exactly_iams_rules(text in "\\PC{0,140}|[\t\n\r -\u{ff}]{0,140}") {
+            let len = text.chars().count();
+            let valid = (1..=MAX_LEN).contains(&len) && text.chars().all(is_iam_char);
+            let result = check_charset("new_password", &pw(&text));
+            proptest::prop_assert_eq!(result.is_ok(), valid);
+            if let Err(v) = result {
+                // The description never quotes the password.
+                proptest::prop_assert!(text.len() < 4 || !v.description.contains(&text));
+            }
+        }
+
+        #[test]
+        fn a_password_meeting_every_rule_has_no_violation(
+            lower in "[a-z]{1,10}", upper in "[A-Z]{1,10}", digits in "[0-9]{1,10}",
+            symbols in "[!@#$%^&*()_+=\\[\\]{}|'-]{1,10}", min in 0u32..40,
+        ) {
+            let text = format!("{lower}{upper}{digits}{symbols}");
+            let policy = Policy {
+                minimum_length: min,
+                require_symbols: true,
+                require_numbers: true,
+                require_uppercase: true,
+                require_lowercase: true,
+                ..Policy::default()
+            };
+            let violations = policy.violations(&pw(&text));
+            let too_short = (text.chars().count() as u32) < min;
+            proptest::prop_assert_eq!(violations.len(), usize::from(too_short));
+        }
+    }
 }

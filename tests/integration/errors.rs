@@ -343,6 +343,18 @@ async fn an_unreachable_iam_endpoint_is_iam_unreachable() {
     let metadata = expect_error(&status, Code::Unavailable, "IAM_UNREACHABLE");
     assert!(!metadata.contains_key("awsErrorCode"));
     assert!(retry_info(&status).is_some());
+    // The address stays in the server log; the caller learns nothing of
+    // the internal network.
+    let endpoint = format!("127.0.0.1:{port}");
+    assert!(
+        !status.message().contains(&endpoint) && !metadata.values().any(|v| v.contains(&endpoint)),
+        "{status:?}"
+    );
+    app.wait_for_line("the cause in the server log", |v| {
+        v["message"] == "request rejected"
+            && v["cause"].as_str().is_some_and(|c| c.contains(&endpoint))
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -833,7 +833,8 @@ impl Credgate {
             .ca_certificate(Certificate::from_pem(&pki.ca.cert_pem))
             .domain_name("localhost");
         if let Some(client) = client {
-            tls = tls.identity(Identity::from_pem(&client.cert_pem, &client.key_pem));
+            // The whole chain: a client issued by an intermediate sends it.
+            tls = tls.identity(Identity::from_pem(&client.chain_pem, &client.key_pem));
         }
         Channel::from_shared(format!("https://{}", self.tls_addr))
             .expect("uri")

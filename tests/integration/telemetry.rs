@@ -585,3 +585,149 @@ async fn buffered_spans_are_flushed_on_shutdown() {
         })
         .await;
 }
+
+/// `deploy/observability/metrics.json`: the metric contract of the operator
+/// kit (alert rules and dashboard are checked against it in tests/deploy).
+fn operator_kit_metrics() -> Value {
+    let text = std::fs::read_to_string(repo().join("deploy/observability/metrics.json"))
+        .expect("metrics.json");
+    serde_json::from_str(&text).expect("metrics.json is JSON")
+}
+
+#[tokio::test]
+async fn every_metric_the_operator_kit_names_is_exported_and_nothing_else() {
+    let receiver = Receiver::start().await;
+    let emulator = Emulator::shared();
+    let mut redis = Redis::start();
+    let user = emulator.standard_user("Kit-pass-1").await;
+    let pki = Pki::new();
+    let app = otel_env(Setup::new(emulator, &pki), &receiver.endpoint())
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .toml("[limits]\nfailed_attempts = 1\n")
+        .redis(&redis)
+        .start();
+    let channel = app
+        .channel(&pki, Some(&pki.spiffe_client(CALLER)))
+        .await
+        .expect("mTLS");
+    let mut client =
+        credgate::api::password_service_client::PasswordServiceClient::new(channel.clone());
+    let id = request_id();
+    for _ in 0..2 {
+        // Changed, then replayed from the store.
+        client
+            .change_password(change_with_id("Kit-pass-1", "Kit-pass-2", &id))
+            .await
+            .expect("changed");
+    }
+    client
+        .change_password(change("Kit-wrong-1", "Kit-pass-3"))
+        .await
+        .expect_err("wrong");
+    client
+        .change_password(change("Kit-wrong-2", "Kit-pass-3"))
+        .await
+        .expect_err("refused by the limit");
+    // A made-up method: named _OTHER, never by its path.
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let status = grpc
+        .unary::<_, credgate::api::GetPasswordPolicyResponse, _>(
+            Request::new(credgate::api::GetPasswordPolicyRequest {}),
+            http::uri::PathAndQuery::from_static("/credgate.v1.PasswordService/Bogus-0x41"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("no such method");
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    redis.stop();
+    client
+        .change_password(change("Kit-pass-2", "Kit-pass-3"))
+        .await
+        .expect_err("store down");
+
+    let kit = operator_kit_metrics();
+    let series = kit["series"].as_array().expect("series");
+    for entry in series {
+        let name = entry["otel_name"].as_str().expect("otel_name");
+        receiver.wait_for_metric(name, |_| true).await;
+    }
+    let named: Vec<&str> = series
+        .iter()
+        .filter_map(|e| e["otel_name"].as_str())
+        .collect();
+    for metric in receiver.metrics() {
+        assert!(
+            named.contains(&metric.name.as_str()),
+            "{} is exported but missing from metrics.json",
+            metric.name
+        );
+    }
+
+    // Labels: the error reason on failures, _OTHER for unknown methods, and
+    // every attribute metrics.json promises.
+    let duration = receiver
+        .wait_for_metric("rpc.server.duration", |m| match &m.data {
+            Some(Data::Histogram(h)) => h.data_points.iter().any(|p| {
+                attrs(&p.attributes).get("error.type").map(String::as_str)
+                    == Some("STATE_UNAVAILABLE")
+            }),
+            _ => false,
+        })
+        .await;
+    let Some(Data::Histogram(histogram)) = duration.data else {
+        panic!("a histogram");
+    };
+    let methods: Vec<String> = histogram
+        .data_points
+        .iter()
+        .map(|p| attrs(&p.attributes)["rpc.method"].clone())
+        .collect();
+    assert!(methods.iter().any(|m| m == "_OTHER"), "{methods:?}");
+    assert!(
+        !methods.iter().any(|m| m.contains("Bogus")),
+        "a made-up path became a label: {methods:?}"
+    );
+    let known_reasons: Vec<&str> = series[0]["attributes"]["error.type"]["values"]
+        .as_array()
+        .expect("values")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for point in &histogram.data_points {
+        if let Some(reason) = attrs(&point.attributes).get("error.type") {
+            assert!(known_reasons.contains(&reason.as_str()), "{reason}");
+        }
+    }
+    let other = receiver
+        .wait_for_span("the _OTHER span", |s| s.name.ends_with("/_OTHER"))
+        .await;
+    assert_eq!(
+        other.name, "credgate.v1.PasswordService/_OTHER",
+        "span names are a closed set"
+    );
+    for entry in series {
+        let name = entry["otel_name"].as_str().expect("name");
+        let Some(wanted) = entry["attributes"].as_object() else {
+            continue;
+        };
+        let metric = receiver.wait_for_metric(name, |_| true).await;
+        let points: Vec<_> = match &metric.data {
+            Some(Data::Histogram(h)) => {
+                h.data_points.iter().map(|p| attrs(&p.attributes)).collect()
+            }
+            Some(Data::Sum(s)) => s.data_points.iter().map(|p| attrs(&p.attributes)).collect(),
+            Some(Data::Gauge(g)) => g.data_points.iter().map(|p| attrs(&p.attributes)).collect(),
+            other => panic!("{name}: unexpected data {other:?}"),
+        };
+        for (key, spec) in wanted {
+            if spec["optional"] == true {
+                continue;
+            }
+            assert!(
+                points.iter().all(|p| p.contains_key(key)),
+                "{name} lacks attribute {key}"
+            );
+        }
+    }
+}
