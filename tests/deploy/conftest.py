@@ -47,7 +47,7 @@ def kubectl() -> str:
 
 @pytest.fixture(scope="session")
 def rendered(kubectl: str) -> dict[str, list[dict[str, Any]]]:
-    """Every kustomize tree, rendered: {"base": [...], "cert-manager": [...]}."""
+    """Every kustomize tree, rendered: {"base": [...], "cert-manager": [...], "redis": [...]}."""
     return {name: kustomize_build(kubectl, tree) for name, tree in KUSTOMIZE_TREES.items()}
 
 

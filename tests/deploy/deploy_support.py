@@ -27,8 +27,17 @@ DEPLOY = REPO / "deploy"
 KUSTOMIZE_TREES = {
     "base": DEPLOY / "kubernetes" / "base",
     "cert-manager": DEPLOY / "kubernetes" / "overlays" / "cert-manager",
+    "redis": DEPLOY / "kubernetes" / "overlays" / "redis",
 }
 CERT_MANAGER_DIR = KUSTOMIZE_TREES["cert-manager"]
+REDIS_DIR = KUSTOMIZE_TREES["redis"]
+OBSERVABILITY_DIR = DEPLOY / "observability"
+# API groups of the CRDs the overlays use (no schema in kubernetes-validate).
+CERT_MANAGER_GROUP = "cert-manager.io/"
+APPROVER_POLICY_GROUP = "policy.cert-manager.io/"
+CRD_GROUPS = (CERT_MANAGER_GROUP, APPROVER_POLICY_GROUP)
+# Kinds that carry no namespace.
+CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CertificateRequestPolicy"}
 DOCKERFILE = DEPLOY / "Dockerfile"
 PROTO_ROOT = REPO / "proto"
 PROTO_FILE = PROTO_ROOT / "credgate" / "v1" / "password_service.proto"
@@ -205,6 +214,12 @@ def lay_out_mounts(
 def volume_secret_name(objs: list[dict[str, Any]], volume: str) -> str:
     vols = {v["name"]: v for v in pod_spec(objs)["volumes"]}
     return vols[volume]["secret"]["secretName"]
+
+
+def uses_redis(objs: list[dict[str, Any]]) -> bool:
+    """Whether credgate.toml configures the Redis/Valkey state backend."""
+    state = config(objs).get("state", {})
+    return "url" in state or state.get("backend") == "redis"
 
 
 def toml_dumps(doc: dict[str, Any]) -> str:

@@ -120,6 +120,8 @@ def test_example_client_certificate():
 
 def test_cluster_issuer_example():
     docs = load("cluster-issuer.example.yaml")
+    # The bootstrap's own approver-policy objects: test_approver_policy.py.
+    docs = [d for d in docs if not d["apiVersion"].startswith(("policy.cert-manager.io/", "rbac."))]
     for doc in docs:
         assert doc["apiVersion"] == "cert-manager.io/v1"
         if doc["kind"] == "Certificate":

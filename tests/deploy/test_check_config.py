@@ -3,8 +3,14 @@
 The files are laid out under a temp dir exactly as the Deployment mounts them
 (/etc/credgate/... -> TMP/etc/credgate/...): the ConfigMap, the TLS Secret in
 cert-manager's layout (filled from `credgate dev-pki`) and the AWS Secret with
-one profile per configured caller. credgate is started with the Deployment's
-own arguments and environment, paths rewritten.
+one profile per configured caller, and (overlays/redis) the Redis password
+Secret. credgate is started with the Deployment's own arguments and
+environment, paths rewritten.
+
+The redis tree needs a binary that understands [state] with url,
+password_file and command_timeout; check-config (without --online) is
+expected to validate them and the files they name without connecting to
+Redis.
 """
 
 from __future__ import annotations
@@ -26,8 +32,12 @@ from deploy_support import (
     pod_env,
     rewrite,
     tls_secret_from_pki,
+    uses_redis,
     volume_secret_name,
 )
+
+# The Redis AUTH password, as the operator's Secret `credgate-redis` holds it.
+REDIS_SECRET = {"password": b"example-redis-password\n"}
 
 
 def check_config_argv(objs, dockerfile, bin_path: Path, root: Path) -> list[str]:
@@ -43,15 +53,13 @@ def lay_out_pod(objs, root: Path, bin_path: Path, config_maps=None) -> None:
     profiles = {
         c["aws_profile"]: (f"AKIAEXAMPLE{i:09d}", f"example-secret-{i}") for i, c in enumerate(callers)
     }
-    lay_out_mounts(
-        objs,
-        root,
-        secrets={
-            volume_secret_name(objs, "tls"): tls_secret_from_pki(pki["dir"]),
-            volume_secret_name(objs, "aws"): aws_secret(profiles, config(objs)["aws"]["region"]),
-        },
-        config_maps=config_maps,
-    )
+    secrets = {
+        volume_secret_name(objs, "tls"): tls_secret_from_pki(pki["dir"]),
+        volume_secret_name(objs, "aws"): aws_secret(profiles, config(objs)["aws"]["region"]),
+    }
+    if uses_redis(objs):
+        secrets[volume_secret_name(objs, "redis")] = REDIS_SECRET
+    lay_out_mounts(objs, root, secrets=secrets, config_maps=config_maps)
 
 
 @pytest.mark.parametrize("tree", sorted(KUSTOMIZE_TREES))
@@ -86,3 +94,15 @@ def test_check_config_needs_the_mounted_tls_files(base_objects, dockerfile, cred
     argv = check_config_argv(objs, dockerfile, credgate_bin, tmp_path)
     proc = subprocess.run(argv, env=pod_env(objs, tmp_path), capture_output=True, text=True, timeout=60)
     assert proc.returncode == EX_USAGE, f"{argv}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def test_check_config_needs_the_redis_password_file(rendered, dockerfile, credgate_bin, tmp_path):
+    """In Redis mode the password is a mounted file: without it (Secret
+    credgate-redis missing its key `password`), check-config fails."""
+    objs = rendered["redis"]
+    lay_out_pod(objs, tmp_path, credgate_bin)
+    (tmp_path / "etc" / "credgate" / "redis" / "password").unlink()
+    argv = check_config_argv(objs, dockerfile, credgate_bin, tmp_path)
+    proc = subprocess.run(argv, env=pod_env(objs, tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EX_USAGE, f"{argv}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "password" in proc.stdout + proc.stderr

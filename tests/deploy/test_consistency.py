@@ -16,24 +16,34 @@ from deploy_support import (
     CERT_MANAGER_DIR,
     KUSTOMIZE_TREES,
     NONROOT_ID,
+    REDIS_DIR,
     config,
     config_map_for,
     container,
     image_entrypoint_and_cmd,
     only,
     pod_argv,
+    pod_spec,
     port_of,
     seconds,
+    uses_redis,
 )
 
 # DESIGN.md "Configuration": every key credgate accepts (unknown keys are errors).
 ALLOWED_KEYS = {
-    "server": {"listen", "admin_listen", "request_timeout", "shutdown_grace", "max_concurrent_requests"},
+    "server": {
+        "listen", "admin_listen", "request_timeout", "shutdown_grace", "max_concurrent_requests",
+        "max_requests_per_caller", "max_connections", "idle_timeout", "max_connection_age",
+    },
     "tls": {"cert", "key", "client_ca", "crl"},
-    "aws": {"region", "endpoint_url"},
+    "aws": {"region", "endpoint_url", "sts_endpoint_url"},
     "limits": {"failed_attempts", "failed_attempts_window"},
+    "state": {
+        "backend", "url", "key_prefix", "password_file", "ca_file", "client_cert", "client_key",
+        "command_timeout",
+    },
     "telemetry": {"log_format"},
-}
+}  # fmt: skip
 CALLER_KEYS = {"spiffe_id", "dns_name", "common_name", "iam_user", "aws_profile"}
 MATCHERS = {"spiffe_id", "dns_name", "common_name"}
 # The keys of a cert-manager (kubernetes.io/tls) Secret.
@@ -138,11 +148,49 @@ def test_config_map_is_generated_with_a_hash(rendered):
         assert set(cm["data"]) == {"credgate.toml"}
     source = (KUSTOMIZE_TREES["base"] / "credgate.toml").read_text()
     assert config_map_for(rendered["base"])["data"]["credgate.toml"] == source
+    assert config_map_for(rendered["cert-manager"])["data"]["credgate.toml"] == source
+    assert config_map_for(rendered["redis"])["data"]["credgate.toml"] == (REDIS_DIR / "credgate.toml").read_text()
+    names = {config_map_for(objs)["metadata"]["name"] for objs in rendered.values()}
+    assert len(names) == 2, "the redis overlay's config has its own hash, so applying it rolls the pods"
     kustomization = yaml.safe_load((KUSTOMIZE_TREES["base"] / "kustomization.yaml").read_text())
-    assert kustomization["configMapGenerator"] == [
-        {"name": "credgate-config", "files": ["credgate.toml"]}
-    ]
+    (generator,) = kustomization["configMapGenerator"]
+    assert generator["name"] == "credgate-config" and generator["files"] == ["credgate.toml"]
+    # Only the checkov annotation: no disableNameSuffixHash, which would stop the rollouts.
+    assert set(generator.get("options", {})) <= {"annotations"}
     assert "generatorOptions" not in kustomization, "disableNameSuffixHash would stop the rollouts"
+
+
+def test_redis_overlay_config_is_the_base_plus_state(rendered):
+    """overlays/redis carries a full copy of credgate.toml (kustomize cannot
+    append to a file): it must be the base's, plus [state] and nothing else."""
+    base, redis = config(rendered["base"]), config(rendered["redis"])
+    assert "state" not in base, "the base documents [state] in comments only: memory mode"
+    state = redis.pop("state")
+    assert redis == base, "overlays/redis/credgate.toml drifted from base/credgate.toml"
+    assert state["url"].startswith(("redis://", "rediss://"))
+    authority = state["url"].split("://", 1)[1].split("/", 1)[0]
+    assert "@" not in authority, "no credentials in the URL: use password_file"
+    assert state["key_prefix"] == "credgate:"
+    assert seconds(state["command_timeout"]) < seconds(base["server"]["request_timeout"])
+    if not state["url"].startswith("rediss://"):
+        assert not {"ca_file", "client_cert", "client_key"} & set(state), "TLS files need rediss://"
+
+
+def test_redis_password_is_a_file_in_the_redis_secret(rendered):
+    objs = rendered["redis"]
+    assert uses_redis(objs) and not any(uses_redis(rendered[t]) for t in ("base", "cert-manager"))
+    state = config(objs)["state"]
+    mount = mount_path(objs, "redis")
+    for key in ("password_file", "ca_file", "client_cert", "client_key"):
+        if key in state:
+            assert PurePosixPath(state[key]).parent == mount, f"state.{key} is not in the {mount} mount"
+    assert PurePosixPath(state["password_file"]).name == "password"
+    volumes = {v["name"]: v for v in pod_spec(objs)["volumes"]}
+    assert volumes["redis"]["secret"]["secretName"] == "credgate-redis"
+    assert "items" not in volumes["redis"]["secret"], "the whole Secret: password, and ca.crt for rediss://"
+    # The host the URL names is the one the NetworkPolicy rule is written for.
+    host = state["url"].split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+    assert host.endswith(".credgate.svc") or host.endswith(".credgate.svc.cluster.local"), host
 
 
 def test_example_client_certificate_is_a_configured_caller(base_objects):

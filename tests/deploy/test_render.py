@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import Counter
 import subprocess
 from typing import Any
 
@@ -18,6 +19,8 @@ import kubernetes_validate
 import pytest
 
 from deploy_support import (
+    CLUSTER_SCOPED_KINDS,
+    CRD_GROUPS,
     KUBERNETES_VERSION,
     KUSTOMIZE_TREES,
     REPO,
@@ -28,22 +31,30 @@ from deploy_support import (
     pod_spec,
 )
 
-CERT_MANAGER_GROUP = "cert-manager.io/"
 # preStop `sleep` and the pod-level appArmorProfile need Kubernetes 1.30.
 OLDEST_SUPPORTED = "1.30.0"
 
-BASE_KINDS = {
-    "ServiceAccount",
-    "ConfigMap",
-    "Service",
-    "Deployment",
-    "PodDisruptionBudget",
-    "HorizontalPodAutoscaler",
-    "NetworkPolicy",
-}
+BASE_KINDS = Counter(
+    {
+        "ServiceAccount": 1,
+        "ConfigMap": 1,
+        "Service": 1,
+        "Deployment": 1,
+        "PodDisruptionBudget": 1,
+        "HorizontalPodAutoscaler": 1,
+        "NetworkPolicy": 1,
+    }
+)
+# The cert-manager overlay adds its namespace, the server Certificate, and
+# approver-policy's two CertificateRequestPolicies with their RBAC.
+CERT_MANAGER_KINDS = BASE_KINDS + Counter(
+    {"Namespace": 1, "Certificate": 1, "CertificateRequestPolicy": 2, "ClusterRole": 1, "ClusterRoleBinding": 1}
+)
 EXPECTED_KINDS = {
     "base": BASE_KINDS,
-    "cert-manager": BASE_KINDS | {"Namespace", "Certificate"},
+    "cert-manager": CERT_MANAGER_KINDS,
+    # Shared state changes objects, adds none (the Secret is the operator's).
+    "redis": CERT_MANAGER_KINDS,
 }
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -56,14 +67,14 @@ C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def k8s_objects(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [o for o in objs if not o["apiVersion"].startswith(CERT_MANAGER_GROUP)]
+    return [o for o in objs if not o["apiVersion"].startswith(CRD_GROUPS)]
 
 
 @pytest.mark.parametrize("tree", sorted(KUSTOMIZE_TREES))
 def test_renders_the_expected_objects(rendered, tree):
-    kinds = sorted(o["kind"] for o in rendered[tree])
-    assert set(kinds) == EXPECTED_KINDS[tree]
-    assert len(kinds) == len(set(kinds)), f"one object per kind expected: {kinds}"
+    assert Counter(o["kind"] for o in rendered[tree]) == EXPECTED_KINDS[tree]
+    names = [(o["kind"], o["metadata"]["name"]) for o in rendered[tree]]
+    assert len(names) == len(set(names)), f"duplicate objects: {names}"
 
 
 @pytest.mark.parametrize("version", [OLDEST_SUPPORTED, KUBERNETES_VERSION])
@@ -79,8 +90,8 @@ def test_kubernetes_validate_is_the_newest_it_ships():
 
 def test_only_cert_manager_kinds_lack_a_schema(objects):
     for obj in objects:
-        if obj["apiVersion"].startswith(CERT_MANAGER_GROUP):
-            assert obj["kind"] in {"Certificate", "Issuer", "ClusterIssuer"}
+        if obj["apiVersion"].startswith(CRD_GROUPS):
+            assert obj["kind"] in {"Certificate", "Issuer", "ClusterIssuer", "CertificateRequestPolicy"}
             with pytest.raises(kubernetes_validate.SchemaNotFoundError):
                 kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
@@ -124,11 +135,16 @@ def test_names_and_labels_are_valid(objects):
 def test_namespaces(rendered):
     for obj in rendered["base"]:
         assert "namespace" not in obj["metadata"], "the base leaves the namespace to overlays"
-    for obj in rendered["cert-manager"]:
-        if obj["kind"] == "Namespace":
-            assert obj["metadata"]["name"] == "credgate"
-        else:
-            assert obj["metadata"]["namespace"] == "credgate", obj["kind"]
+    for tree in ("cert-manager", "redis"):
+        for obj in rendered[tree]:
+            if obj["kind"] == "Namespace":
+                assert obj["metadata"]["name"] == "credgate"
+            if obj["kind"] in CLUSTER_SCOPED_KINDS:
+                # kustomize does not know CertificateRequestPolicy is cluster-scoped:
+                # the overlay's transformer removes the namespace it would add.
+                assert "namespace" not in obj["metadata"], (tree, obj["kind"], obj["metadata"]["name"])
+            else:
+                assert obj["metadata"]["namespace"] == "credgate", (tree, obj["kind"])
 
 
 def test_deployment_selector_matches_its_pods(objects):
@@ -218,7 +234,9 @@ def test_kubernetes_validate_cli(kubectl, tmp_path):
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         for line in proc.stdout.splitlines():
-            assert line.startswith("INFO") or (line.startswith("WARN") and "kind Certificate" in line), line
+            assert line.startswith("INFO") or (
+                line.startswith("WARN") and re.search(r"kind (Certificate|CertificateRequestPolicy)\b", line)
+            ), line
 
 
 def test_the_top_level_tree_renders_the_base(kubectl, rendered):
