@@ -6,6 +6,7 @@
 
 mod edge;
 mod errors;
+mod examples;
 mod foundation;
 mod harness;
 mod integrity;
