@@ -21,7 +21,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -150,7 +150,7 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<tonic::codegen::StdError>,
 {
     type Response = Response;
@@ -189,8 +189,10 @@ where
     }
 }
 
-/// Health and reflection: no identity or slot needed; bounded like tonic's
-/// own server timeout would bound them.
+/// Health and reflection: no identity or slot needed. Each message must fit
+/// in [`MAX_REQUEST_BYTES`] (checked here on the framing, because the
+/// reflection service ends a stream silently on a decode error), and a
+/// stream lives at most `request_timeout`, like every other call.
 async fn pass_through<S, B>(
     mut inner: S,
     req: http::Request<B>,
@@ -199,11 +201,21 @@ async fn pass_through<S, B>(
 ) -> Result<Response, Infallible>
 where
     S: Service<http::Request<Body>, Response = Response, Error = Infallible>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<tonic::codegen::StdError>,
 {
-    let call = inner.call(req.map(Body::new));
+    let oversized = Arc::new(AtomicBool::new(false));
+    let req = req.map(|body| {
+        Body::new(Framed {
+            body,
+            header: Vec::with_capacity(5),
+            payload_left: 0,
+            oversized: oversized.clone(),
+        })
+    });
+    let call = inner.call(req);
     let response = match tokio::time::timeout_at(deadline.instant(), call).await {
+        Ok(Ok(_)) if oversized.load(Ordering::Acquire) => too_large().into_http(),
         Ok(Ok(response)) => with_details(response),
         Err(_) => Error::DeadlineBeforeSend { stage: "handler" }
             .rejection()
@@ -214,9 +226,88 @@ where
     Ok(response.map(|body| {
         Body::new(Tracked {
             body,
+            oversized,
+            ends: Box::pin(tokio::time::sleep_until(deadline.instant())),
             _active: active,
         })
     }))
+}
+
+fn too_large() -> tonic::Status {
+    reject(Error::RequestTooLarge {
+        limit: MAX_REQUEST_BYTES,
+    })
+}
+
+/// A request body checked frame by frame: the first gRPC message whose
+/// length prefix exceeds [`MAX_REQUEST_BYTES`] ends the body there (nothing
+/// of it is buffered) and marks the request as oversized.
+struct Framed<B> {
+    body: B,
+    /// The 5-byte message prefix being read.
+    header: Vec<u8>,
+    /// Bytes of the current message still to pass through.
+    payload_left: usize,
+    oversized: Arc<AtomicBool>,
+}
+
+impl<B> Framed<B> {
+    /// Follows the framing through `data`; false once a message is too big.
+    fn admit(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(data.len());
+                self.payload_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.header.len()).min(data.len());
+            self.header.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.header.len() == 5 {
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]) as usize;
+                self.header.clear();
+                if len > MAX_REQUEST_BYTES {
+                    return false;
+                }
+                self.payload_left = len;
+            }
+        }
+        true
+    }
+}
+
+impl<B> http_body::Body for Framed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.oversized.load(Ordering::Acquire) {
+            return Poll::Ready(None);
+        }
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            let data = data.clone();
+            if !self.admit(&data) {
+                self.oversized.store(true, Ordering::Release);
+                return Poll::Ready(None);
+            }
+        }
+        frame
+    }
 }
 
 async fn admit<S, B>(
@@ -230,7 +321,7 @@ async fn admit<S, B>(
 ) -> Result<Response, Infallible>
 where
     S: Service<http::Request<Body>, Response = Response, Error = Infallible>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<tonic::codegen::StdError>,
 {
     let (presented_caller, iam_user) = match &conn.caller {
@@ -371,11 +462,26 @@ fn with_details(response: Response) -> Response {
 }
 
 /// A response body that keeps its request counted as activity until it
-/// ends, and gives tonic's own mid-stream rejections (a reflection message
-/// over the limit) credgate's ErrorInfo.
+/// ends, ends it at the request's deadline, and gives mid-stream rejections
+/// (a reflection message over the limit) credgate's ErrorInfo.
 struct Tracked {
     body: Body,
+    /// Set by the request's [`Framed`] body.
+    oversized: Arc<AtomicBool>,
+    /// When the stream is cut if still open.
+    ends: Pin<Box<tokio::time::Sleep>>,
     _active: ActiveGuard,
+}
+
+impl Tracked {
+    /// A trailers frame carrying `status`.
+    fn trailers(status: &tonic::Status) -> http_body::Frame<Bytes> {
+        let mut trailers = http::HeaderMap::new();
+        if let Err(e) = status.add_header(&mut trailers) {
+            tracing::warn!(error = %e, "cannot encode a rejection's details");
+        }
+        http_body::Frame::trailers(trailers)
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -386,8 +492,24 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.ends.as_mut().poll(cx).is_ready() {
+            // Past request_timeout: no stream outlives it (a reflection
+            // stream held open would otherwise live as long as its
+            // connection). The stream ends here with this status.
+            let cut = reject(Error::DeadlineBeforeSend { stage: "stream" });
+            self.ends
+                .as_mut()
+                .reset(tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365));
+            self.oversized.store(true, Ordering::Release);
+            return Poll::Ready(Some(Ok(Self::trailers(&cut))));
+        }
         let frame = Pin::new(&mut self.body).poll_frame(cx);
         match frame {
+            Poll::Ready(Some(Ok(frame)))
+                if frame.is_trailers() && self.oversized.load(Ordering::Acquire) =>
+            {
+                Poll::Ready(Some(Ok(Self::trailers(&too_large()))))
+            }
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
                 let mut frame = frame;
                 if let Some(trailers) = frame.trailers_mut()

@@ -217,3 +217,38 @@ async fn a_caller_over_its_in_flight_cap_is_refused_at_once_and_others_are_not()
         .expect("another caller is not affected");
     slow.await.expect("join").expect("the slow call completes");
 }
+
+#[tokio::test]
+async fn no_stream_outlives_request_timeout() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let emulator = Emulator::shared();
+    let rig = Rig::for_user(
+        emulator,
+        CALLER,
+        emulator.standard_user("Stream-pass-1").await,
+        |s| s.server_toml("request_timeout = \"2s\""),
+    );
+    let channel = rig
+        .app
+        .channel(&rig.pki, Some(&rig.pki.spiffe_client(CALLER)))
+        .await
+        .expect("mTLS");
+    // A reflection stream that sends nothing and is never closed.
+    let (_keep_open, requests) = tokio::sync::mpsc::channel(1);
+    let started = std::time::Instant::now();
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .expect("stream opened")
+        .into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("the server ends the stream");
+    let status = ended.expect_err("ended with a status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(4),
+        "cut at request_timeout: {elapsed:?}"
+    );
+}
