@@ -1,573 +1,890 @@
-//! Load generator behind `scripts/bench` (see `docs/benchmark.md`).
+//! The benchmark behind `scripts/bench` (see `docs/benchmark.md`).
 //!
-//! Runs IAM `ChangePassword` in three modes, one after the other, against the
-//! same IAM endpoint and the same IAM users, and prints a Markdown table:
+//! `bench upstream` is a fast IAM/STS stand-in: an HTTP/1.1 server speaking
+//! the AWS query protocol for `ChangePassword`, `GetAccountPasswordPolicy`,
+//! `GetCallerIdentity` and `GetUser` with IAM's real XML, answering in
+//! microseconds, so that credgate — not the upstream — is what is measured.
+//! It accepts any signature; key `AKIABENCH<n>` is user `bench-<n>`.
 //!
-//! - `direct`: aws-sdk-iam straight to IAM, signed with the user's own key.
-//!   The baseline: what a caller that held the key would pay.
-//! - `credgate`: the same change over mTLS through credgate, which signs the
-//!   same IAM call with the same key.
-//! - `credgate-validate`: `validate_only = true` through credgate. No IAM call
-//!   (the account policy comes from credgate's cache), so this is credgate's
-//!   own cost: mTLS, identity mapping, password and policy checks, audit.
+//! `bench run` starts the upstream (a child process, so that its CPU is
+//! nobody's), credgate and the Python peer (`bench/python-peer`), then runs
+//! the modes one after the other against the same upstream and prints one
+//! Markdown report:
 //!
-//! Worker `i` (1-based) owns IAM user and AWS profile `{user_prefix}{i}` and
-//! presents `client-{i}.crt` from the `credgate dev-pki` directory, whose
-//! SPIFFE ID credgate maps to that user. Each worker alternates its user's
-//! password between two values, so every call must succeed; any error is
-//! counted, shown, and makes the run exit non-zero.
+//! - `direct`: aws-sdk-iam straight to the upstream — the floor; CPU is the
+//!   load generator's own, i.e. the SDK client's;
+//! - `credgate`: over mTLS on long-lived connections (4 connections × 8 in
+//!   flight, and 1 in flight); CPU is credgate's (`/proc/PID`);
+//! - `credgate-fresh`: a new mTLS connection per call (what grpcurl and
+//!   short-lived jobs do);
+//! - `peer`, `peer-fresh`: the same against the Python grpcio + boto3 peer;
+//! - `credgate-redis`: 1 in flight with a `request_id`, state in Redis,
+//!   beside the same with state in memory (what a Redis round trip adds);
+//! - idle connections (RSS before/after 1,000 idle mTLS connections) and the
+//!   time from process start to SERVING.
 //!
-//! credgate's CPU time (utime + stime) and peak RSS (VmHWM) come from
-//! `/proc/PID`, so this runs on Linux only, beside credgate and as its user
-//! (resetting VmHWM between phases writes `/proc/PID/clear_refs`). The script
-//! that sets all of this up is `scripts/bench`.
+//! Every call must succeed; any error fails the run. Linux only (`/proc`).
 
 use std::{
+    collections::HashMap,
+    convert::Infallible,
     fmt::Write as _,
     fs,
     net::SocketAddr,
-    path::PathBuf,
-    process::ExitCode,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use aws_config::{
-    BehaviorVersion, Region, profile::ProfileFileCredentialsProvider, retry::RetryConfig,
-};
-use aws_sdk_iam::error::{DisplayErrorContext, ProvideErrorMetadata};
-use aws_smithy_http_client::{
-    Builder,
-    tls::{Provider, rustls_provider::CryptoMode},
-};
-use clap::{Parser, ValueEnum};
+use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
+use aws_credential_types::Credentials;
+use aws_sdk_iam::error::DisplayErrorContext;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
 use credgate::api::{ChangePasswordRequest, password_service_client::PasswordServiceClient};
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-/// Clock ticks per second in `/proc/PID/stat`: the kernel's USER_HZ, which
-/// is part of the Linux ABI and 100 on every architecture credgate ships for
-/// (x86_64, aarch64). One tick is 10 ms, hence enough requests per mode.
+/// Clock ticks per second in `/proc/PID/stat` (USER_HZ, 100 on Linux).
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
-
-/// Longest wait for one call, so that a hung peer fails the run instead of
-/// stalling it: far above any latency seen (seconds at 512 workers), and
-/// above credgate's own 10 s request timeout, which should answer first.
+/// A hung peer fails the run instead of stalling it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How many distinct error messages to show; the count covers all of them.
-const ERRORS_SHOWN: usize = 5;
+const PASSWORD_A: &str = "Bench-Passw0rd-A!";
+const PASSWORD_B: &str = "Bench-Passw0rd-B!";
 
 #[derive(Parser)]
-#[command(about = "ChangePassword load: IAM direct vs. through credgate")]
-struct Args {
-    /// credgate's mTLS address.
+#[command(about = "credgate's benchmark (scripts/bench drives it)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The fast IAM/STS stand-in; prints {"endpoint": ...} when ready.
+    Upstream,
+    /// Every mode, one report.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The directory scripts/bench prepared: pki/, aws-credentials,
+    /// credgate.toml (memory), credgate-redis.toml (optional), stubs/.
     #[arg(long)]
-    credgate: SocketAddr,
-    /// credgate's process id (CPU time and peak RSS from /proc).
+    dir: PathBuf,
+    /// The credgate binary.
     #[arg(long)]
-    credgate_pid: u32,
-    /// The IAM emulator's process id: its CPU time is reported too.
-    #[arg(long)]
-    emulator_pid: Option<u32>,
-    /// `credgate dev-pki` output: ca.crt and client-N.crt/.key.
-    #[arg(long)]
-    pki: PathBuf,
-    /// The IAM endpoint credgate uses, for the direct baseline.
-    #[arg(long)]
-    iam_endpoint: String,
-    /// Signing region.
-    #[arg(long, default_value = "us-east-1")]
-    region: String,
-    /// Worker i acts as IAM user and AWS profile `{prefix}{i}`.
-    #[arg(long, default_value = "bench-")]
-    user_prefix: String,
-    /// Concurrent workers, i.e. calls in flight (one IAM user each).
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Measured requests per mode that calls IAM (direct, credgate).
+    credgate: PathBuf,
+    /// The Python interpreter for the peer (empty: no peer).
+    #[arg(long, default_value = "")]
+    python: String,
+    /// Measured seconds per mode (after a second of warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Idle connections opened for the memory measurement.
     #[arg(long, default_value_t = 1000)]
-    requests: usize,
-    /// Measured requests for credgate-validate. It is ~10-50x faster than a
-    /// call that reaches IAM, so it needs more requests to last long enough
-    /// for stable percentiles and for CPU time above /proc's 10 ms ticks.
-    #[arg(long, default_value_t = 10_000)]
-    validate_requests: usize,
-    /// Unmeasured requests per mode before measuring (connections, caches).
-    #[arg(long, default_value_t = 40)]
-    warmup: usize,
-    /// Every user's password at start (from the environment: no password in argv).
-    #[arg(long, env = "BENCH_PASSWORD_A", hide_env_values = true)]
-    password_a: String,
-    /// The password every call alternates with.
-    #[arg(long, env = "BENCH_PASSWORD_B", hide_env_values = true)]
-    password_b: String,
-    /// Modes to run, in this order.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "direct,credgate,credgate-validate"
-    )]
-    modes: Vec<Mode>,
+    idle_connections: usize,
+    /// Modes to run (all by default).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Extra environment for credgate, KEY=VALUE (repeatable), e.g.
+    /// TOKIO_WORKER_THREADS=1.
+    #[arg(long = "credgate-env", value_name = "KEY=VALUE")]
+    credgate_env: Vec<String>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    /// aws-sdk-iam ChangePassword straight to IAM.
-    Direct,
-    /// ChangePassword through credgate.
-    Credgate,
-    /// ChangePassword with validate_only through credgate.
-    CredgateValidate,
+// ------------------------------------------------------------- upstream
+
+fn form_value<'a>(body: &'a str, key: &str) -> Option<&'a str> {
+    body.split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
 }
 
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Direct => "direct",
-            Mode::Credgate => "credgate",
-            Mode::CredgateValidate => "credgate-validate",
+/// `bench-<n>` from the SigV4 `Authorization` header's `AKIABENCH<n>` key.
+fn user_of(req: &Request<Incoming>) -> String {
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let key = auth
+        .split("Credential=")
+        .nth(1)
+        .and_then(|c| c.split('/').next())
+        .unwrap_or_default();
+    let n = key.trim_start_matches("AKIABENCH").trim_start_matches('0');
+    format!("bench-{n}")
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    ids: Arc<AtomicU64>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let user = user_of(&req);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body = String::from_utf8_lossy(&body);
+    let id = format!(
+        "00000000-0000-4000-8000-{:012x}",
+        ids.fetch_add(1, Ordering::Relaxed)
+    );
+    const IAM: &str = "https://iam.amazonaws.com/doc/2010-05-08/";
+    let arn = format!("arn:aws:iam::123456789012:user/{user}");
+    let xml = match form_value(&body, "Action").unwrap_or_default() {
+        "ChangePassword" => format!(
+            r#"<ChangePasswordResponse xmlns="{IAM}"><ResponseMetadata><RequestId>{id}</RequestId></ResponseMetadata></ChangePasswordResponse>"#
+        ),
+        "GetAccountPasswordPolicy" => format!(
+            r#"<GetAccountPasswordPolicyResponse xmlns="{IAM}"><GetAccountPasswordPolicyResult><PasswordPolicy><MinimumPasswordLength>12</MinimumPasswordLength><RequireSymbols>true</RequireSymbols><RequireNumbers>true</RequireNumbers><RequireUppercaseCharacters>true</RequireUppercaseCharacters><RequireLowercaseCharacters>true</RequireLowercaseCharacters><AllowUsersToChangePassword>true</AllowUsersToChangePassword><ExpirePasswords>false</ExpirePasswords></PasswordPolicy></GetAccountPasswordPolicyResult><ResponseMetadata><RequestId>{id}</RequestId></ResponseMetadata></GetAccountPasswordPolicyResponse>"#
+        ),
+        "GetCallerIdentity" => format!(
+            r#"<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><GetCallerIdentityResult><Arn>{arn}</Arn><UserId>AIDABENCH</UserId><Account>123456789012</Account></GetCallerIdentityResult><ResponseMetadata><RequestId>{id}</RequestId></ResponseMetadata></GetCallerIdentityResponse>"#
+        ),
+        "GetUser" => format!(
+            r#"<GetUserResponse xmlns="{IAM}"><GetUserResult><User><Path>/</Path><UserName>{user}</UserName><UserId>AIDABENCH</UserId><Arn>{arn}</Arn><CreateDate>2026-01-01T00:00:00Z</CreateDate></User></GetUserResult><ResponseMetadata><RequestId>{id}</RequestId></ResponseMetadata></GetUserResponse>"#
+        ),
+        other => {
+            return Ok(Response::builder()
+                .status(400)
+                .body(Full::new(Bytes::from(format!(
+                    "unsupported action {other:?}"
+                ))))
+                .unwrap_or_default());
         }
-    }
+    };
+    Ok(Response::builder()
+        .header("content-type", "text/xml")
+        .header("x-amzn-requestid", id)
+        .body(Full::new(Bytes::from(xml)))
+        .unwrap_or_default())
 }
 
-/// One concurrent caller and the one IAM user it owns.
-struct Worker {
-    iam_user: String,
-    /// Whether the user's current password is `password_a`.
-    at_a: bool,
-    direct: aws_sdk_iam::Client,
-    credgate: PasswordServiceClient<Channel>,
-}
-
-impl Worker {
-    /// One ChangePassword from the current password to the other one.
-    /// `Err` carries a message for the report.
-    async fn change(&mut self, mode: Mode, passwords: &(String, String)) -> Result<(), String> {
-        let (old, new) = if self.at_a {
-            (&passwords.0, &passwords.1)
-        } else {
-            (&passwords.1, &passwords.0)
+async fn upstream() -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bench upstream: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    println!("{{\"endpoint\": \"http://{addr}\"}}");
+    let ids = Arc::new(AtomicU64::new(1));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
         };
-        match mode {
-            Mode::Direct => {
-                self.direct
-                    .change_password()
-                    .old_password(old)
-                    .new_password(new)
-                    .send()
-                    .await
-                    // IAM's code and message only: the full error repeats the
-                    // body and its request id, so no two would compare equal.
-                    .map_err(|e| match e.code() {
-                        Some(code) => format!("IAM {code}: {}", e.message().unwrap_or_default()),
-                        None => format!("IAM: {}", DisplayErrorContext(&e)),
-                    })?;
-            }
-            Mode::Credgate | Mode::CredgateValidate => {
-                let validate_only = mode == Mode::CredgateValidate;
-                let answer = self
-                    .credgate
-                    .change_password(ChangePasswordRequest {
-                        old_password: old.clone(),
-                        new_password: new.clone(),
-                        validate_only,
-                        request_id: String::new(),
-                    })
-                    .await
-                    .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?
-                    .into_inner();
-                // A success for the wrong user, or a "change" without IAM's
-                // request id, would make the numbers meaningless.
-                if answer.iam_user != self.iam_user {
-                    return Err(format!(
-                        "credgate answered for {:?}, expected {:?}",
-                        answer.iam_user, self.iam_user
-                    ));
-                }
-                if answer.request_id.is_empty() != validate_only {
-                    return Err(format!(
-                        "credgate request_id {:?} with validate_only={validate_only}",
-                        answer.request_id
-                    ));
-                }
-                if validate_only {
-                    return Ok(());
-                }
-            }
-        }
-        self.at_a = !self.at_a;
-        Ok(())
+        let _ = tcp.set_nodelay(true);
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(req, ids.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
     }
 }
 
-/// Latencies of the successful calls and the errors of one phase.
-#[derive(Default)]
-struct Outcome {
-    latencies: Vec<Duration>,
-    errors: Vec<String>,
-    elapsed: Duration,
+// ------------------------------------------------------------- processes
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
 }
 
-/// Runs `total` calls of `mode` spread over all workers (each takes the next
-/// ticket until none is left), and hands the workers back with their
-/// password state.
-async fn run_phase(
-    workers: Vec<Worker>,
-    mode: Mode,
-    total: usize,
-    passwords: &Arc<(String, String)>,
-) -> (Vec<Worker>, Outcome) {
-    let tickets = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = workers
-        .into_iter()
-        .map(|mut worker| {
-            let tickets = tickets.clone();
-            let passwords = passwords.clone();
-            tokio::spawn(async move {
-                let mut outcome = Outcome::default();
-                while tickets.fetch_add(1, Ordering::Relaxed) < total {
-                    let t0 = Instant::now();
-                    match tokio::time::timeout(CALL_TIMEOUT, worker.change(mode, &passwords)).await
-                    {
-                        Ok(Ok(())) => outcome.latencies.push(t0.elapsed()),
-                        Ok(Err(e)) => outcome.errors.push(e),
-                        Err(_) => outcome
-                            .errors
-                            .push(format!("no answer within {CALL_TIMEOUT:?}")),
-                    }
-                }
-                (worker, outcome)
-            })
-        })
-        .collect();
-    let mut workers = Vec::with_capacity(tasks.len());
-    let mut all = Outcome::default();
-    for task in tasks {
-        let (worker, outcome) = task.await.expect("a benchmark worker panicked");
-        workers.push(worker);
-        all.latencies.extend(outcome.latencies);
-        all.errors.extend(outcome.errors);
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
-    all.elapsed = started.elapsed();
-    (workers, all)
 }
 
-/// CPU time (user + system) a process has used so far, in seconds.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd` and returns the first stdout line that contains `needle`.
+fn spawn_until(mut cmd: Command, needle: &str) -> Result<(Proc, String), String> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let found = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains(needle))
+        .ok_or_else(|| format!("{cmd:?} ended before printing {needle:?}"))?;
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    Ok((Proc { child }, found))
+}
+
+fn json_str(line: &str, key: &str) -> Result<String, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
+    value[key]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no {key} in {line}"))
+}
+
+/// CPU time (user + system) of a process so far, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    // The command name (field 2) is in parentheses and may contain spaces;
-    // fields are counted from after its closing parenthesis, where field 3
-    // (state) starts. utime and stime are fields 14 and 15.
-    let after_comm = &stat[stat.rfind(')').expect("/proc/PID/stat has (comm)") + 1..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks = |field: usize| -> f64 {
-        fields[field - 3]
-            .parse::<u64>()
-            .unwrap_or_else(|e| panic!("field {field} of {path}: {e}")) as f64
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
     };
     (ticks(14) + ticks(15)) / CLOCK_TICKS_PER_SECOND
 }
 
-/// A `kB` line of `/proc/PID/status` (`VmHWM`, `VmRSS`), in MiB.
+/// A `kB` line of `/proc/PID/status`, in MiB.
 fn status_mib(pid: u32, key: &str) -> f64 {
-    let path = format!("/proc/{pid}/status");
-    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    let kib: u64 = status
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
         .lines()
-        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {path}"));
-    kib as f64 / 1024.0
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
-/// credgate's peak resident memory, per phase.
-///
-/// VmHWM is a high-water mark since the process started; writing `5` to
-/// `/proc/PID/clear_refs` resets it to the current RSS, which makes it a
-/// peak per phase. The first calls of each caller (loading its credentials,
-/// fetching the account policy) may peak higher than the steady state, so
-/// warm-up and measured requests are tracked apart.
-struct PeakRss {
-    pid: u32,
-    /// Whether VmHWM could be reset; if not, every peak is since start.
-    resettable: bool,
-    /// The highest peak seen, start-up included.
-    overall_mib: f64,
+// ------------------------------------------------------------- clients
+
+struct Pki {
+    ca: Certificate,
+    dir: PathBuf,
 }
 
-impl PeakRss {
-    fn new(pid: u32) -> Self {
-        let overall_mib = status_mib(pid, "VmHWM");
-        let mut peak = Self {
-            pid,
-            resettable: true,
-            overall_mib,
-        };
-        peak.resettable = peak.reset();
-        peak
+impl Pki {
+    fn identity(&self, worker: usize) -> Result<Identity, String> {
+        let read =
+            |name: String| fs::read(self.dir.join(&name)).map_err(|e| format!("{name}: {e}"));
+        Ok(Identity::from_pem(
+            read(format!("client-{worker}.crt"))?,
+            read(format!("client-{worker}.key"))?,
+        ))
     }
 
-    /// Starts a new peak window; false when the kernel refused.
-    fn reset(&self) -> bool {
-        fs::write(format!("/proc/{}/clear_refs", self.pid), "5").is_ok()
-    }
-
-    /// The peak since the last [`reset`](Self::reset), in MiB.
-    fn take(&mut self) -> f64 {
-        let peak = status_mib(self.pid, "VmHWM");
-        self.overall_mib = self.overall_mib.max(peak);
-        if self.resettable {
-            self.reset();
-        }
-        peak
+    async fn channel(&self, addr: SocketAddr, worker: usize) -> Result<Channel, String> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .domain_name("localhost")
+            .identity(self.identity(worker)?);
+        Channel::from_shared(format!("https://{addr}"))
+            .map_err(|e| e.to_string())?
+            .tls_config(tls)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))
     }
 }
 
-/// The nearest-rank percentile of sorted latencies, in milliseconds.
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1].as_secs_f64() * 1000.0
-}
-
-/// One row of the report.
-struct Row {
-    mode: Mode,
-    requests: usize,
-    errors: usize,
-    throughput: f64,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-    credgate_cpu_per_1000: f64,
-    emulator_cpu_per_1000: Option<f64>,
-    warmup_peak_mib: f64,
-    peak_mib: f64,
-}
-
-async fn connect(args: &Args, ca: &Certificate, index: usize) -> PasswordServiceClient<Channel> {
-    let read = |name: String| {
-        let path = args.pki.join(&name);
-        fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-    };
-    let identity = Identity::from_pem(
-        read(format!("client-{index}.crt")),
-        read(format!("client-{index}.key")),
-    );
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(ca.clone())
-        // dev-pki's server certificate names localhost and 127.0.0.1.
-        .domain_name("localhost")
-        .identity(identity);
-    let channel = Channel::from_shared(format!("https://{}", args.credgate))
-        .expect("credgate URI")
-        .tls_config(tls)
-        .expect("client TLS config")
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("mTLS connection to credgate at {}: {e}", args.credgate));
-    PasswordServiceClient::new(channel)
-}
-
-/// The direct baseline's IAM client, configured like credgate's own: the
-/// profile's key only, no SDK retries, one shared HTTP connection pool.
-async fn direct_client(
-    args: &Args,
+fn direct_client(
+    endpoint: &str,
     http: &aws_sdk_iam::config::SharedHttpClient,
-    profile: &str,
+    worker: usize,
 ) -> aws_sdk_iam::Client {
-    let config = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new(args.region.clone()))
-        .endpoint_url(&args.iam_endpoint)
-        .credentials_provider(
-            ProfileFileCredentialsProvider::builder()
-                .profile_name(profile)
-                .build(),
-        )
+    let config = aws_sdk_iam::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new(
+            format!("AKIABENCH{worker:011}"),
+            "bench-secret",
+            None,
+            None,
+            "bench",
+        ))
         .http_client(http.clone())
         .retry_config(RetryConfig::disabled())
-        .load()
-        .await;
-    aws_sdk_iam::Client::new(&config)
+        .build();
+    aws_sdk_iam::Client::from_conf(config)
 }
 
-/// CPUs and load average: the three processes share this machine, and a
-/// busy machine (a build running beside) skews every number.
-fn machine() -> String {
+#[derive(Clone)]
+enum Target {
+    Direct(aws_sdk_iam::Client),
+    Grpc(PasswordServiceClient<Channel>),
+    /// A new mTLS connection per call.
+    Fresh {
+        addr: SocketAddr,
+        worker: usize,
+    },
+}
+
+/// One call; `at_a` alternates the password (a real upstream checks it).
+async fn call(target: &Target, pki: &Pki, at_a: bool, request_id: bool) -> Result<(), String> {
+    let (old, new) = if at_a {
+        (PASSWORD_A, PASSWORD_B)
+    } else {
+        (PASSWORD_B, PASSWORD_A)
+    };
+    let request = || ChangePasswordRequest {
+        old_password: old.to_owned(),
+        new_password: new.to_owned(),
+        validate_only: false,
+        request_id: if request_id {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            String::new()
+        },
+    };
+    match target {
+        Target::Direct(client) => client
+            .change_password()
+            .old_password(old)
+            .new_password(new)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| DisplayErrorContext(&e).to_string()),
+        Target::Grpc(client) => {
+            let answer = client
+                .clone()
+                .change_password(request())
+                .await
+                .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?;
+            if answer.get_ref().request_id.is_empty() {
+                return Err("no IAM request id in the answer".to_owned());
+            }
+            Ok(())
+        }
+        Target::Fresh { addr, worker } => {
+            let channel = pki.channel(*addr, *worker).await?;
+            PasswordServiceClient::new(channel)
+                .change_password(request())
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))
+        }
+    }
+}
+
+// ------------------------------------------------------------- phases
+
+struct Measured {
+    calls: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    cpu_s: f64,
+    peak_rss_mib: f64,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let rank =
+            ((p * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len());
+        self.latencies[rank - 1].as_secs_f64() * 1000.0
+    }
+
+    fn cpu_us_per_call(&self) -> f64 {
+        self.cpu_s * 1e6 / self.calls as f64
+    }
+}
+
+/// Runs `targets.len()` tasks, each calling its target in a loop, for one
+/// second of warm-up and then `seconds` measured; CPU and peak RSS are
+/// `pid`'s over the measured part.
+async fn phase(
+    targets: Vec<Target>,
+    pki: &Arc<Pki>,
+    seconds: f64,
+    pid: u32,
+    request_id: bool,
+) -> Result<Measured, String> {
+    let warmup = Duration::from_secs(1);
+    let measure = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let (measure_from, measure_to) = (start + warmup, start + warmup + measure);
+    let mut tasks = Vec::new();
+    for target in targets {
+        let pki = pki.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut at_a = true;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= measure_to {
+                    return Ok::<_, String>(latencies);
+                }
+                tokio::time::timeout(CALL_TIMEOUT, call(&target, &pki, at_a, request_id))
+                    .await
+                    .map_err(|_| "no answer within 30 s".to_owned())??;
+                at_a = !at_a;
+                if t0 >= measure_from {
+                    latencies.push(t0.elapsed());
+                }
+            }
+        }));
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    let cpu_before = cpu_seconds(pid);
+    tokio::time::sleep_until(measure_to.into()).await;
+    let cpu_s = cpu_seconds(pid) - cpu_before;
+    let peak_rss_mib = status_mib(pid, "VmHWM");
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.map_err(|e| e.to_string())??);
+    }
+    latencies.sort();
+    Ok(Measured {
+        calls: latencies.len(),
+        elapsed: measure,
+        latencies,
+        cpu_s,
+        peak_rss_mib,
+    })
+}
+
+// ------------------------------------------------------------- run
+
+struct Stack {
+    _upstream: Proc,
+    endpoint: String,
+    credgate: Proc,
+}
+
+fn start_credgate(
+    bin: &Path,
+    config: &Path,
+    dir: &Path,
+    env: &[String],
+) -> Result<(Proc, SocketAddr, SocketAddr), String> {
+    let mut cmd = Command::new(bin);
+    for pair in env {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--credgate-env {pair:?}: KEY=VALUE"))?;
+        cmd.env(key, value);
+    }
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("aws-credentials"))
+        .env("AWS_CONFIG_FILE", dir.join("aws-config"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    let (proc, line) = spawn_until(cmd, "credgate listening")?;
+    let addr = |k| -> Result<SocketAddr, String> {
+        json_str(&line, k)?.parse().map_err(|e| format!("{k}: {e}"))
+    };
+    Ok((proc, addr("tls_addr")?, addr("admin_addr")?))
+}
+
+/// Writes `config` with the upstream's endpoint in place of `@ENDPOINT@`.
+fn render_config(dir: &Path, name: &str, endpoint: &str) -> Result<PathBuf, String> {
+    let template = fs::read_to_string(dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
+    let path = dir.join(format!("rendered-{name}"));
+    fs::write(&path, template.replace("@ENDPOINT@", endpoint)).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+async fn serving_ms(bin: &Path, config: &Path, dir: &Path, env: &[String]) -> Result<f64, String> {
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (proc, _, admin) = start_credgate(bin, config, dir, env)?;
+        let channel = Channel::from_shared(format!("http://{admin}"))
+            .map_err(|e| e.to_string())?
+            .connect_lazy();
+        let mut health = HealthClient::new(channel);
+        loop {
+            let serving = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok_and(|r| r.get_ref().status == 1);
+            if serving {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err("credgate not SERVING within 10 s".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        drop(proc);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+struct Report {
+    text: String,
+}
+
+impl Report {
+    fn line(&mut self, text: impl AsRef<str>) {
+        self.text.push_str(text.as_ref());
+        self.text.push('\n');
+    }
+}
+
+fn row(report: &mut Report, mode: &str, m: &Measured, cpu_of: &str, baseline: Option<&Measured>) {
+    let ratio = |v: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}×", v / b)
+        } else {
+            "–".to_owned()
+        }
+    };
+    let (rate_ratio, cpu_ratio) = match baseline {
+        Some(b) => (
+            ratio(m.rate(), b.rate()),
+            ratio(m.cpu_us_per_call(), b.cpu_us_per_call()),
+        ),
+        None => ("1×".to_owned(), "1×".to_owned()),
+    };
+    report.line(format!(
+        "| {mode} | {:.0} | {rate_ratio} | {:.2} | {:.2} | {:.2} | {:.0} ({cpu_of}) | {cpu_ratio} | {:.1} |",
+        m.rate(),
+        m.percentile_ms(0.50),
+        m.percentile_ms(0.99),
+        m.percentile_ms(0.999),
+        m.cpu_us_per_call(),
+        m.peak_rss_mib,
+    ));
+}
+
+async fn run(args: RunArgs) -> Result<String, String> {
+    let wanted = |mode: &str| args.only.is_empty() || args.only.iter().any(|m| m == mode);
+    let dir = &args.dir;
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut up = Command::new(&me);
+    up.arg("upstream");
+    let (upstream, line) = spawn_until(up, "endpoint")?;
+    let endpoint = json_str(&line, "endpoint")?;
+    let config = render_config(dir, "credgate.toml", &endpoint)?;
+    let (credgate, addr, _) = start_credgate(&args.credgate, &config, dir, &args.credgate_env)?;
+    let stack = Stack {
+        _upstream: upstream,
+        endpoint,
+        credgate,
+    };
+    let pki = Arc::new(Pki {
+        ca: Certificate::from_pem(fs::read(dir.join("pki/ca.crt")).map_err(|e| e.to_string())?),
+        dir: dir.join("pki"),
+    });
+    let me_pid = std::process::id();
+    let credgate_pid = stack.credgate.pid();
+    let mut report = Report {
+        text: String::new(),
+    };
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "{cpus} CPUs, load average {} before the run",
-        load.join(" ")
-    )
-}
-
-fn render(args: &Args, machine: &str, rows: &[Row], idle_rss_mib: f64, rss: &PeakRss) -> String {
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = writeln!(
-        out,
-        "{} concurrent workers; each mode: {} warm-up requests, then the measured ones; {machine}.\n",
-        args.concurrency, args.warmup
+    report.line(format!(
+        "{cpus} CPUs shared by the load generator, credgate, the upstream and the peer; \
+         {:.0} s measured per mode after 1 s of warm-up; credgate at its production log \
+         settings (JSON, info, audit on).\n",
+        args.seconds
+    ));
+    report.line(
+        "| mode | calls/s | vs direct | p50 ms | p99 ms | p99.9 ms | CPU µs/call (whose) | CPU vs direct | peak RSS MiB |",
     );
-    let _ = writeln!(
-        out,
-        "| mode | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms \
-         | credgate CPU s / 1000 req | emulator CPU s / 1000 req \
-         | credgate peak RSS MiB, warm-up / measured |"
-    );
-    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for r in rows {
-        let emulator = r
-            .emulator_cpu_per_1000
-            .map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"));
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} / {:.1} |",
-            r.mode.name(),
-            r.requests,
-            r.errors,
-            r.throughput,
-            r.p50,
-            r.p90,
-            r.p99,
-            r.max,
-            r.credgate_cpu_per_1000,
-            emulator,
-            r.warmup_peak_mib,
-            r.peak_mib,
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\ncredgate RSS: {idle_rss_mib:.1} MiB with all clients connected, before any request; \
-         peak {:.1} MiB over the whole run, start-up included (VmHWM).",
-        rss.overall_mib
-    );
-    if !rss.resettable {
-        let _ = writeln!(
-            out,
-            "(VmHWM could not be reset: every peak above is since credgate started.)"
-        );
-    }
-    let find = |mode| rows.iter().find(|r| r.mode == mode);
-    // Only a comparison of two clean runs means anything.
-    if let (Some(d), Some(c)) = (find(Mode::Direct), find(Mode::Credgate))
-        && d.errors == 0
-        && c.errors == 0
-    {
-        let _ = writeln!(
-            out,
-            "credgate's added latency over direct: p50 {:+.2} ms, p90 {:+.2} ms, p99 {:+.2} ms; \
-             throughput {:.0}% of direct.",
-            c.p50 - d.p50,
-            c.p90 - d.p90,
-            c.p99 - d.p99,
-            100.0 * c.throughput / d.throughput,
-        );
-    }
-    out
-}
-
-#[tokio::main]
-async fn main() -> ExitCode {
-    let args = Args::parse();
-    let machine = machine();
-    assert!(args.concurrency > 0, "--concurrency must be at least 1");
-    let passwords = Arc::new((args.password_a.clone(), args.password_b.clone()));
-
-    let ca_path = args.pki.join("ca.crt");
-    let ca = Certificate::from_pem(
-        fs::read(&ca_path).unwrap_or_else(|e| panic!("reading {}: {e}", ca_path.display())),
-    );
-    let http = Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::AwsLc))
+    report.line("|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
+        ))
         .build_https();
-    let mut workers = Vec::with_capacity(args.concurrency);
-    for i in 1..=args.concurrency {
-        let iam_user = format!("{}{i}", args.user_prefix);
-        workers.push(Worker {
-            direct: direct_client(&args, &http, &iam_user).await,
-            credgate: connect(&args, &ca, i).await,
-            iam_user,
-            at_a: true,
-        });
+    let grpc = |workers: &[usize], per: usize| {
+        let (pki, workers) = (pki.clone(), workers.to_vec());
+        async move {
+            let mut targets = Vec::new();
+            for w in workers {
+                let client = PasswordServiceClient::new(pki.channel(addr, w).await?);
+                targets.extend((0..per).map(|_| Target::Grpc(client.clone())));
+            }
+            Ok::<_, String>(targets)
+        }
+    };
+    let mut results: HashMap<&str, Measured> = HashMap::new();
+    for (name, inflight) in [("direct-32", 32usize), ("direct-1", 1)] {
+        if !wanted("direct") {
+            break;
+        }
+        let targets = (1..=inflight)
+            .map(|i| Target::Direct(direct_client(&stack.endpoint, &http, (i - 1) % 4 + 1)))
+            .collect();
+        results.insert(
+            name,
+            phase(targets, &pki, args.seconds, me_pid, false).await?,
+        );
+    }
+    if wanted("credgate") {
+        let targets = grpc(&[1, 2, 3, 4], 8).await?;
+        results.insert(
+            "credgate-32",
+            phase(targets, &pki, args.seconds, credgate_pid, false).await?,
+        );
+        let targets = grpc(&[1], 1).await?;
+        results.insert(
+            "credgate-1",
+            phase(targets, &pki, args.seconds, credgate_pid, false).await?,
+        );
+    }
+    if wanted("fresh") {
+        let targets = (1..=8)
+            .map(|i| Target::Fresh {
+                addr,
+                worker: (i - 1) % 4 + 1,
+            })
+            .collect();
+        results.insert(
+            "credgate-fresh",
+            phase(targets, &pki, args.seconds, credgate_pid, false).await?,
+        );
+    }
+    let order = [
+        ("direct-32", "direct, 32 in flight", "SDK client"),
+        ("credgate-32", "credgate, 4 conn × 8 in flight", "credgate"),
+        ("direct-1", "direct, 1 in flight", "SDK client"),
+        ("credgate-1", "credgate, 1 in flight", "credgate"),
+        (
+            "credgate-fresh",
+            "credgate, new mTLS connection per call, 8 at once",
+            "credgate",
+        ),
+    ];
+    for (key, label, whose) in order {
+        if let Some(m) = results.get(key) {
+            let base = match key {
+                "credgate-32" => results.get("direct-32"),
+                "credgate-1" => results.get("direct-1"),
+                "direct-32" | "direct-1" => None,
+                _ => results.get("direct-32"),
+            };
+            row(&mut report, label, m, whose, base);
+        }
     }
 
-    let idle_rss_mib = status_mib(args.credgate_pid, "VmRSS");
-    let mut rss = PeakRss::new(args.credgate_pid);
-    let mut rows = Vec::new();
-    let mut shown = Vec::new();
-    let mut warmup_errors = 0;
-    for &mode in &args.modes {
-        let (warm, warmup) = run_phase(workers, mode, args.warmup, &passwords).await;
-        let warmup_peak_mib = rss.take();
-        warmup_errors += warmup.errors.len();
-        shown.extend(
-            warmup
-                .errors
-                .into_iter()
-                .map(|e| format!("{} (warm-up): {e}", mode.name())),
+    // The Python peer, same upstream, same certificates.
+    if !args.python.is_empty() && wanted("peer") {
+        let mut cmd = Command::new(&args.python);
+        cmd.arg(dir.join("peer.py"))
+            .args(["--stubs"])
+            .arg(dir.join("stubs"))
+            .args(["--listen", "127.0.0.1:0", "--workers", "32", "--cert"])
+            .arg(dir.join("pki/server.crt"))
+            .arg("--key")
+            .arg(dir.join("pki/server.key"))
+            .arg("--client-ca")
+            .arg(dir.join("pki/ca.crt"))
+            .arg("--callers")
+            .arg(&config)
+            .args(["--endpoint-url", &stack.endpoint])
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("aws-credentials"))
+            .env("AWS_CONFIG_FILE", dir.join("aws-config"))
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        let (peer, line) = spawn_until(cmd, "listening")?;
+        let peer_addr: SocketAddr = json_str(&line, "listening")?
+            .parse()
+            .map_err(|e| format!("peer address: {e}"))?;
+        let mut targets = Vec::new();
+        for w in 1..=4 {
+            let client = PasswordServiceClient::new(pki.channel(peer_addr, w).await?);
+            targets.extend((0..8).map(|_| Target::Grpc(client.clone())));
+        }
+        let m = phase(targets, &pki, args.seconds, peer.pid(), false).await?;
+        row(
+            &mut report,
+            "Python peer, 4 conn × 8 in flight",
+            &m,
+            "peer",
+            results.get("direct-32"),
         );
+        let fresh = (1..=8)
+            .map(|i| Target::Fresh {
+                addr: peer_addr,
+                worker: (i - 1) % 4 + 1,
+            })
+            .collect();
+        let f = phase(fresh, &pki, args.seconds, peer.pid(), false).await?;
+        row(
+            &mut report,
+            "Python peer, new mTLS connection per call, 8 at once",
+            &f,
+            "peer",
+            results.get("direct-32"),
+        );
+        report.line("");
+        if let Some(c) = results.get("credgate-32") {
+            report.line(format!(
+                "- credgate vs the Python peer at 32 in flight: **{:.1}×** the calls/s, {:.2}× its p99.",
+                c.rate() / m.rate(),
+                c.percentile_ms(0.99) / m.percentile_ms(0.99)
+            ));
+        }
+        if let Some(c) = results.get("credgate-fresh") {
+            report.line(format!(
+                "- new connection per call: credgate **{:.1}×** the Python peer's calls/s.",
+                c.rate() / f.rate()
+            ));
+        }
+    } else {
+        report.line("");
+    }
+    if let (Some(c), Some(d)) = (results.get("credgate-32"), results.get("direct-32")) {
+        report.line(format!(
+            "- credgate CPU per call is **{:.2}×** the SDK client's own ({:.0} vs {:.0} µs); \
+             its throughput {:.2}× direct.",
+            c.cpu_us_per_call() / d.cpu_us_per_call(),
+            c.cpu_us_per_call(),
+            d.cpu_us_per_call(),
+            c.rate() / d.rate()
+        ));
+    }
+    if let (Some(c), Some(d)) = (results.get("credgate-1"), results.get("direct-1")) {
+        report.line(format!(
+            "- 1 in flight: credgate adds **{:.2} ms** at p50 and **{:.2} ms** at p99 over the direct SDK.",
+            c.percentile_ms(0.5) - d.percentile_ms(0.5),
+            c.percentile_ms(0.99) - d.percentile_ms(0.99)
+        ));
+    }
+    if let (Some(f), Some(c)) = (results.get("credgate-fresh"), results.get("credgate-32")) {
+        report.line(format!(
+            "- a fresh mTLS connection costs credgate about **{:.0} µs** of CPU (handshake and \
+             connection set-up: {:.0} µs per fresh call minus {:.0} µs per call on a kept connection).",
+            f.cpu_us_per_call() - c.cpu_us_per_call(),
+            f.cpu_us_per_call(),
+            c.cpu_us_per_call()
+        ));
+    }
 
-        let requests = match mode {
-            Mode::CredgateValidate => args.validate_requests,
-            Mode::Direct | Mode::Credgate => args.requests,
+    // Redis: what a round trip adds, 1 in flight with a request_id.
+    if wanted("redis") && dir.join("credgate-redis.toml").exists() {
+        let targets = grpc(&[1], 1).await?;
+        let memory = phase(targets, &pki, args.seconds, credgate_pid, true).await?;
+        let redis_config = render_config(dir, "credgate-redis.toml", &stack.endpoint)?;
+        let (redis_credgate, redis_addr, _) = start_credgate(&args.credgate, &redis_config, dir, &args.credgate_env)?;
+        let client = PasswordServiceClient::new(pki.channel(redis_addr, 1).await?);
+        let m = phase(
+            vec![Target::Grpc(client)],
+            &pki,
+            args.seconds,
+            redis_credgate.pid(),
+            true,
+        )
+        .await?;
+        report.line(format!(
+            "- state in Redis (same host, 1 in flight, with a request_id: claim, reserve, settle, \
+             store): p50 {:.2} ms vs {:.2} ms in memory (**+{:.2} ms**), p99 {:.2} vs {:.2} ms; \
+             credgate CPU {:.0} vs {:.0} µs per call.",
+            m.percentile_ms(0.5),
+            memory.percentile_ms(0.5),
+            m.percentile_ms(0.5) - memory.percentile_ms(0.5),
+            m.percentile_ms(0.99),
+            memory.percentile_ms(0.99),
+            m.cpu_us_per_call(),
+            memory.cpu_us_per_call()
+        ));
+    }
+
+    // Memory: idle, then with many idle connections.
+    if wanted("idle") {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = status_mib(credgate_pid, "VmRSS");
+        let mut channels = Vec::new();
+        for i in 0..args.idle_connections {
+            let channel = pki.channel(addr, i % 4 + 1).await?;
+            // One call each, so the connection is really set up on both sides.
+            HealthClient::new(channel.clone())
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            channels.push(channel);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = status_mib(credgate_pid, "VmRSS");
+        report.line(format!(
+            "- memory: credgate RSS {before:.1} MiB after the load, {after:.1} MiB with {} idle mTLS \
+             connections open (**+{:.1} MiB**, {:.1} KiB per connection).",
+            args.idle_connections,
+            after - before,
+            (after - before) * 1024.0 / args.idle_connections as f64
+        ));
+        drop(channels);
+    }
+    if wanted("startup") {
+        let fresh_rss = {
+            let (proc, _, _) = start_credgate(&args.credgate, &config, dir, &args.credgate_env)?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let rss = status_mib(proc.pid(), "VmRSS");
+            drop(proc);
+            rss
         };
-        let credgate_cpu = cpu_seconds(args.credgate_pid);
-        let emulator_cpu = args.emulator_pid.map(cpu_seconds);
-        let (after, mut outcome) = run_phase(warm, mode, requests, &passwords).await;
-        workers = after;
-        let per_1000 =
-            |before: f64, pid: u32| (cpu_seconds(pid) - before) * 1000.0 / requests as f64;
+        let ms = serving_ms(&args.credgate, &config, dir, &args.credgate_env).await?;
+        report.line(format!(
+            "- start-up: SERVING on the admin port **{ms:.0} ms** after the process starts \
+             (median of 5); idle RSS right after start {fresh_rss:.1} MiB."
+        ));
+    }
+    let _ = writeln!(report.text);
+    Ok(report.text)
+}
 
-        outcome.latencies.sort_unstable();
-        let lat = &outcome.latencies;
-        rows.push(Row {
-            mode,
-            requests,
-            errors: outcome.errors.len(),
-            // Successful calls only: a fast error is no throughput.
-            throughput: lat.len() as f64 / outcome.elapsed.as_secs_f64(),
-            p50: percentile_ms(lat, 0.50),
-            p90: percentile_ms(lat, 0.90),
-            p99: percentile_ms(lat, 0.99),
-            max: percentile_ms(lat, 1.0),
-            credgate_cpu_per_1000: per_1000(credgate_cpu, args.credgate_pid),
-            emulator_cpu_per_1000: emulator_cpu
-                .zip(args.emulator_pid)
-                .map(|(b, p)| per_1000(b, p)),
-            warmup_peak_mib,
-            peak_mib: rss.take(),
-        });
-        shown.extend(
-            outcome
-                .errors
-                .into_iter()
-                .map(|e| format!("{}: {e}", mode.name())),
-        );
-    }
-
-    print!("{}", render(&args, &machine, &rows, idle_rss_mib, &rss));
-    let errors = warmup_errors + rows.iter().map(|r| r.errors).sum::<usize>();
-    if errors == 0 {
-        return ExitCode::SUCCESS;
-    }
-    shown.sort();
-    shown.dedup();
-    eprintln!("\n{errors} calls failed (warm-up included); distinct errors:");
-    for e in shown.iter().take(ERRORS_SHOWN) {
-        eprintln!("  {e}");
-    }
-    ExitCode::FAILURE
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Cmd::Upstream => upstream().await,
+            Cmd::Run(args) => match run(args).await {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bench: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
 }

@@ -132,13 +132,24 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         .and(filter_fn(|meta| meta.target() != audit::TARGET));
     let audit_filter = Targets::new().with_target(audit::TARGET, LevelFilter::INFO);
 
-    // Our spans, and the AWS SDK's (debug level) nested under the IAM span.
+    // Our spans; and, when traces are exported, the AWS SDK's own spans
+    // (debug level) nested under the IAM span — never its debug events,
+    // which cost more than the IAM call itself and say little. Without an
+    // exporter the SDK's spans would only be built to be thrown away.
     // Everything else, notably the exporter's own transport, stays out.
+    let sdk_level = if exporting() {
+        LevelFilter::DEBUG
+    } else {
+        LevelFilter::OFF
+    };
     let otel_filter = Targets::new()
         .with_default(LevelFilter::OFF)
         .with_target("credgate", LevelFilter::INFO)
-        .with_target("aws_sdk_iam", LevelFilter::DEBUG)
-        .with_target("aws_smithy_runtime", LevelFilter::DEBUG);
+        .with_target("aws_sdk_iam", sdk_level)
+        .with_target("aws_smithy_runtime", sdk_level)
+        .and(filter_fn(|meta| {
+            meta.is_span() || meta.target().starts_with("credgate")
+        }));
     // Only RPC server spans start a trace. Everything else (IAM client,
     // SDK, state store spans) is exported inside an RPC's trace, never as a
     // trace of its own: background work (profile verification) stays out.
