@@ -89,6 +89,10 @@ struct RunArgs {
     /// Measured seconds per mode (after a second of warm-up).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Rounds of the direct/credgate/fresh modes, interleaved; each row
+    /// shows the round with the median throughput (a shared machine is noisy).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Idle connections opened for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
@@ -609,9 +613,16 @@ async fn run(args: RunArgs) -> Result<String, String> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     report.line(format!(
         "{cpus} CPUs shared by the load generator, credgate, the upstream and the peer; \
-         {:.0} s measured per mode after 1 s of warm-up; credgate at its production log \
-         settings (JSON, info, audit on).\n",
-        args.seconds
+         {:.0} s measured per mode after 1 s of warm-up, {} interleaved rounds, the round \
+         with the median throughput shown; credgate at its production log settings (JSON, \
+         info, audit on){}.\n",
+        args.seconds,
+        args.rounds,
+        if args.credgate_env.is_empty() {
+            String::new()
+        } else {
+            format!(", with {}", args.credgate_env.join(" "))
+        }
     ));
     report.line(
         "| mode | calls/s | vs direct | p50 ms | p99 ms | p99.9 ms | CPU µs/call (whose) | CPU vs direct | peak RSS MiB |",
@@ -633,43 +644,46 @@ async fn run(args: RunArgs) -> Result<String, String> {
             Ok::<_, String>(targets)
         }
     };
-    let mut results: HashMap<&str, Measured> = HashMap::new();
-    for (name, inflight) in [("direct-32", 32usize), ("direct-1", 1)] {
-        if !wanted("direct") {
-            break;
+    let mut rounds: HashMap<&str, Vec<Measured>> = HashMap::new();
+    for _ in 0..args.rounds.max(1) {
+        for (name, inflight) in [("direct-32", 32usize), ("direct-1", 1)] {
+            if !wanted("direct") {
+                break;
+            }
+            let targets = (1..=inflight)
+                .map(|i| Target::Direct(direct_client(&stack.endpoint, &http, (i - 1) % 4 + 1)))
+                .collect();
+            let m = phase(targets, &pki, args.seconds, me_pid, false).await?;
+            rounds.entry(name).or_default().push(m);
         }
-        let targets = (1..=inflight)
-            .map(|i| Target::Direct(direct_client(&stack.endpoint, &http, (i - 1) % 4 + 1)))
-            .collect();
-        results.insert(
-            name,
-            phase(targets, &pki, args.seconds, me_pid, false).await?,
-        );
+        if wanted("credgate") {
+            let targets = grpc(&[1, 2, 3, 4], 8).await?;
+            let m = phase(targets, &pki, args.seconds, credgate_pid, false).await?;
+            rounds.entry("credgate-32").or_default().push(m);
+            let targets = grpc(&[1], 1).await?;
+            let m = phase(targets, &pki, args.seconds, credgate_pid, false).await?;
+            rounds.entry("credgate-1").or_default().push(m);
+        }
+        if wanted("fresh") {
+            let targets = (1..=8)
+                .map(|i| Target::Fresh {
+                    addr,
+                    worker: (i - 1) % 4 + 1,
+                })
+                .collect();
+            let m = phase(targets, &pki, args.seconds, credgate_pid, false).await?;
+            rounds.entry("credgate-fresh").or_default().push(m);
+        }
     }
-    if wanted("credgate") {
-        let targets = grpc(&[1, 2, 3, 4], 8).await?;
-        results.insert(
-            "credgate-32",
-            phase(targets, &pki, args.seconds, credgate_pid, false).await?,
-        );
-        let targets = grpc(&[1], 1).await?;
-        results.insert(
-            "credgate-1",
-            phase(targets, &pki, args.seconds, credgate_pid, false).await?,
-        );
-    }
-    if wanted("fresh") {
-        let targets = (1..=8)
-            .map(|i| Target::Fresh {
-                addr,
-                worker: (i - 1) % 4 + 1,
-            })
-            .collect();
-        results.insert(
-            "credgate-fresh",
-            phase(targets, &pki, args.seconds, credgate_pid, false).await?,
-        );
-    }
+    // The round with the median throughput, whole: its numbers belong together.
+    let results: HashMap<&str, Measured> = rounds
+        .into_iter()
+        .map(|(name, mut runs)| {
+            runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+            let middle = runs.len() / 2;
+            (name, runs.swap_remove(middle))
+        })
+        .collect();
     let order = [
         ("direct-32", "direct, 32 in flight", "SDK client"),
         ("credgate-32", "credgate, 4 conn × 8 in flight", "credgate"),
@@ -791,7 +805,8 @@ async fn run(args: RunArgs) -> Result<String, String> {
         let targets = grpc(&[1], 1).await?;
         let memory = phase(targets, &pki, args.seconds, credgate_pid, true).await?;
         let redis_config = render_config(dir, "credgate-redis.toml", &stack.endpoint)?;
-        let (redis_credgate, redis_addr, _) = start_credgate(&args.credgate, &redis_config, dir, &args.credgate_env)?;
+        let (redis_credgate, redis_addr, _) =
+            start_credgate(&args.credgate, &redis_config, dir, &args.credgate_env)?;
         let client = PasswordServiceClient::new(pki.channel(redis_addr, 1).await?);
         let m = phase(
             vec![Target::Grpc(client)],

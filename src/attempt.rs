@@ -1,8 +1,11 @@
-//! One `ChangePassword` attempt, run in its own task so that it ends the
-//! same way whatever the caller does.
+//! One `ChangePassword` attempt, which ends the same way whatever the caller
+//! does.
 //!
-//! Once the handler has checked the input, the attempt is handed to a task
-//! that the caller's stream cannot cancel. The task claims the `request_id`,
+//! Once the handler has checked the input, it drives the attempt itself —
+//! no task hand-off on the common path — until the caller has its answer.
+//! Whatever of the attempt is left then (IAM still working at the deadline),
+//! or when the handler is dropped (the caller cancelled or disconnected),
+//! moves to a task of its own that nothing can cancel. The attempt claims the `request_id`,
 //! reserves an attempt against the limit, verifies the profile, checks the
 //! policy and calls IAM, all within the request's deadline. If the deadline
 //! passes before IAM was sent anything, the attempt stops there
@@ -13,6 +16,7 @@
 //! event. Shutdown waits for these tasks within `shutdown_grace`.
 
 use std::{
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -34,7 +38,7 @@ use crate::{
     password::Password,
     policy_cache::PolicyCache,
     principal::{Principals, Verdict as Principal},
-    state::{Claim, ClaimToken, Reserve, Store, StoredOutcome, Verdict, Waited},
+    state::{Claim, ClaimToken, Limit, Reserve, Store, StoredOutcome, Verdict, Waited},
 };
 
 /// How long an attempt waits for IAM after its caller's deadline passed.
@@ -86,15 +90,58 @@ impl Reply {
     }
 }
 
-/// Starts the attempt; the receiver gets the caller's answer by the
-/// request's deadline.
-pub(crate) fn start(gate: &Arc<Gate>, request: Request) -> oneshot::Receiver<Answer> {
-    let (tx, rx) = oneshot::channel();
+type Running = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The part of an attempt still running when its driver goes away: it moves
+/// to a task of its own, tracked for shutdown.
+struct Detach {
+    attempt: Option<Running>,
+    tracker: TaskTracker,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if let Some(attempt) = self.attempt.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(self.tracker.track_future(attempt));
+        }
+    }
+}
+
+/// Runs the attempt; returns the caller's answer by the request's deadline.
+/// Dropping this future does not stop the attempt.
+pub(crate) async fn answer(gate: &Arc<Gate>, request: Request) -> Answer {
+    let (tx, mut rx) = oneshot::channel();
     request.audit.hand_off();
     let span = tracing::Span::current();
-    gate.tracker
-        .spawn(run(gate.clone(), request, Reply(Some(tx))).instrument(span));
-    rx
+    let mut detach = Detach {
+        attempt: Some(Box::pin(
+            run(gate.clone(), request, Reply(Some(tx))).instrument(span),
+        )),
+        tracker: gate.tracker.clone(),
+    };
+    let answer = std::future::poll_fn(|cx| {
+        if let Some(attempt) = detach.attempt.as_mut()
+            && attempt.as_mut().poll(cx).is_ready()
+        {
+            detach.attempt = None;
+        }
+        // The attempt answers before it ends; an attempt that ended without
+        // answering (a panic) closes the channel.
+        Pin::new(&mut rx).poll(cx)
+    })
+    .await;
+    drop(detach);
+    // Only a dead attempt leaves no answer, and then nobody knows the outcome.
+    answer.unwrap_or_else(|_| {
+        Err(Error::OutcomeUnknown {
+            aws: None,
+            cause: Some(crate::error::Cause::msg(
+                "the attempt ended without an answer",
+            )),
+        })
+    })
 }
 
 async fn run(gate: Arc<Gate>, request: Request, mut reply: Reply) {
@@ -167,6 +214,7 @@ fn runs_again_on_retry(reason: Reason) -> bool {
             | Reason::IamUnreachable
             | Reason::IamTimeout
             | Reason::StateUnavailable
+            | Reason::CallerConcurrencyExceeded
     )
 }
 
@@ -238,8 +286,13 @@ async fn attempt(gate: &Gate, request: &Request, reply: &mut Reply) -> Answer {
     let reservation = match bounded(deadline, "state", gate.store.reserve(&caller.identity)).await?
     {
         Reserve::Granted(reservation) => reservation,
-        Reserve::Refused(retry_after) => {
+        Reserve::Refused(Limit::Failures(retry_after)) => {
             return Err(Error::TooManyFailedAttempts { retry_after });
+        }
+        Reserve::Refused(Limit::InFlight) => {
+            return Err(Error::CallerConcurrencyExceeded {
+                limit: gate.store.failed_attempts(),
+            });
         }
     };
     let answer = match prepare(gate, request).await {

@@ -1,6 +1,6 @@
 //! The command line: `serve`, `check-config`, `dev-pki`.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
 
@@ -125,6 +125,11 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
     };
     let code = run(config).await;
+    // Log lines and audit events first: the exporters' flush below may be
+    // cut short by its budget, these must not be.
+    let telemetry = Arc::new(telemetry);
+    let logs = telemetry.clone();
+    let _ = tokio::task::spawn_blocking(move || logs.flush_logs()).await;
     // Flushing blocks until the exporter has sent; keep it off the workers,
     // and bounded: the pod's termination grace must cover preStop +
     // shutdown_grace + this.

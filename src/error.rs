@@ -354,10 +354,11 @@ pub enum Error {
          than its IAM user; the operator must fix the profile"
     )]
     IamUserMismatch,
-    /// The caller already has `max_requests_per_caller` requests in flight.
-    #[error("too many requests in flight from this caller (limit {limit})")]
+    /// The caller already has as many requests (`max_requests_per_caller`)
+    /// or password changes (`failed_attempts`) in flight as it may.
+    #[error("too many calls in flight from this caller (at most {limit}); retry shortly")]
     CallerConcurrencyExceeded {
-        /// `server.max_requests_per_caller`.
+        /// The limit that was reached.
         limit: usize,
     },
     /// `request_id` is set but not a UUID.

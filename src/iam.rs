@@ -84,7 +84,7 @@ impl Failure {
         E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
     {
         if find_in_chain::<CredentialsError>(&err).is_some() {
-            return Self::NoCredentials(Cause::new(err));
+            return Self::NoCredentials(sdk_cause(&err));
         }
         match &err {
             SdkError::ServiceError(ctx) => Self::Answered {
@@ -94,16 +94,16 @@ impl Failure {
             },
             SdkError::ResponseError(ctx) => Self::Unreadable {
                 status: ctx.raw().status().as_u16(),
-                cause: Cause::new(err),
+                cause: sdk_cause(&err),
             },
             SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
                 match find_in_chain::<hyper_util::client::legacy::Error>(&err) {
-                    Some(e) if e.is_connect() => Self::NeverSent(Cause::new(err)),
-                    _ => Self::MaybeSent(Cause::new(err)),
+                    Some(e) if e.is_connect() => Self::NeverSent(sdk_cause(&err)),
+                    _ => Self::MaybeSent(sdk_cause(&err)),
                 }
             }
             // Failed while building or signing the request: nothing was sent.
-            _ => Self::NeverSent(Cause::new(err)),
+            _ => Self::NeverSent(sdk_cause(&err)),
         }
     }
 
@@ -128,6 +128,12 @@ impl Failure {
             } | Self::NoCredentials(_)
         )
     }
+}
+
+/// The SDK error as the SDK renders it with its whole context (endpoint,
+/// connector, IAM's message): for the server log only.
+fn sdk_cause<E: StdError + 'static>(err: &SdkError<E>) -> Cause {
+    Cause::msg(aws_sdk_iam::error::DisplayErrorContext(err).to_string())
 }
 
 fn find_in_chain<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {

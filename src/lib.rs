@@ -24,7 +24,8 @@
 //! - [`error`]: the single error enum, the reason table and the one mapping
 //!   to `tonic::Status`.
 //! - [`server`]: wires it all, health on both ports, reflection, shutdown.
-//! - [`telemetry`]: logs, audit events, OTLP traces and metrics.
+//! - [`telemetry`]: the subscriber (logs, audit events, OTLP traces and
+//!   metrics); [`logs`]: the JSON line format and the lossless writer.
 //! - [`config`], [`spiffe`], [`cli`], [`devpki`]: configuration, SPIFFE ID
 //!   rules, command line, dev PKI.
 //! - [`api`]: the generated `credgate.v1` types.
@@ -44,6 +45,7 @@ pub(crate) mod edge;
 pub mod error;
 pub mod iam;
 pub mod identity;
+pub(crate) mod logs;
 pub mod password;
 pub(crate) mod policy_cache;
 pub(crate) mod principal;

@@ -14,7 +14,7 @@ use crate::{
     attempt::{self, Gate},
     audit::Outcome,
     edge::Admitted,
-    error::{Cause, Error, reject},
+    error::{Error, reject},
     password::{self, Password},
 };
 
@@ -75,7 +75,7 @@ impl PasswordService for PasswordGate {
                 Err(e)
             }
             Ok(request_id) => {
-                let answer = attempt::start(
+                attempt::answer(
                     &self.gate,
                     attempt::Request {
                         caller: admitted.caller,
@@ -86,15 +86,8 @@ impl PasswordService for PasswordGate {
                         deadline: admitted.deadline,
                         audit,
                     },
-                );
-                // The attempt answers by the deadline; it only fails to
-                // when its task died, in which case nobody knows the outcome.
-                answer.await.unwrap_or_else(|_| {
-                    Err(Error::OutcomeUnknown {
-                        aws: None,
-                        cause: Some(Cause::msg("the attempt task ended without an answer")),
-                    })
-                })
+                )
+                .await
             }
         };
         match answer {

@@ -12,13 +12,9 @@
 //! - Audit events (`credgate::audit`) have a layer and filter of their own:
 //!   they are written whatever `RUST_LOG` says, even `off`.
 
-use std::{
-    collections::HashMap,
-    fmt,
-    sync::{
-        Arc, LazyLock, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+use std::sync::{
+    Arc, LazyLock, OnceLock,
+    atomic::{AtomicBool, Ordering},
 };
 
 use opentelemetry::{
@@ -31,24 +27,27 @@ use opentelemetry_sdk::{
     Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
     trace::SdkTracerProvider,
 };
-use serde_json::{Map, Value};
-use tracing::{Subscriber, field::Field};
+use tracing::Subscriber;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::{FilterExt, LevelFilter, Targets, dynamic_filter_fn, filter_fn},
-    fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
     layer::SubscriberExt,
     registry::LookupSpan,
     util::SubscriberInitExt,
 };
 
-use crate::{audit, config::LogFormat};
+use crate::{
+    audit,
+    config::LogFormat,
+    logs::{JsonLines, Output},
+};
 
 /// Flushes and stops the exporters when dropped.
 pub struct Telemetry {
     tracer_provider: SdkTracerProvider,
     meter_provider: Option<SdkMeterProvider>,
+    output: Output,
 }
 
 impl Telemetry {
@@ -64,6 +63,12 @@ impl Telemetry {
         {
             tracing::debug!(error = %e, "metric exporter shutdown");
         }
+        self.flush_logs();
+    }
+
+    /// Writes every buffered log line and audit event to stdout.
+    pub fn flush_logs(&self) {
+        self.output.flush();
     }
 }
 
@@ -104,6 +109,7 @@ fn resource() -> Resource {
 /// spawns onto it.
 pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
+    let output = Output::stdout().map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource());
     let mut meter_provider = None;
     if exporting() {
@@ -160,31 +166,43 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         .with_tracer(tracer)
         .with_filter(otel_filter.and(in_a_trace));
     tracing_subscriber::registry()
-        .with(lines(format).with_filter(log_filter))
-        .with(lines(format).with_filter(audit_filter))
+        .with(lines(format, &output).with_filter(log_filter))
+        .with(lines(format, &output).with_filter(audit_filter))
         .with(otel_layer)
         .try_init()
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     Ok(Telemetry {
         tracer_provider,
         meter_provider,
+        output,
     })
 }
 
-/// A layer writing log lines to stdout in `format`.
-fn lines<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+/// A layer writing log lines in `format` to `output`.
+fn lines<S>(format: LogFormat, output: &Output) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(JsonLines)
-            .with_writer(std::io::stdout)
+            .with_writer(output.clone())
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stdout)
+            .with_writer(output.clone())
             .boxed(),
     }
+}
+
+/// Calls `f` with the current span's trace and span ids (hex when shown),
+/// `None` when there is no valid span context. Allocates nothing.
+pub(crate) fn with_current_ids<R>(
+    f: impl FnOnce(opentelemetry::trace::TraceId, opentelemetry::trace::SpanId) -> R,
+) -> Option<R> {
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| f(sc.trace_id(), sc.span_id()))
 }
 
 /// The trace and span id of the current span, hex-encoded; empty strings when
@@ -300,74 +318,4 @@ pub fn count_iam_outcome(method: &'static str, code: &str) {
             KeyValue::new("aws.error_code", code.to_owned()),
         ],
     );
-}
-
-/// One JSON object per line: timestamp, level, target, the event's fields
-/// flattened, the current span's name, and its trace/span ids.
-struct JsonLines;
-
-impl<S, N> FormatEvent<S, N> for JsonLines
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> fmt::Result {
-        let mut line = Map::new();
-        line.insert(
-            "timestamp".into(),
-            Value::String(
-                humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            ),
-        );
-        let meta = event.metadata();
-        line.insert("level".into(), Value::String(meta.level().to_string()));
-        line.insert("target".into(), Value::String(meta.target().to_owned()));
-        let mut fields = JsonFields(HashMap::new());
-        event.record(&mut fields);
-        line.extend(fields.0);
-        if let Some(span) = ctx.lookup_current() {
-            line.insert("span".into(), Value::String(span.name().to_owned()));
-        }
-        // From the dispatcher's current span, not this layer's view of it:
-        // the audit layer's filter sees no spans, yet its events belong to
-        // the call's trace.
-        let (trace_id, span_id) = current_ids();
-        if !trace_id.is_empty() {
-            line.insert("trace_id".into(), Value::String(trace_id));
-            line.insert("span_id".into(), Value::String(span_id));
-        }
-        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{text}")
-    }
-}
-
-struct JsonFields(HashMap<String, Value>);
-
-impl tracing::field::Visit for JsonFields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(value.to_owned()));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), value.into());
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), value.into());
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), value.into());
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
-    }
 }

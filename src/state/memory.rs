@@ -12,8 +12,8 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-use super::{Entry, Verdict};
-use crate::{deadline::Deadline, error::DEFAULT_RETRY_DELAY};
+use super::{Entry, Limit, Verdict};
+use crate::deadline::Deadline;
 
 /// Most `request_id` records kept per caller; the oldest finished ones go
 /// first. A day of changes from one caller stays far below it.
@@ -76,21 +76,20 @@ impl Memory {
         attempts.get_mut(caller)
     }
 
-    /// The retry delay when `list` is at the limit: until the oldest failure
-    /// leaves the window, or a short while when only calls in flight fill it.
-    fn over_limit(list: &VecDeque<Attempt>, max: u32, window: Duration) -> Option<Duration> {
-        if list.len() < max as usize {
-            return None;
+    /// Whether `list` is at the limit: by failures alone, or (when
+    /// reserving) by failures and calls in flight together.
+    fn over_limit(
+        list: &VecDeque<Attempt>,
+        max: u32,
+        window: Duration,
+        reserving: bool,
+    ) -> Option<Limit> {
+        let failures = list.iter().filter(|a| !a.pending);
+        if failures.clone().count() >= max as usize {
+            let oldest = failures.map(|a| a.at).min()?;
+            return Some(Limit::Failures(window.saturating_sub(oldest.elapsed())));
         }
-        Some(
-            list.iter()
-                .filter(|a| !a.pending)
-                .map(|a| a.at)
-                .min()
-                .map_or(DEFAULT_RETRY_DELAY, |oldest| {
-                    window.saturating_sub(oldest.elapsed())
-                }),
-        )
+        (reserving && list.len() >= max as usize).then_some(Limit::InFlight)
     }
 
     pub(crate) fn reserve(
@@ -99,12 +98,12 @@ impl Memory {
         id: &str,
         max: u32,
         window: Duration,
-    ) -> Option<Duration> {
+    ) -> Option<Limit> {
         let mut attempts = lock(&self.attempts);
         if let Some(list) = Self::current(&mut attempts, caller, window)
-            && let Some(retry_after) = Self::over_limit(list, max, window)
+            && let Some(limit) = Self::over_limit(list, max, window, true)
         {
-            return Some(retry_after);
+            return Some(limit);
         }
         attempts
             .entry(caller.to_owned())
@@ -119,8 +118,12 @@ impl Memory {
 
     pub(crate) fn check(&self, caller: &str, max: u32, window: Duration) -> Option<Duration> {
         let mut attempts = lock(&self.attempts);
-        Self::current(&mut attempts, caller, window)
-            .and_then(|list| Self::over_limit(list, max, window))
+        match Self::current(&mut attempts, caller, window)
+            .and_then(|list| Self::over_limit(list, max, window, false))
+        {
+            Some(Limit::Failures(retry_after)) => Some(retry_after),
+            _ => None,
+        }
     }
 
     pub(crate) fn settle(&self, caller: &str, id: &str, verdict: Verdict, window: Duration) {
@@ -265,7 +268,8 @@ mod tests {
             assert_eq!(m.reserve("a", &format!("r{i}"), 3, WINDOW), None);
         }
         // Three guesses in flight: the fourth is refused at once.
-        assert_eq!(m.reserve("a", "r3", 3, WINDOW), Some(DEFAULT_RETRY_DELAY));
+        assert_eq!(m.reserve("a", "r3", 3, WINDOW), Some(Limit::InFlight));
+        assert_eq!(m.check("a", 3, WINDOW), None, "no failure yet");
         assert_eq!(m.reserve("b", "r0", 3, WINDOW), None, "per caller");
         m.settle("a", "r0", Verdict::Release, WINDOW);
         assert_eq!(
@@ -284,6 +288,10 @@ mod tests {
             m.settle("a", &id, Verdict::Failure, WINDOW);
         }
         assert_eq!(m.check("a", 3, WINDOW), Some(WINDOW));
+        assert_eq!(
+            m.reserve("a", "r9", 3, WINDOW),
+            Some(Limit::Failures(WINDOW))
+        );
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(m.check("a", 3, WINDOW), Some(Duration::from_secs(30)));
         tokio::time::advance(Duration::from_secs(30)).await;

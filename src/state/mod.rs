@@ -124,8 +124,18 @@ pub(crate) struct ClaimToken {
 pub(crate) enum Reserve {
     /// The attempt may go ahead; settle it when it ends.
     Granted(Reservation),
-    /// The caller is over the limit until this delay passes.
-    Refused(Duration),
+    /// The caller is over the limit.
+    Refused(Limit),
+}
+
+/// What fills a caller's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// `failed_attempts` failures in the window: until the oldest leaves it.
+    Failures(Duration),
+    /// Failures and attempts still in flight together: the in-flight ones
+    /// count because any of them may be a wrong guess. Frees up soon.
+    InFlight,
 }
 
 /// One reserved attempt.
@@ -187,6 +197,12 @@ impl Store {
         })
     }
 
+    /// `limits.failed_attempts`: also the most attempts a caller may have
+    /// in flight at once, since any of them may be a wrong guess.
+    pub(crate) fn failed_attempts(&self) -> usize {
+        self.limits.failed_attempts as usize
+    }
+
     /// Whether the backend is shared by every replica.
     pub(crate) fn is_shared(&self) -> bool {
         matches!(self.backend, Backend::Redis(_))
@@ -194,7 +210,7 @@ impl Store {
 
     /// Reserves one attempt for `caller`, or refuses it over the limit.
     pub(crate) async fn reserve(&self, caller: &str) -> Result<Reserve, Error> {
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = unique_id();
         let (max, window) = (
             self.limits.failed_attempts,
             self.limits.failed_attempts_window,
@@ -215,7 +231,7 @@ impl Store {
             .limit_decisions
             .add(1, &[KeyValue::new("decision", decision)]);
         Ok(match refused {
-            Some(retry_after) => Reserve::Refused(retry_after),
+            Some(limit) => Reserve::Refused(limit),
             None => Reserve::Granted(Reservation {
                 caller: caller.to_owned(),
                 id,
@@ -263,7 +279,7 @@ impl Store {
 
     /// Claims `request_id` for `caller`, or reports an earlier call's state.
     pub(crate) async fn claim(&self, caller: &str, request_id: &str) -> Result<Claim, Error> {
-        let owner = uuid::Uuid::new_v4().to_string();
+        let owner = unique_id();
         let pending = Entry::Pending {
             owner: owner.clone(),
             started_ms: now_ms(),
@@ -458,6 +474,16 @@ impl Store {
             }
         }
     }
+}
+
+/// An id no other attempt of any replica shares: this process's random
+/// 128-bit prefix (one `getrandom` at start) and a counter, instead of a
+/// system call per attempt.
+fn unique_id() -> String {
+    static PREFIX: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{}-{}", *PREFIX, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 fn now_ms() -> u64 {

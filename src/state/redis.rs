@@ -19,7 +19,7 @@ use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
-use super::{Entry, Verdict};
+use super::{Entry, Limit, Verdict};
 use crate::{
     config::{REDIS_PASSWORD_ENV, RedisSettings},
     error::Cause,
@@ -31,9 +31,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))
-if redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+local max = tonumber(ARGV[2])
+local failed = redis.call('ZCARD', KEYS[2])
+if failed >= max then
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  if oldest[2] then return math.max(1, tonumber(oldest[2]) + window - now) end
+  return math.max(1, tonumber(oldest[2]) + window - now)
+end
+if ARGV[1] ~= '' and failed + redis.call('ZCARD', KEYS[1]) >= max then
   return -1
 end
 if ARGV[1] ~= '' then
@@ -185,7 +189,7 @@ impl Redis {
         id: &str,
         max: u32,
         window: Duration,
-    ) -> Result<Option<Duration>, Cause> {
+    ) -> Result<Option<Limit>, Cause> {
         let (pending, failed) = self.attempt_keys(caller);
         let mut conn = self.conn.clone();
         let answer: i64 = self
@@ -202,8 +206,8 @@ impl Redis {
             .await?;
         Ok(match answer {
             0 => None,
-            ms if ms > 0 => Some(Duration::from_millis(ms.unsigned_abs())),
-            _ => Some(crate::error::DEFAULT_RETRY_DELAY),
+            ms if ms > 0 => Some(Limit::Failures(Duration::from_millis(ms.unsigned_abs()))),
+            _ => Some(Limit::InFlight),
         })
     }
 
@@ -213,7 +217,7 @@ impl Redis {
         id: &str,
         max: u32,
         window: Duration,
-    ) -> Result<Option<Duration>, Cause> {
+    ) -> Result<Option<Limit>, Cause> {
         self.limit(caller, id, max, window).await
     }
 
@@ -223,8 +227,11 @@ impl Redis {
         max: u32,
         window: Duration,
     ) -> Result<Option<Duration>, Cause> {
-        // An empty id checks without reserving.
-        self.limit(caller, "", max, window).await
+        // An empty id checks the failures without reserving.
+        Ok(match self.limit(caller, "", max, window).await? {
+            Some(Limit::Failures(retry_after)) => Some(retry_after),
+            _ => None,
+        })
     }
 
     pub(crate) async fn settle(
