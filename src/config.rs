@@ -17,11 +17,11 @@ use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
 /// Environment variable naming the config file when `--config` is absent.
-pub const CONFIG_ENV: &str = "CREDGATE_CONFIG";
+pub(crate) const CONFIG_ENV: &str = "CREDGATE_CONFIG";
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub(crate) struct Config {
     /// Listeners, deadlines and drain budget.
     pub server: ServerSettings,
     /// Server certificate, client CA and optional CRL.
@@ -40,7 +40,7 @@ pub struct Config {
 
 /// `[server]`
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerSettings {
+pub(crate) struct ServerSettings {
     /// mTLS gRPC listener.
     pub listen: SocketAddr,
     /// Plaintext health-only listener for Kubernetes probes.
@@ -94,7 +94,7 @@ pub struct TlsSettings {
 
 /// `[aws]`
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AwsSettings {
+pub(crate) struct AwsSettings {
     /// Region used to sign IAM requests.
     pub region: String,
     /// Override of the IAM endpoint (an emulator or a VPC endpoint).
@@ -116,7 +116,7 @@ impl Default for AwsSettings {
 
 /// `[limits]`
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitSettings {
+pub(crate) struct LimitSettings {
     /// Wrong old passwords tolerated per caller within the window.
     pub failed_attempts: u32,
     /// Sliding window for `failed_attempts`.
@@ -134,7 +134,7 @@ impl Default for LimitSettings {
 
 /// `[state]`
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateSettings {
+pub(crate) struct StateSettings {
     /// Where the state lives.
     pub backend: StateBackend,
     /// Prefix of every key, so that deployments can share one Redis.
@@ -152,7 +152,7 @@ impl Default for StateSettings {
 
 /// The state backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateBackend {
+pub(crate) enum StateBackend {
     /// In this process: one replica's promises only.
     Memory,
     /// Redis or Valkey, shared by every replica.
@@ -161,7 +161,7 @@ pub enum StateBackend {
 
 /// How to reach Redis/Valkey.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisSettings {
+pub(crate) struct RedisSettings {
     /// `redis://host:port/db` or `rediss://...` (TLS), without a password.
     pub url: String,
     /// File holding the password (else `CREDGATE_REDIS_PASSWORD`, else none).
@@ -178,18 +178,18 @@ pub struct RedisSettings {
 
 /// Environment variable holding the Redis password when no
 /// `state.password_file` is set.
-pub const REDIS_PASSWORD_ENV: &str = "CREDGATE_REDIS_PASSWORD";
+pub(crate) const REDIS_PASSWORD_ENV: &str = "CREDGATE_REDIS_PASSWORD";
 
 /// `[telemetry]`
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TelemetrySettings {
+pub(crate) struct TelemetrySettings {
     /// How log lines are written.
     pub log_format: LogFormat,
 }
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// One JSON object per line.
     #[default]
     Json,
@@ -199,7 +199,7 @@ pub enum LogFormat {
 
 /// One `[[callers]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallerSettings {
+pub(crate) struct CallerSettings {
     /// How the caller's certificate is recognised.
     pub matcher: Matcher,
     /// The IAM user this caller acts as.
@@ -210,7 +210,7 @@ pub struct CallerSettings {
 
 /// The one certificate attribute a caller is recognised by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Matcher {
+pub(crate) enum Matcher {
     /// The certificate's only URI SAN.
     SpiffeId(String),
     /// Any DNS SAN.
@@ -232,14 +232,14 @@ impl fmt::Display for Matcher {
 /// Every problem found in a configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{} configuration problem(s):\n  - {}", .problems.len(), .problems.join("\n  - "))]
-pub struct ConfigError {
+pub(crate) struct ConfigError {
     /// One human-readable line per problem, naming the key.
     pub problems: Vec<String>,
 }
 
 impl Config {
     /// Reads and validates the file at `path`.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             problems: vec![format!("cannot read {}: {e}", path.display())],
         })?;
@@ -247,7 +247,7 @@ impl Config {
     }
 
     /// Parses and validates configuration text.
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(text: &str) -> Result<Self, ConfigError> {
         let root: Table = toml::from_str(text).map_err(|e| ConfigError {
             problems: vec![format!("not valid TOML: {}", e.message())],
         })?;

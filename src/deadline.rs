@@ -14,7 +14,7 @@ const MAX_MARGIN: Duration = Duration::from_millis(100);
 
 /// When a request must be answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deadline {
+pub(crate) struct Deadline {
     at: Instant,
     /// How much earlier than the caller's own deadline `at` is.
     margin: Duration,
@@ -23,7 +23,7 @@ pub struct Deadline {
 impl Deadline {
     /// The deadline of a request arriving now: the shorter of
     /// `request_timeout` and the caller's `grpc-timeout`, less the margin.
-    pub fn on_arrival(request_timeout: Duration, grpc_timeout: Option<&str>) -> Self {
+    pub(crate) fn on_arrival(request_timeout: Duration, grpc_timeout: Option<&str>) -> Self {
         let budget = grpc_timeout
             .and_then(parse_grpc_timeout)
             .map_or(request_timeout, |t| t.min(request_timeout));
@@ -35,7 +35,7 @@ impl Deadline {
     }
 
     /// A deadline at `at` (background work).
-    pub fn at(at: Instant) -> Self {
+    pub(crate) fn at(at: Instant) -> Self {
         Self {
             at,
             margin: Duration::ZERO,
@@ -44,22 +44,22 @@ impl Deadline {
 
     /// Halfway between this deadline and the caller's own: when the edge
     /// answers for a handler that did not answer in time.
-    pub fn fallback(self) -> Instant {
+    pub(crate) fn fallback(self) -> Instant {
         self.at + self.margin / 2
     }
 
     /// The instant.
-    pub fn instant(self) -> Instant {
+    pub(crate) fn instant(self) -> Instant {
         self.at
     }
 
     /// Time left, zero once passed.
-    pub fn remaining(self) -> Duration {
+    pub(crate) fn remaining(self) -> Duration {
         self.at.saturating_duration_since(Instant::now())
     }
 
     /// Whether it has passed.
-    pub fn passed(self) -> bool {
+    pub(crate) fn passed(self) -> bool {
         Instant::now() >= self.at
     }
 }

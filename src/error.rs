@@ -258,6 +258,8 @@ pub(crate) fn chain(err: &(dyn StdError + 'static)) -> String {
 /// Messages are written here, never copied from a request, so no variant can
 /// carry a password; causes (`#[source]`) go to the server log only.
 #[derive(Debug, Clone, thiserror::Error)]
+// Variants are named for their ErrorInfo reasons, IAM_ERROR included.
+#[allow(clippy::enum_variant_names)]
 pub enum Error {
     /// The caller's certificate identity is not in `[[callers]]`.
     #[error("caller {presented} is not mapped to an IAM user")]

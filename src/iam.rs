@@ -53,7 +53,7 @@ const SHORT_CONNECT_TIMEOUTS: [Duration; 5] = [
 
 /// How an SDK call failed, before deciding what that means for the caller.
 #[derive(Debug, Clone)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// IAM (or something in front of it) answered.
     Answered {
         /// IAM's error code; `None` when the body had none (e.g. a proxy's 502).
@@ -152,7 +152,7 @@ fn find_in_chain<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -
 ///
 /// `signer_is_iam_user` disambiguates `InvalidUserType`: IAM sends it for a
 /// wrong old password and for principals that are not IAM users.
-pub fn classify(failure: Failure, signer_is_iam_user: bool) -> Error {
+pub(crate) fn classify(failure: Failure, signer_is_iam_user: bool) -> Error {
     let (code, request_id, status) = match failure {
         Failure::Answered {
             code,

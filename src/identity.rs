@@ -25,11 +25,11 @@ use crate::{
 /// certificates carry one or a few; thousands only bloat logs and errors.
 pub(crate) const MAX_SANS: usize = 32;
 /// Longest DNS SAN or CN accepted (a DNS name is at most 253 bytes).
-pub const MAX_NAME_LEN: usize = 255;
+pub(crate) const MAX_NAME_LEN: usize = 255;
 
 /// The identities a client certificate presents.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerIdentity {
+pub(crate) struct PeerIdentity {
     /// Every URI SAN; a SPIFFE identity requires exactly one.
     pub uris: Vec<String>,
     /// Every DNS SAN.
@@ -41,7 +41,7 @@ pub struct PeerIdentity {
 impl PeerIdentity {
     /// Reads the identities from a DER certificate, refusing certificates
     /// with more names, or longer names, than any workload needs.
-    pub fn from_der(der: &[u8]) -> Result<Self, String> {
+    pub(crate) fn from_der(der: &[u8]) -> Result<Self, String> {
         let (_, cert) = X509Certificate::from_der(der)
             .map_err(|e| format!("client certificate does not parse: {e}"))?;
         Self::from_cert(&cert)
@@ -89,7 +89,7 @@ impl PeerIdentity {
     }
 
     /// What the certificate presented, bounded for logs and error metadata.
-    pub fn presented(&self) -> String {
+    pub(crate) fn presented(&self) -> String {
         truncate(&self.to_string(), MAX_PRESENTED_LEN)
     }
 }
@@ -170,7 +170,7 @@ impl fmt::Display for PeerIdentity {
 
 /// A configured caller, resolved.
 #[derive(Debug)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// The identity that matched, as configured (for logs and spans).
     pub identity: String,
     /// The IAM user this caller acts as, as configured.
@@ -183,13 +183,13 @@ pub struct Caller {
 
 /// The `[[callers]]` table, indexed for exact lookups.
 #[derive(Debug, Default)]
-pub struct Callers {
+pub(crate) struct Callers {
     by_matcher: HashMap<Matcher, Arc<Caller>>,
 }
 
 impl Callers {
     /// Indexes the configured callers (already checked for duplicates).
-    pub fn new(callers: &[CallerSettings], max_in_flight: usize) -> Self {
+    pub(crate) fn new(callers: &[CallerSettings], max_in_flight: usize) -> Self {
         let by_matcher = callers
             .iter()
             .map(|c| {
@@ -217,7 +217,7 @@ impl Callers {
     /// allowed only when they all lead to one caller: a certificate that
     /// could act as two IAM users is refused rather than guessed at. A
     /// certificate with several URI SANs has no identity at all.
-    pub fn resolve(&self, peer: &PeerIdentity) -> Result<Arc<Caller>, Error> {
+    pub(crate) fn resolve(&self, peer: &PeerIdentity) -> Result<Arc<Caller>, Error> {
         let not_mapped = || Error::CallerNotMapped {
             presented: peer.presented(),
         };

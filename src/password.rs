@@ -7,17 +7,17 @@ use zeroize::Zeroizing;
 
 /// A console password. Its memory is wiped on drop and Debug never shows it.
 #[derive(Clone)]
-pub struct Password(Zeroizing<String>);
+pub(crate) struct Password(Zeroizing<String>);
 
 impl Password {
     /// Takes ownership of the text; the caller's `String` buffer moves in, so
     /// no unwiped copy is left behind.
-    pub fn new(text: String) -> Self {
+    pub(crate) fn new(text: String) -> Self {
         Self(Zeroizing::new(text))
     }
 
     /// The password text, for signing the IAM request and nothing else.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -38,11 +38,11 @@ pub struct Violation {
 }
 
 /// IAM's hard limit for both passwords.
-pub const MAX_LEN: usize = 128;
+pub(crate) const MAX_LEN: usize = 128;
 
 /// Checks IAM's own rules for `OldPassword`/`NewPassword`: 1..=128 characters
 /// from `[\t\n\r\u{20}-\u{FF}]`.
-pub fn check_charset(field: &'static str, password: &Password) -> Result<(), Violation> {
+pub(crate) fn check_charset(field: &'static str, password: &Password) -> Result<(), Violation> {
     let text = password.expose();
     let violation = |description: String| Violation { field, description };
     if text.is_empty() {
@@ -71,7 +71,7 @@ fn is_iam_char(c: char) -> bool {
 
 /// The account password policy, as IAM reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Minimum number of characters.
     pub minimum_length: u32,
     /// At least one of IAM's symbols.
@@ -99,7 +99,7 @@ impl Policy {
     /// Every rule `new_password` breaks, one violation each, so a UI can show
     /// them all at once. Reuse prevention cannot be checked here: only IAM
     /// knows the history.
-    pub fn violations(&self, password: &Password) -> Vec<Violation> {
+    pub(crate) fn violations(&self, password: &Password) -> Vec<Violation> {
         let text = password.expose();
         let mut out = Vec::new();
         let mut rule = |unmet: bool, description: String| {

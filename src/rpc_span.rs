@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// The gRPC service traced by this layer.
-pub const SERVICE: &str = "credgate.v1.PasswordService";
+pub(crate) const SERVICE: &str = "credgate.v1.PasswordService";
 
 /// A `credgate.v1.PasswordService` method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,7 @@ impl Method {
 
 /// Adds [`RpcSpan`] around a service.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RpcSpanLayer;
+pub(crate) struct RpcSpanLayer;
 
 impl<S> Layer<S> for RpcSpanLayer {
     type Service = RpcSpan<S>;
@@ -82,7 +82,7 @@ impl<S> Layer<S> for RpcSpanLayer {
 
 /// See the module docs.
 #[derive(Debug, Clone)]
-pub struct RpcSpan<S> {
+pub(crate) struct RpcSpan<S> {
     inner: S,
 }
 
@@ -170,7 +170,7 @@ where
 
 /// Status codes that mark a server span as failed, per the OpenTelemetry RPC
 /// conventions; the others are the caller's doing.
-pub fn is_server_fault(code: tonic::Code) -> bool {
+pub(crate) fn is_server_fault(code: tonic::Code) -> bool {
     use tonic::Code::*;
     matches!(
         code,

@@ -32,7 +32,7 @@ use crate::{
 
 /// Failures that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
+pub(crate) enum ServeError {
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -56,14 +56,14 @@ pub enum ServeError {
 }
 
 /// The two bound listeners.
-pub struct Listeners {
+pub(crate) struct Listeners {
     tls: TcpListener,
     admin: TcpListener,
 }
 
 impl Listeners {
     /// Binds both configured addresses (port 0 picks a free port).
-    pub async fn bind(config: &Config) -> Result<Self, ServeError> {
+    pub(crate) async fn bind(config: &Config) -> Result<Self, ServeError> {
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -76,12 +76,12 @@ impl Listeners {
     }
 
     /// The bound mTLS address.
-    pub fn tls_addr(&self) -> std::io::Result<SocketAddr> {
+    pub(crate) fn tls_addr(&self) -> std::io::Result<SocketAddr> {
         self.tls.local_addr()
     }
 
     /// The bound admin address.
-    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+    pub(crate) fn admin_addr(&self) -> std::io::Result<SocketAddr> {
         self.admin.local_addr()
     }
 }
@@ -104,7 +104,7 @@ impl MakeService for Stack {
 /// Serves until `shutdown` resolves, then drains: admin health turns
 /// NOT_SERVING, new connections are refused, open connections get a GOAWAY,
 /// and in-flight calls and attempts get up to `shutdown_grace` to finish.
-pub async fn serve(
+pub(crate) async fn serve(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,

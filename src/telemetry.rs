@@ -44,7 +44,7 @@ use crate::{
 };
 
 /// Flushes and stops the exporters when dropped.
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     tracer_provider: SdkTracerProvider,
     meter_provider: Option<SdkMeterProvider>,
     output: Output,
@@ -54,7 +54,7 @@ impl Telemetry {
     /// Exports what is buffered and stops the exporters. Blocks: call it off
     /// the async workers (`spawn_blocking`) while the runtime still runs, as
     /// the tonic exporter needs the runtime to send.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         if let Err(e) = self.tracer_provider.shutdown() {
             tracing::debug!(error = %e, "trace exporter shutdown");
         }
@@ -67,14 +67,14 @@ impl Telemetry {
     }
 
     /// Writes every buffered log line and audit event to stdout.
-    pub fn flush_logs(&self) {
+    pub(crate) fn flush_logs(&self) {
         self.output.flush();
     }
 }
 
 /// Errors setting up telemetry.
 #[derive(Debug, thiserror::Error)]
-pub enum TelemetryError {
+pub(crate) enum TelemetryError {
     /// The OTLP exporter could not be built from the `OTEL_*` settings.
     #[error("OTLP exporter: {0}")]
     Exporter(String),
@@ -107,7 +107,7 @@ fn resource() -> Resource {
 /// Installs the global subscriber, propagator and (when configured) the OTLP
 /// exporters. Must run inside the tokio runtime: the exporter's channel
 /// spawns onto it.
-pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
+pub(crate) fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let output = Output::stdout().map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource());
@@ -207,7 +207,7 @@ pub(crate) fn with_current_ids<R>(
 
 /// The trace and span id of the current span, hex-encoded; empty strings when
 /// there is no valid span context.
-pub fn current_ids() -> (String, String) {
+pub(crate) fn current_ids() -> (String, String) {
     let context = tracing::Span::current().context();
     let span = context.span();
     let sc = span.span_context();
@@ -232,14 +232,14 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 /// The caller's trace context from request headers; a new root when absent.
-pub fn extract_parent(headers: &http::HeaderMap) -> opentelemetry::Context {
+pub(crate) fn extract_parent(headers: &http::HeaderMap) -> opentelemetry::Context {
     global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
 }
 
 /// The service's metric instruments, created from the global meter provider
 /// on first use (after [`init`]). Names and attributes are the contract of
 /// `deploy/observability` (its `metrics.json`).
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// `rpc.server.duration`, milliseconds, by method, status code and
     /// `error.type` (the ErrorInfo reason).
     pub rpc_server_duration: Histogram<f64>,
@@ -305,12 +305,12 @@ pub(crate) fn observe_state_up(up: Arc<AtomicBool>) {
 }
 
 /// The global instruments.
-pub fn metrics() -> &'static Metrics {
+pub(crate) fn metrics() -> &'static Metrics {
     &METRICS
 }
 
 /// Records one IAM call's outcome.
-pub fn count_iam_outcome(method: &'static str, code: &str) {
+pub(crate) fn count_iam_outcome(method: &'static str, code: &str) {
     metrics().iam_outcomes.add(
         1,
         &[
