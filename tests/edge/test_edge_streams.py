@@ -42,8 +42,11 @@ CONNECTION_WINDOW = 256 * 1024
 PER_CALLER_CAP = 16  # server.max_requests_per_caller, default
 BODY_DEADLINE = 5.0  # the whole body within 5 s of the headers
 PREFACE_TIMEOUT = 5.0
-# A mapped caller's call, while the edge is under attack.
-MAPPED_CALL_BOUND = 1.0
+# A mapped caller's call, while the edge is under attack. The goal is under a
+# second (measured: ~0.3 s); 2 s leaves room for a loaded CI machine and still
+# fails against an edge without the protection, where the caller waits for as
+# long as the attacker likes.
+MAPPED_CALL_BOUND = 2.0
 # How soon a refusal that needs no body must come (well under BODY_DEADLINE).
 IMMEDIATE = 3.0
 

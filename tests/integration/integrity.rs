@@ -180,8 +180,8 @@ async fn a_call_queued_past_its_deadline_is_deadline_before_send_and_audited() {
         .await
         .expect_err("queued past its deadline");
     assert!(
-        started.elapsed() < Duration::from_millis(700),
-        "answered before the caller's deadline"
+        started.elapsed() < Duration::from_millis(1500),
+        "answered at its deadline, not when the slot freed (2 s)"
     );
     expect_error(&status, Code::DeadlineExceeded, "DEADLINE_BEFORE_SEND");
     for action in ["ChangePassword", "GetAccountPasswordPolicy"] {
