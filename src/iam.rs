@@ -270,17 +270,12 @@ impl Iam {
         let span = client_span("ChangePassword", self.clients.region());
         let result = self
             .call(profile, deadline, signer_is_iam_user, |client, connect| {
-                let mut op = client
+                let op = client
                     .iam
                     .change_password()
                     .old_password(old.expose())
-                    .new_password(new.expose())
-                    .customize();
-                if let Some(t) = connect {
-                    op = op
-                        .config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
-                }
-                op.send()
+                    .new_password(new.expose());
+                iam_connect(op.customize(), connect).send()
             })
             .instrument(span.clone())
             .await;
@@ -297,12 +292,11 @@ impl Iam {
         let span = client_span("GetAccountPasswordPolicy", self.clients.region());
         let result = self
             .read(profile, deadline, |client, connect| {
-                let mut op = client.iam.get_account_password_policy().customize();
-                if let Some(t) = connect {
-                    op = op
-                        .config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
-                }
-                op.send()
+                iam_connect(
+                    client.iam.get_account_password_policy().customize(),
+                    connect,
+                )
+                .send()
             })
             .instrument(span.clone())
             .await;
@@ -330,12 +324,7 @@ impl Iam {
         let span = client_span("GetCallerIdentity", self.clients.region());
         let sts = self
             .read(profile, deadline, |client, connect| {
-                let mut op = client.sts.get_caller_identity().customize();
-                if let Some(t) = connect {
-                    op = op
-                        .config_override(aws_sdk_sts::config::Builder::default().timeout_config(t));
-                }
-                op.send()
+                sts_connect(client.sts.get_caller_identity().customize(), connect).send()
             })
             .instrument(span.clone())
             .await;
@@ -352,12 +341,7 @@ impl Iam {
         let span = client_span("GetUser", self.clients.region());
         let user = self
             .read(profile, deadline, |client, connect| {
-                let mut op = client.iam.get_user().customize();
-                if let Some(t) = connect {
-                    op = op
-                        .config_override(aws_sdk_iam::config::Builder::default().timeout_config(t));
-                }
-                op.send()
+                iam_connect(client.iam.get_user().customize(), connect).send()
             })
             .instrument(span.clone())
             .await;
@@ -459,6 +443,28 @@ impl Iam {
             };
             return Err(classify(failure, is_user));
         }
+    }
+}
+
+/// An IAM operation with its connect timeout shortened to `connect`.
+fn iam_connect<T, E, B>(
+    op: aws_sdk_iam::client::customize::CustomizableOperation<T, E, B>,
+    connect: Option<aws_config::timeout::TimeoutConfig>,
+) -> aws_sdk_iam::client::customize::CustomizableOperation<T, E, B> {
+    match connect {
+        Some(t) => op.config_override(aws_sdk_iam::config::Builder::default().timeout_config(t)),
+        None => op,
+    }
+}
+
+/// An STS operation with its connect timeout shortened to `connect`.
+fn sts_connect<T, E, B>(
+    op: aws_sdk_sts::client::customize::CustomizableOperation<T, E, B>,
+    connect: Option<aws_config::timeout::TimeoutConfig>,
+) -> aws_sdk_sts::client::customize::CustomizableOperation<T, E, B> {
+    match connect {
+        Some(t) => op.config_override(aws_sdk_sts::config::Builder::default().timeout_config(t)),
+        None => op,
     }
 }
 
