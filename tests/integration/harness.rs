@@ -680,8 +680,13 @@ impl Rig {
 }
 
 impl Credgate {
-    /// Starts the binary on an already written config.
-    pub fn spawn(dir: tempfile::TempDir, config: &Path, env: &[(String, String)]) -> Credgate {
+    /// `credgate serve` on `config`, its output collected into the returned
+    /// lines; the receiver gets each stdout line as it comes.
+    fn start_serve(
+        dir: &tempfile::TempDir,
+        config: &Path,
+        env: &[(String, String)],
+    ) -> (Child, Arc<Mutex<Vec<String>>>, mpsc::Receiver<String>) {
         let mut cmd = credgate_command(dir.path());
         cmd.args(["serve", "--config"]).arg(config);
         for (k, v) in env {
@@ -695,6 +700,12 @@ impl Credgate {
         let lines = Arc::<Mutex<Vec<String>>>::default();
         let rx = collect_lines(child.stdout.take().expect("stdout"), lines.clone());
         let _stderr = collect_lines(child.stderr.take().expect("stderr"), lines.clone());
+        (child, lines, rx)
+    }
+
+    /// Starts the binary on an already written config.
+    pub fn spawn(dir: tempfile::TempDir, config: &Path, env: &[(String, String)]) -> Credgate {
+        let (child, lines, rx) = Self::start_serve(&dir, config, env);
         let deadline = Instant::now() + STARTUP;
         let (tls_addr, admin_addr) = loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -729,19 +740,7 @@ impl Credgate {
         tls_port: u16,
         admin_port: u16,
     ) -> Credgate {
-        let mut cmd = credgate_command(dir.path());
-        cmd.args(["serve", "--config"]).arg(config);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn credgate");
-        let lines = Arc::<Mutex<Vec<String>>>::default();
-        let _stdout = collect_lines(child.stdout.take().expect("stdout"), lines.clone());
-        let _stderr = collect_lines(child.stderr.take().expect("stderr"), lines.clone());
+        let (child, lines, _stdout) = Self::start_serve(&dir, config, env);
         let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let deadline = Instant::now() + STARTUP;
         while std::net::TcpStream::connect(admin_addr).is_err() {
