@@ -316,20 +316,32 @@ async fn sigterm_turns_health_not_serving_and_lets_in_flight_calls_finish() {
             .await
             .expect("admin port still open while draining"),
     );
-    let status = health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health")
-        .into_inner()
-        .status();
-    assert_eq!(status, ServingStatus::NotServing);
-    assert!(
-        tokio::net::TcpStream::connect(rig.app.tls_addr)
+    // The signal is handled asynchronously: look (bounded) until the drain
+    // shows, while the call is still in flight.
+    let mut status = ServingStatus::Serving;
+    let mut refused = false;
+    for _ in 0..50 {
+        status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await
-            .is_err(),
-        "new connections are refused while draining"
+            .expect("health")
+            .into_inner()
+            .status();
+        refused = tokio::net::TcpStream::connect(rig.app.tls_addr)
+            .await
+            .is_err();
+        if status == ServingStatus::NotServing && refused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, ServingStatus::NotServing);
+    assert!(refused, "new connections are refused while draining");
+    assert!(
+        !call.is_finished(),
+        "all of this while the call is in flight"
     );
     call.await
         .expect("join")
