@@ -375,7 +375,7 @@ async fn call(target: &Target, pki: &Pki, at_a: bool, request_id: bool) -> Resul
                 .change_password(request())
                 .await
                 .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?;
-            if answer.get_ref().request_id.is_empty() {
+            if answer.get_ref().iam_request_id.is_empty() {
                 return Err("no IAM request id in the answer".to_owned());
             }
             Ok(())

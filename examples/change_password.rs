@@ -39,6 +39,7 @@ const NOT_APPLIED: &[&str] = &[
     "STATE_UNAVAILABLE",
     "CALLER_CONCURRENCY_EXCEEDED",
     "DEADLINE_BEFORE_SEND",
+    "AUDIT_UNAVAILABLE",
 ];
 
 #[derive(Debug, Parser)]
@@ -168,9 +169,17 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                         response.iam_user
                     );
                 } else {
+                    // `replayed`: this is the stored outcome of an earlier
+                    // attempt with the same request_id (a retry whose first
+                    // try went through); IAM was not called again.
+                    let replayed = if response.replayed {
+                        ", replayed from an earlier attempt"
+                    } else {
+                        ""
+                    };
                     println!(
-                        "OK: password changed for IAM user {} (IAM request id {})",
-                        response.iam_user, response.request_id
+                        "OK: password changed for IAM user {} (IAM request id {}{replayed})",
+                        response.iam_user, response.iam_request_id
                     );
                 }
                 return Ok(ExitCode::SUCCESS);

@@ -13,17 +13,26 @@
 //! answered `OUTCOME_UNKNOWN` on time, and the task keeps waiting (up to
 //! [`UPSTREAM_TIMEOUT`]) for IAM's real answer, which then settles the
 //! limit, is stored under the `request_id`, and goes into the one audit
-//! event. Shutdown waits for these tasks within `shutdown_grace`.
+//! event. Shutdown waits for every attempt that went to IAM until its event
+//! is written, whatever `shutdown_grace` says (see `server`).
+//!
+//! A panic inside an attempt is caught where it happens, once: the attempt
+//! ends `INTERNAL_ERROR`, its reservation is settled by what IAM really
+//! answered (kept in a [`Witness`] outside the panicking future), and its
+//! audit event carries that answer too.
 
 use std::{
+    any::Any,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
+use futures_util::FutureExt as _;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -35,6 +44,7 @@ use crate::{
     error::{Error, Reason},
     iam::Iam,
     identity::Caller,
+    logs::Output,
     password::Password,
     policy_cache::PolicyCache,
     principal::{Principals, Verdict as Principal},
@@ -52,6 +62,11 @@ pub(crate) struct Gate {
     pub(crate) policies: PolicyCache,
     /// Attempt tasks, waited for at shutdown.
     pub(crate) tracker: TaskTracker,
+    /// One token per attempt that went to IAM, held until its audit event
+    /// is written: shutdown waits for all of them.
+    pub(crate) at_iam: TaskTracker,
+    /// The log writer: no attempt goes to IAM while it is stalled.
+    pub(crate) sink: Output,
 }
 
 /// A checked `ChangePassword` request.
@@ -73,6 +88,8 @@ pub(crate) struct Changed {
     pub(crate) iam_user: String,
     /// IAM's request id; empty for `validate_only`.
     pub(crate) iam_request_id: String,
+    /// The stored outcome of an earlier call with the same `request_id`.
+    pub(crate) replayed: bool,
 }
 
 /// What the caller is told.
@@ -115,10 +132,23 @@ pub(crate) async fn answer(gate: &Arc<Gate>, request: Request) -> Answer {
     let (tx, mut rx) = oneshot::channel();
     request.audit.hand_off();
     let span = tracing::Span::current();
+    let audit = request.audit.clone();
+    // The last resort, for a panic outside `attempt`'s own guard (the
+    // request_id claim, storing the outcome): the attempt future never
+    // unwinds into its driver, so it is never polled again after a panic.
+    let run = AssertUnwindSafe(run(gate.clone(), request, Reply(Some(tx))))
+        .catch_unwind()
+        .map(move |ended| {
+            if let Err(panic) = ended {
+                log_panic(panic.as_ref());
+                audit.close(Outcome {
+                    outcome: Reason::InternalError.as_str(),
+                    ..Outcome::default()
+                });
+            }
+        });
     let mut detach = Detach {
-        attempt: Some(Box::pin(
-            run(gate.clone(), request, Reply(Some(tx))).instrument(span),
-        )),
+        attempt: Some(Box::pin(run.instrument(span))),
         tracker: gate.tracker.clone(),
     };
     let answer = std::future::poll_fn(|cx| {
@@ -133,15 +163,26 @@ pub(crate) async fn answer(gate: &Arc<Gate>, request: Request) -> Answer {
     })
     .await;
     drop(detach);
-    // Only a dead attempt leaves no answer, and then nobody knows the outcome.
-    answer.unwrap_or_else(|_| {
-        Err(Error::OutcomeUnknown {
-            aws: None,
-            cause: Some(crate::error::Cause::msg(
-                "the attempt ended without an answer",
-            )),
-        })
-    })
+    // Only a panicked attempt leaves no answer, and then nobody knows
+    // whether IAM was called.
+    answer.unwrap_or(Err(Error::Internal {
+        maybe_sent: true,
+        iam_outcome: None,
+        aws: None,
+    }))
+}
+
+/// Logs a caught panic once, with its message.
+fn log_panic(panic: &(dyn Any + Send)) {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    tracing::error!(
+        panic = message,
+        "a password change attempt panicked; it ends INTERNAL_ERROR"
+    );
 }
 
 async fn run(gate: Arc<Gate>, request: Request, mut reply: Reply) {
@@ -169,7 +210,8 @@ async fn run(gate: Arc<Gate>, request: Request, mut reply: Reply) {
                 Ok(Waited::Lost) => Error::OutcomeLost,
                 Err(e) => e,
             };
-            return finish(&request, &mut reply, Err(ended), true);
+            // No stored outcome was found: nothing here is a replay.
+            return finish(&request, &mut reply, Err(ended), false);
         }
     }
 
@@ -215,6 +257,7 @@ fn runs_again_on_retry(reason: Reason) -> bool {
             | Reason::IamTimeout
             | Reason::StateUnavailable
             | Reason::CallerConcurrencyExceeded
+            | Reason::AuditUnavailable
     )
 }
 
@@ -226,6 +269,7 @@ fn replay(request: &Request, reply: &mut Reply, stored: StoredOutcome) {
         } => Ok(Changed {
             iam_user,
             iam_request_id,
+            replayed: true,
         }),
         StoredOutcome::Rejected(rejection) => Err(Error::Replayed(Box::new(rejection))),
     };
@@ -244,6 +288,10 @@ fn finish(request: &Request, reply: &mut Reply, answer: Answer, replayed: bool) 
         Ok(_) => None,
         Err(e) => e.rejection().aws_request_id,
     };
+    let iam_outcome = match &answer {
+        Err(Error::Internal { iam_outcome, .. }) => *iam_outcome,
+        _ => None,
+    };
     if let Ok(c) = &answer {
         request.audit.set_iam_user(&c.iam_user);
     }
@@ -251,6 +299,7 @@ fn finish(request: &Request, reply: &mut Reply, answer: Answer, replayed: bool) 
         outcome,
         iam_request_id,
         replayed,
+        iam_outcome,
     });
     reply.send(answer);
 }
@@ -281,6 +330,7 @@ async fn attempt(gate: &Gate, request: &Request, reply: &mut Reply) -> Answer {
         return prepare(gate, request).await.map(|prepared| Changed {
             iam_user: prepared.iam_user,
             iam_request_id: String::new(),
+            replayed: false,
         });
     }
     let reservation = match bounded(deadline, "state", gate.store.reserve(&caller.identity)).await?
@@ -295,12 +345,67 @@ async fn attempt(gate: &Gate, request: &Request, reply: &mut Reply) -> Answer {
             });
         }
     };
-    let answer = match prepare(gate, request).await {
-        Ok(prepared) => change(gate, request, prepared, reply).await,
-        Err(e) => Err(e),
-    };
-    gate.store.settle(reservation, verdict(&answer)).await;
+    let witness = Witness::default();
+    let answer = guarded(&witness, async {
+        match prepare(gate, request).await {
+            Ok(prepared) => change(gate, request, prepared, reply, &witness).await,
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    // IAM's own answer settles the limit, also when credgate failed after it.
+    let settles = witness.answer.get().unwrap_or(&answer);
+    gate.store.settle(reservation, verdict(settles)).await;
     answer
+}
+
+/// What reached IAM and what it answered, kept outside the attempt's
+/// future so that a panic after IAM answered cannot lose it.
+#[derive(Default)]
+struct Witness {
+    /// Set (by the SDK interceptor) once the request may have left.
+    transmitted: Arc<AtomicBool>,
+    /// IAM's answer (or the upstream wait's end), once known.
+    answer: OnceLock<Answer>,
+}
+
+impl Witness {
+    /// Records IAM's answer and hands it on.
+    fn answered(&self, answer: Answer) -> Answer {
+        let _ = self.answer.set(answer.clone());
+        #[cfg(feature = "fault-injection")]
+        crate::fault::point("after_iam");
+        answer
+    }
+
+    /// The answer of an attempt that panicked: INTERNAL_ERROR, with what
+    /// IAM answered when it did.
+    fn after_panic(&self) -> Answer {
+        let iam = self.answer.get();
+        Err(Error::Internal {
+            maybe_sent: self.transmitted.load(Ordering::Acquire),
+            iam_outcome: iam.map(|a| a.as_ref().map_or_else(|e| e.reason().as_str(), |_| "OK")),
+            aws: iam.map(|a| match a {
+                Ok(changed) => crate::error::AwsContext {
+                    code: None,
+                    request_id: Some(changed.iam_request_id.clone()),
+                },
+                Err(e) => e.aws().cloned().unwrap_or_default(),
+            }),
+        })
+    }
+}
+
+/// Runs `step` and turns a panic in it into [`Witness::after_panic`]: the
+/// attempt then still settles, stores and audits as any other.
+async fn guarded(witness: &Witness, step: impl Future<Output = Answer>) -> Answer {
+    match AssertUnwindSafe(step).catch_unwind().await {
+        Ok(answer) => answer,
+        Err(panic) => {
+            log_panic(panic.as_ref());
+            witness.after_panic()
+        }
+    }
 }
 
 /// What is known before calling IAM.
@@ -356,11 +461,23 @@ async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
 }
 
 /// Calls IAM `ChangePassword`, answering the caller at its deadline at the
-/// latest, and returns IAM's real outcome.
-async fn change(gate: &Gate, request: &Request, prepared: Prepared, reply: &mut Reply) -> Answer {
+/// latest, and returns IAM's real outcome (also into `witness`).
+async fn change(
+    gate: &Gate,
+    request: &Request,
+    prepared: Prepared,
+    reply: &mut Reply,
+    witness: &Witness,
+) -> Answer {
+    // The last moment to refuse: an attempt whose audit event could not be
+    // written now is not made.
+    if gate.sink.stalled() {
+        return Err(Error::AuditUnavailable);
+    }
+    request.audit.reached_iam(gate.at_iam.token());
     let caller = &request.caller;
     let Prepared { iam_user, verified } = prepared;
-    let transmitted = Arc::new(AtomicBool::new(false));
+    let transmitted = witness.transmitted.clone();
     // The signer's kind disambiguates InvalidUserType: a verified profile is
     // known to hold an IAM user's key; otherwise the key's shape decides.
     let verified = verified.then_some(true);
@@ -378,9 +495,10 @@ async fn change(gate: &Gate, request: &Request, prepared: Prepared, reply: &mut 
     let changed = |iam_request_id| Changed {
         iam_user: iam_user.clone(),
         iam_request_id,
+        replayed: false,
     };
     tokio::select! {
-        result = &mut call => return result.map(changed),
+        result = &mut call => return witness.answered(result.map(changed)),
         () = tokio::time::sleep_until(request.deadline.instant()) => {}
     }
     if !transmitted.load(Ordering::Acquire) {
@@ -408,7 +526,7 @@ async fn change(gate: &Gate, request: &Request, prepared: Prepared, reply: &mut 
             .map_or_else(|e| e.reason().as_str(), |_| "OK"),
         "IAM answered after the caller's deadline; recorded for the audit, the limit and the request_id"
     );
-    result
+    witness.answered(result)
 }
 
 /// What an attempt's end means for the wrong-old-password limit: only an
@@ -431,7 +549,11 @@ fn verdict(answer: &Answer) -> Verdict {
         | Error::StateUnavailable(_)
         | Error::UpstreamCredentialsRejected(..)
         | Error::IamAccessDenied(_)
-        | Error::LoginProfileMissing(_) => Verdict::Release,
+        | Error::LoginProfileMissing(_)
+        | Error::AuditUnavailable
+        | Error::Internal {
+            maybe_sent: false, ..
+        } => Verdict::Release,
         // A wrong old password, or an answer that cannot rule one out.
         _ => Verdict::Failure,
     }
@@ -454,6 +576,7 @@ mod tests {
         let ok: Answer = Ok(Changed {
             iam_user: "u".into(),
             iam_request_id: "r".into(),
+            replayed: false,
         });
         assert_eq!(verdict(&ok), Verdict::Success);
         let counts = [

@@ -11,7 +11,8 @@
 //! way the event is written once and only once.
 //!
 //! Audit events have their own subscriber filter ([`crate::telemetry`]):
-//! `RUST_LOG` cannot switch them off.
+//! `RUST_LOG` cannot switch them off. An attempt that reached IAM holds its
+//! slot's drain token until the event is written: shutdown waits for it.
 
 use std::{
     net::SocketAddr,
@@ -21,12 +22,20 @@ use std::{
     },
 };
 
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use crate::error::Reason;
+
 /// The audit target, routed by its own filter.
 pub(crate) const TARGET: &str = "credgate::audit";
 
 /// Outcome recorded when the caller went away before the attempt started:
 /// nothing was sent to IAM.
 pub(crate) const CANCELLED: &str = "CANCELLED";
+
+/// Event name of the audit events of calls refused with AUDIT_UNAVAILABLE:
+/// the log writer keeps those only while it has room ([`crate::logs`]).
+pub(crate) const REFUSED_EVENT: &str = "audit_unavailable";
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +47,9 @@ pub(crate) struct Outcome {
     /// The outcome was replayed from an earlier attempt with the same
     /// `request_id`; IAM was not called.
     pub(crate) replayed: bool,
+    /// What IAM answered (`OK` or a reason), when that differs from the
+    /// outcome: an attempt that failed internally after IAM answered.
+    pub(crate) iam_outcome: Option<&'static str>,
 }
 
 impl Outcome {
@@ -68,6 +80,9 @@ pub(crate) struct AuditSlot {
     /// Set when an attempt task took the slot over: from then on only that
     /// task writes the event.
     handed_off: AtomicBool,
+    /// Held from the moment the attempt goes to IAM until the event is
+    /// written: shutdown waits for every such token.
+    drain: Mutex<Option<TaskTrackerToken>>,
 }
 
 impl AuditSlot {
@@ -88,7 +103,14 @@ impl AuditSlot {
                 ..Record::default()
             })),
             handed_off: AtomicBool::new(false),
+            drain: Mutex::new(None),
         }
+    }
+
+    /// The attempt is about to call IAM: shutdown must wait for its event,
+    /// so it holds `token` until then.
+    pub(crate) fn reached_iam(&self, token: TaskTrackerToken) {
+        *self.drain.lock().unwrap_or_else(PoisonError::into_inner) = Some(token);
     }
 
     /// Marks the slot as owned by an attempt task.
@@ -122,6 +144,11 @@ impl AuditSlot {
         if let Some(record) = record {
             emit(&record, &outcome);
         }
+        // Released only now that the event is in the log writer.
+        self.drain
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Record>> {
@@ -144,17 +171,30 @@ impl Drop for AuditSlot {
 }
 
 fn emit(record: &Record, outcome: &Outcome) {
-    tracing::info!(
-        target: TARGET,
-        caller = record.caller.as_str(),
-        iam_user = record.iam_user.as_str(),
-        outcome = outcome.outcome,
-        iam_request_id = outcome.iam_request_id.as_deref().unwrap_or_default(),
-        request_id = record.request_id.as_str(),
-        validate_only = record.validate_only,
-        replayed = outcome.replayed,
-        peer.address = record.peer.map(tracing::field::display),
-        trace_id = record.trace_id.as_str(),
-        "password change attempt"
-    );
+    // Two call sites, one field list: a refusal for a stalled sink has an
+    // event name of its own, which the log writer tells apart.
+    macro_rules! event {
+        ($($name:tt)*) => {
+            tracing::info!(
+                $($name)*
+                target: TARGET,
+                caller = record.caller.as_str(),
+                iam_user = record.iam_user.as_str(),
+                outcome = outcome.outcome,
+                iam_outcome = outcome.iam_outcome,
+                iam_request_id = outcome.iam_request_id.as_deref().unwrap_or_default(),
+                request_id = record.request_id.as_str(),
+                validate_only = record.validate_only,
+                replayed = outcome.replayed,
+                peer.address = record.peer.map(tracing::field::display),
+                trace_id = record.trace_id.as_str(),
+                "password change attempt"
+            )
+        };
+    }
+    if outcome.outcome == Reason::AuditUnavailable.as_str() {
+        event!(name: REFUSED_EVENT,);
+    } else {
+        event!();
+    }
 }

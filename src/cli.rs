@@ -9,6 +9,7 @@ use crate::{
     credentials::{self, AwsClients},
     devpki,
     iam::Iam,
+    logs::Output,
     principal::Principals,
     server::{self, Listeners},
     state::Store,
@@ -21,6 +22,9 @@ pub const EX_USAGE: u8 = 64;
 pub const EX_SOFTWARE: u8 = 70;
 /// How long exporting buffered spans and metrics may take at exit.
 const TELEMETRY_FLUSH_BUDGET: Duration = Duration::from_secs(5);
+/// How long writing the last log lines and audit events to stdout may take
+/// at exit: a stdout that takes nothing must not hold the exit forever.
+const LOG_FLUSH_BUDGET: Duration = Duration::from_secs(5);
 
 /// credgate: changes AWS IAM console passwords for mTLS-authenticated
 /// services, signing with each caller's own IAM user credentials.
@@ -124,15 +128,24 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let code = run(config).await;
-    // Log lines and audit events first: the exporters' flush below may be
-    // cut short by its budget, these must not be.
+    let code = run(config, telemetry.output()).await;
+    // Log lines and audit events first, on their own budget: the exporters'
+    // flush below may be cut short by its budget.
     let telemetry = Arc::new(telemetry);
     let logs = telemetry.clone();
-    let _ = tokio::task::spawn_blocking(move || logs.flush_logs()).await;
+    let unwritten = tokio::task::spawn_blocking(move || logs.flush_logs(LOG_FLUSH_BUDGET))
+        .await
+        .unwrap_or_default();
+    if unwritten > 0 {
+        // Not silently: stderr is the one place left to say so.
+        eprintln!(
+            "credgate: stdout took no output for {}s at exit; {unwritten} bytes of log lines and audit events were not written",
+            LOG_FLUSH_BUDGET.as_secs()
+        );
+    }
     // Flushing blocks until the exporter has sent; keep it off the workers,
-    // and bounded: the pod's termination grace must cover preStop +
-    // shutdown_grace + this.
+    // and bounded: the pod's termination grace must cover preStop + the
+    // longest drain (server::longest_drain) + both budgets.
     let flush = tokio::task::spawn_blocking(move || telemetry.shutdown());
     if tokio::time::timeout(TELEMETRY_FLUSH_BUDGET, flush)
         .await
@@ -143,7 +156,7 @@ async fn serve(path: PathBuf) -> ExitCode {
     code
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, sink: Output) -> ExitCode {
     let listeners = match Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {
@@ -160,7 +173,7 @@ async fn run(config: Config) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "credgate listening"
     );
-    match server::serve(config, listeners, shutdown_signal()).await {
+    match server::serve(config, listeners, sink, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

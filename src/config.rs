@@ -439,6 +439,15 @@ fn parse_server(p: &mut Problems, root: &Table) -> ServerSettings {
     s.max_connection_age = p
         .duration(t, "server", "max_connection_age")
         .unwrap_or(s.max_connection_age);
+    // A call admitted just before SIGTERM must be able to finish within the
+    // drain (DESIGN.md, "Audit").
+    if s.shutdown_grace < s.request_timeout {
+        p.push(format!(
+            "server.shutdown_grace: {} is shorter than server.request_timeout ({}); a call admitted just before shutdown could not finish",
+            humantime::format_duration(s.shutdown_grace),
+            humantime::format_duration(s.request_timeout)
+        ));
+    }
     // Port 0 (any free port) on both is fine: each bind gets its own.
     if s.listen == s.admin_listen && s.listen.port() != 0 {
         p.push(format!(
@@ -812,6 +821,21 @@ mod tests {
         let text = MINIMAL.replace("spiffe_id = \"spiffe://corp.example/ns/a/sa/a\"", "");
         let err = Config::parse(&text).expect_err("invalid");
         assert!(err.problems[0].contains("found 0"), "{err}");
+    }
+
+    #[test]
+    fn a_shutdown_grace_shorter_than_the_request_timeout_is_an_error() {
+        let with = |server: &str| format!("[server]\n{server}\n{MINIMAL}");
+        let err = Config::parse(&with("request_timeout = \"30s\"\nshutdown_grace = \"20s\""))
+            .expect_err("grace too short");
+        assert!(
+            err.problems[0].starts_with(
+                "server.shutdown_grace: 20s is shorter than server.request_timeout (30s)"
+            ),
+            "{err}"
+        );
+        Config::parse(&with("request_timeout = \"20s\"\nshutdown_grace = \"20s\""))
+            .expect("equal is enough");
     }
 
     fn with_callers(callers: &str) -> String {

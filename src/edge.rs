@@ -5,10 +5,16 @@
 //! 2. a `ChangePassword` gets its audit slot, so even a request refused here
 //!    leaves its one audit event;
 //! 3. the caller, identified once per connection from its certificate, must
-//!    be mapped (unmapped certificates take no slot at all);
+//!    be mapped (unmapped certificates take no slot at all); the request
+//!    must be one credgate reads: no compressed messages (`grpc-encoding`
+//!    other than `identity`), an existing method — checked here, not left
+//!    to tonic, whose own refusals carry no ErrorInfo; and a
+//!    `ChangePassword` is refused while the log sink is stalled
+//!    (`AUDIT_UNAVAILABLE`): its audit event could not be written;
 //! 4. the caller must be under `max_requests_per_caller`;
 //! 5. the whole body must arrive within [`REQUEST_READ_TIMEOUT`] and fit in
-//!    [`MAX_REQUEST_BYTES`];
+//!    [`MAX_REQUEST_BYTES`]; it is read into memory that is wiped once the
+//!    decoded request is done with it (it holds both passwords);
 //! 6. a slot of `max_concurrent_requests` must free up before the deadline;
 //! 7. the handler runs, bounded by the deadline.
 //!
@@ -28,16 +34,18 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::body::Body;
 use tower::Service;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::{
     audit::{AuditSlot, Outcome},
     deadline::Deadline,
     error::{Error, Reason, reason_of, reject},
     identity::Caller,
+    logs::Output,
     rpc_span::Method,
     telemetry,
 };
@@ -120,6 +128,8 @@ pub(crate) struct Limits {
     pub(crate) concurrent: Arc<Semaphore>,
     /// `server.max_requests_per_caller`.
     pub(crate) per_caller: usize,
+    /// The log writer, whose stall refuses `ChangePassword`.
+    pub(crate) sink: Output,
 }
 
 /// The edge around the routes of one connection.
@@ -204,6 +214,9 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<tonic::codegen::StdError>,
 {
+    if let Err(e) = readable(req.headers()) {
+        return Ok(reject(e).into_http());
+    }
     let oversized = Arc::new(AtomicBool::new(false));
     let req = req.map(|body| {
         Body::new(Framed {
@@ -354,6 +367,15 @@ where
         Ok(caller) => caller.clone(),
         Err(e) => return refuse(e.clone()),
     };
+    if let Err(e) = readable(req.headers()) {
+        return refuse(e);
+    }
+    if method == Method::Other {
+        return refuse(Error::UnknownMethod);
+    }
+    if method == Method::ChangePassword && limits.sink.stalled() {
+        return refuse(Error::AuditUnavailable);
+    }
     let Ok(_per_caller) = caller.in_flight.clone().try_acquire_owned() else {
         return refuse(Error::CallerConcurrencyExceeded {
             limit: limits.per_caller,
@@ -380,6 +402,8 @@ where
     };
 
     let mut req = http::Request::from_parts(parts, Body::new(Full::new(body)));
+    // From here the body is tonic's to decode; its memory is wiped when the
+    // last reference to it goes (see `read_body`).
     req.extensions_mut().insert(Admitted {
         caller,
         deadline,
@@ -416,36 +440,86 @@ where
     Ok(response)
 }
 
-async fn read_body<B>(body: B) -> Result<Bytes, Error>
+/// The whole request body, copied into one buffer of credgate's own that is
+/// wiped when the last `Bytes` of it is dropped: it holds both passwords.
+/// Its capacity is fixed up front, so no reallocation leaves a copy behind.
+///
+/// Not wiped, because credgate does not own them: rustls's and h2's receive
+/// buffers (reused for the connection's next bytes), and tonic's decode
+/// buffer, a copy of the message that tonic frees right after decoding.
+/// A frame handed over whole (the usual case is one shared with h2's read
+/// buffer) is wiped too when this was its last reference.
+async fn read_body<B>(mut body: B) -> Result<Bytes, Error>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<tonic::codegen::StdError>,
 {
-    match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::RequestTooLarge {
-            limit: MAX_REQUEST_BYTES,
-        }),
-        Err(_) => Err(Error::RequestMalformed(
-            "the request body could not be read".to_owned(),
-        )),
+    let mut buffer = Zeroizing::new(Vec::with_capacity(MAX_REQUEST_BYTES));
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(Error::RequestMalformed(
+                "the request body could not be read".to_owned(),
+            ));
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buffer.len() + data.len() > MAX_REQUEST_BYTES {
+            return Err(Error::RequestTooLarge {
+                limit: MAX_REQUEST_BYTES,
+            });
+        }
+        buffer.extend_from_slice(&data);
+        if let Ok(mut only) = data.try_into_mut() {
+            only.zeroize();
+        }
+    }
+    Ok(Bytes::from_owner(Wiped(buffer)))
+}
+
+/// Bytes wiped when dropped.
+struct Wiped(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
-/// The error credgate reports for a status tonic produced itself, before
-/// any handler: only message decoding fails that way (tonic's codes for an
-/// oversized and an undecodable message).
+/// Whether credgate can read the request's messages: uncompressed only.
+/// Checked here, on the header, before tonic would refuse it with a bare
+/// UNIMPLEMENTED of its own.
+fn readable(headers: &http::HeaderMap) -> Result<(), Error> {
+    match headers.get("grpc-encoding") {
+        None => Ok(()),
+        Some(encoding) if encoding.as_bytes() == b"identity" => Ok(()),
+        Some(_) => Err(Error::CompressionUnsupported),
+    }
+}
+
+/// The error credgate reports for a status tonic produced itself (no
+/// details: every status credgate builds has an ErrorInfo). Compression and
+/// unknown methods are refused before tonic sees them, so what is left is
+/// message decoding; matched on tonic's codes, never its messages.
 fn own_rejection(status: &tonic::Status) -> Option<Error> {
     if !status.details().is_empty() {
         return None;
     }
     match status.code() {
+        tonic::Code::Ok => None,
         tonic::Code::OutOfRange => Some(Error::RequestTooLarge {
             limit: MAX_REQUEST_BYTES,
         }),
         // prost's decode errors name the field and wire type, never a value.
         tonic::Code::Internal => Some(Error::RequestMalformed(status.message().to_owned())),
-        _ => None,
+        // Anything else tonic answers on its own is a refusal credgate did
+        // not foresee: still one reason, never a bare status (or "OK" in
+        // the audit). The handler did not run, so IAM was not called.
+        _ => Some(Error::Internal {
+            maybe_sent: false,
+            iam_outcome: None,
+            aws: None,
+        }),
     }
 }
 

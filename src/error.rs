@@ -94,6 +94,10 @@ reasons! {
     IamError => "IAM_ERROR", Internal, false;
     RequestTooLarge => "REQUEST_TOO_LARGE", ResourceExhausted, true;
     RequestMalformed => "REQUEST_MALFORMED", Internal, true;
+    CompressionUnsupported => "COMPRESSION_UNSUPPORTED", Unimplemented, true;
+    UnknownMethod => "UNKNOWN_METHOD", Unimplemented, true;
+    AuditUnavailable => "AUDIT_UNAVAILABLE", Unavailable, true;
+    InternalError => "INTERNAL_ERROR", Internal, false;
 }
 
 impl fmt::Display for Reason {
@@ -384,6 +388,36 @@ pub enum Error {
         /// The limit that was exceeded.
         limit: usize,
     },
+    /// The request names a `grpc-encoding` other than `identity`: credgate
+    /// reads no compressed messages (a password needs no compression, and
+    /// a decompressor is attack surface).
+    #[error(
+        "compressed requests are not accepted: send them uncompressed (grpc-encoding identity)"
+    )]
+    CompressionUnsupported,
+    /// A path under `credgate.v1.PasswordService` that names no method.
+    #[error("credgate.v1.PasswordService has no such method")]
+    UnknownMethod,
+    /// The audit event of the attempt could not be written (the log sink
+    /// accepts no bytes), so the attempt is not made.
+    #[error(
+        "the audit log cannot be written right now; the change was not sent to IAM, retry shortly"
+    )]
+    AuditUnavailable,
+    /// A bug: the attempt panicked, and the panic was caught.
+    #[error(
+        "credgate failed internally while handling this call; the password may or may not have \
+         changed (see awsRequestId when IAM answered): do not retry blindly"
+    )]
+    Internal {
+        /// Whether the change may have been handed to IAM before the panic.
+        maybe_sent: bool,
+        /// What IAM answered before the panic (`OK` or a reason), when it did:
+        /// the audit event carries it.
+        iam_outcome: Option<&'static str>,
+        /// IAM's answer, when there was one.
+        aws: Option<AwsContext>,
+    },
 }
 
 impl Error {
@@ -416,6 +450,10 @@ impl Error {
             Self::IamError(_) => Reason::IamError,
             Self::RequestMalformed(_) => Reason::RequestMalformed,
             Self::RequestTooLarge { .. } => Reason::RequestTooLarge,
+            Self::CompressionUnsupported => Reason::CompressionUnsupported,
+            Self::UnknownMethod => Reason::UnknownMethod,
+            Self::AuditUnavailable => Reason::AuditUnavailable,
+            Self::Internal { .. } => Reason::InternalError,
             Self::Replayed(r) => r.reason,
         }
     }
@@ -434,7 +472,8 @@ impl Error {
             | Self::IamError(aws) => Some(aws),
             Self::PolicyViolation { aws, .. }
             | Self::UpstreamCredentialsRejected(aws, _)
-            | Self::OutcomeUnknown { aws, .. } => aws.as_ref(),
+            | Self::OutcomeUnknown { aws, .. }
+            | Self::Internal { aws, .. } => aws.as_ref(),
             _ => None,
         }
     }
@@ -449,7 +488,8 @@ impl Error {
             | Self::IamUnreachable(_)
             | Self::StillInProgress
             | Self::CallerConcurrencyExceeded { .. }
-            | Self::StateUnavailable(_) => Some(DEFAULT_RETRY_DELAY),
+            | Self::StateUnavailable(_)
+            | Self::AuditUnavailable => Some(DEFAULT_RETRY_DELAY),
             _ => None,
         }
     }
@@ -568,6 +608,14 @@ impl Rejection {
         }
         details.set_error_info(self.reason.as_str(), DOMAIN, metadata);
         let mut status = Status::with_error_details(self.reason.code(), self.message, details);
+        if self.reason == Reason::CompressionUnsupported {
+            // What the gRPC compression spec asks of a server refusing an
+            // encoding: name the ones it accepts.
+            status.metadata_mut().insert(
+                "grpc-accept-encoding",
+                tonic::metadata::MetadataValue::from_static("identity"),
+            );
+        }
         status.set_source(Arc::new(ReasonTag(self.reason)));
         status
     }
@@ -650,6 +698,17 @@ mod tests {
             Error::IamError(aws(IamCode::Other("Weird".into()))),
             Error::RequestMalformed("invalid wire type".into()),
             Error::RequestTooLarge { limit: 4096 },
+            Error::CompressionUnsupported,
+            Error::UnknownMethod,
+            Error::AuditUnavailable,
+            Error::Internal {
+                maybe_sent: true,
+                iam_outcome: Some("OK"),
+                aws: Some(AwsContext {
+                    code: None,
+                    request_id: Some("req-1".into()),
+                }),
+            },
         ]
     }
 

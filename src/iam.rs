@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
+    change_body::{FillPasswords, NEW_PLACEHOLDER, OLD_PLACEHOLDER},
     credentials::{AwsClients, CONNECT_TIMEOUT, ProfileClient, TRANSMITTED},
     deadline::Deadline,
     error::{AwsContext, Cause, Error, IamCode},
@@ -270,12 +271,16 @@ impl Iam {
         let span = client_span("ChangePassword", self.clients.region());
         let result = self
             .call(profile, deadline, signer_is_iam_user, |client, connect| {
+                // Placeholders: the passwords go into the body only where
+                // it is wiped (change_body).
                 let op = client
                     .iam
                     .change_password()
-                    .old_password(old.expose())
-                    .new_password(new.expose());
-                iam_connect(op.customize(), connect).send()
+                    .old_password(OLD_PLACEHOLDER)
+                    .new_password(NEW_PLACEHOLDER);
+                iam_connect(op.customize(), connect)
+                    .interceptor(FillPasswords::new(old, new))
+                    .send()
             })
             .instrument(span.clone())
             .await;

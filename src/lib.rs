@@ -19,15 +19,18 @@
 //! - [`attempt`]: one `ChangePassword` in its own task: the `request_id`
 //!   claim and the attempt limit in [`state`], the profile's identity
 //!   ([`principal`]), the account policy ([`policy_cache`], [`password`]),
-//!   then [`iam`] over [`credentials`]; its outcome settles the limit, is
+//!   then [`iam`] over [`credentials`] (the passwords go into the request
+//!   body through [`change_body`]); its outcome settles the limit, is
 //!   stored for replay and closes the audit slot.
 //! - [`error`]: the single error enum, the reason table and the one mapping
 //!   to `tonic::Status`.
 //! - [`server`]: wires it all, health on both ports, reflection, shutdown.
 //! - [`telemetry`]: the subscriber (logs, audit events, OTLP traces and
-//!   metrics); [`logs`]: the JSON line format and the lossless writer.
+//!   metrics); [`logs`]: the JSON line format and the writer that never
+//!   blocks a runtime thread (and says when stdout stalls).
 //! - [`config`], [`spiffe`], [`cli`], [`devpki`]: configuration, SPIFFE ID
-//!   rules, command line, dev PKI.
+//!   rules, command line, dev PKI; `fault`: test-only fault points (cargo
+//!   feature `fault-injection`, never in a shipped build).
 //! - [`api`]: the generated `credgate.v1` types.
 
 #![forbid(unsafe_code)]
@@ -35,6 +38,7 @@
 pub mod api;
 pub(crate) mod attempt;
 pub(crate) mod audit;
+pub(crate) mod change_body;
 pub mod cli;
 pub(crate) mod config;
 pub(crate) mod connections;
@@ -43,6 +47,8 @@ pub(crate) mod deadline;
 pub mod devpki;
 pub(crate) mod edge;
 pub(crate) mod error;
+#[cfg(feature = "fault-injection")]
+pub(crate) mod fault;
 pub(crate) mod iam;
 pub(crate) mod identity;
 pub(crate) mod logs;

@@ -2,7 +2,8 @@
 //!
 //! Two ports: the mTLS port serves PasswordService, health and reflection;
 //! the plaintext admin port serves only health, for Kubernetes probes, which
-//! cannot present a client certificate.
+//! cannot present a client certificate. Health on both is NOT_SERVING while
+//! the log sink is stalled ([`crate::logs`]) and once shutdown begins.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -16,12 +17,14 @@ use tower::Layer;
 use crate::{
     api::{self, password_service_server::PasswordServiceServer},
     attempt::{Gate, UPSTREAM_TIMEOUT},
+    audit,
     config::Config,
     connections::{self, MakeService},
     credentials::{self, AwsClients},
     edge::{Connection, Edge, Limits, MAX_REQUEST_BYTES},
     iam::Iam,
     identity::Callers,
+    logs::{Output, STALL},
     policy_cache::PolicyCache,
     principal::Principals,
     rpc_span::{RpcSpan, RpcSpanLayer, SERVICE},
@@ -101,12 +104,28 @@ impl MakeService for Stack {
     }
 }
 
-/// Serves until `shutdown` resolves, then drains: admin health turns
-/// NOT_SERVING, new connections are refused, open connections get a GOAWAY,
-/// and in-flight calls and attempts get up to `shutdown_grace` to finish.
+/// How long after its caller's deadline an attempt can still be writing its
+/// outcome: IAM's late answer ([`UPSTREAM_TIMEOUT`]), then the state store
+/// (a few command timeouts) and the audit event.
+const AFTER_DEADLINE: Duration = UPSTREAM_TIMEOUT.saturating_add(Duration::from_secs(5));
+
+/// The longest shutdown can take with the given settings: the grace for
+/// calls, or an attempt admitted just before SIGTERM that reached IAM and
+/// runs to the end of its upstream wait, whichever is longer. The pod's
+/// termination grace must cover it (plus preStop and the telemetry flush).
+pub(crate) fn longest_drain(request_timeout: Duration, shutdown_grace: Duration) -> Duration {
+    shutdown_grace.max(request_timeout + AFTER_DEADLINE)
+}
+
+/// Serves until `shutdown` resolves, then drains: health turns NOT_SERVING,
+/// new connections are refused, open connections get a GOAWAY, in-flight
+/// calls get up to `shutdown_grace`, and every attempt that went to IAM is
+/// waited for until its audit event is written, however long past the
+/// grace that takes ([`longest_drain`] bounds it).
 pub(crate) async fn serve(
     config: Config,
     listeners: Listeners,
+    sink: Output,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let tls_config = Arc::new(ReloadingConfig::load(&config.tls).map_err(ServeError::Tls)?);
@@ -129,12 +148,15 @@ pub(crate) async fn serve(
         );
     }
     let tracker = TaskTracker::new();
+    let at_iam = TaskTracker::new();
     let gate = Arc::new(Gate {
         iam: Iam::new(clients),
         store,
         principals: Principals::new(&config.callers),
         policies: PolicyCache::new(profiles()),
         tracker: tracker.clone(),
+        at_iam: at_iam.clone(),
+        sink: sink.clone(),
     });
     // Whose key each profile holds, learnt in the background: SERVING does
     // not wait for AWS, and a profile not verified yet is verified on use.
@@ -177,6 +199,7 @@ pub(crate) async fn serve(
                 config.server.max_concurrent_requests,
             )),
             per_caller: config.server.max_requests_per_caller,
+            sink: sink.clone(),
         }),
     });
     let callers = Arc::new(Callers::new(
@@ -186,6 +209,7 @@ pub(crate) async fn serve(
 
     let stop = CancellationToken::new();
     tokio::spawn(tls_config.clone().watch(stop.clone()));
+    let sink_watcher = tokio::spawn(watch_sink(sink, reporter.clone(), stop.clone()));
     let settings = connections::Settings {
         max_connections: config.server.max_connections,
         idle_timeout: config.server.idle_timeout,
@@ -227,20 +251,111 @@ pub(crate) async fn serve(
         grace = %humantime::format_duration(config.server.shutdown_grace),
         "shutting down: health NOT_SERVING, refusing new connections, draining in-flight calls"
     );
-    set_serving(&reporter, ServingStatus::NotServing).await;
+    // Stop the sink watcher first: nothing may turn health SERVING again.
     stop.cancel();
-    tracker.close();
-    match tokio::time::timeout(config.server.shutdown_grace, tracker.wait()).await {
-        Ok(()) => tracing::info!("drained"),
-        Err(_) => tracing::warn!(
-            still_running = tracker.len(),
-            "shutdown grace expired; abandoning the calls and attempts still in flight"
-        ),
-    }
+    let _ = sink_watcher.await;
+    set_serving(&reporter, ServingStatus::NotServing).await;
+    drain(&config, &tracker, &at_iam).await;
     // The admin port outlives the drain so probes see NOT_SERVING meanwhile.
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     Ok(())
+}
+
+/// Waits for calls and attempts: all of them within `shutdown_grace`, and
+/// beyond it the attempts that went to IAM, until each has written its
+/// audit event (they end by themselves within [`AFTER_DEADLINE`] of their
+/// deadline, so [`longest_drain`] is only a backstop).
+async fn drain(config: &Config, tracker: &TaskTracker, at_iam: &TaskTracker) {
+    let started = tokio::time::Instant::now();
+    tracker.close();
+    at_iam.close();
+    if tokio::time::timeout(config.server.shutdown_grace, tracker.wait())
+        .await
+        .is_ok()
+    {
+        tracing::info!("drained");
+        return;
+    }
+    if !at_iam.is_empty() {
+        tracing::info!(
+            attempts = at_iam.len(),
+            "shutdown grace expired; still waiting for the attempts that went to IAM"
+        );
+    }
+    let backstop =
+        started + longest_drain(config.server.request_timeout, config.server.shutdown_grace);
+    match tokio::time::timeout_at(backstop, at_iam.wait()).await {
+        Ok(()) => tracing::info!(
+            abandoned_calls = tracker.len(),
+            "every attempt that went to IAM is audited; abandoning the calls still open"
+        ),
+        Err(_) => tracing::error!(
+            attempts = at_iam.len(),
+            "attempts that went to IAM outlived their upstream wait; exiting without their audit events"
+        ),
+    }
+}
+
+/// Follows the log sink: health is NOT_SERVING while it is stalled, and
+/// SERVING again once it takes bytes, with a report of what was dropped.
+async fn watch_sink(sink: Output, reporter: HealthReporter, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(STALL / 10);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = sink.stalled();
+        if now != stalled {
+            stalled = now;
+            let status = if now {
+                tracing::warn!(
+                    "log sink stalled: ChangePassword answers AUDIT_UNAVAILABLE, health NOT_SERVING"
+                );
+                ServingStatus::NotServing
+            } else {
+                tracing::info!("log sink writing again: health SERVING");
+                ServingStatus::Serving
+            };
+            set_serving(&reporter, status).await;
+        }
+        if now {
+            continue;
+        }
+        report_dropped(&sink);
+    }
+}
+
+/// Reports, once the sink takes bytes again, what it could not take.
+fn report_dropped(sink: &Output) {
+    let dropped = sink.take_dropped();
+    if !dropped.any() {
+        return;
+    }
+    if dropped.refusals > 0 {
+        tracing::info!(
+            target: audit::TARGET,
+            outcome = crate::error::Reason::AuditUnavailable.as_str(),
+            unrecorded = dropped.refusals,
+            "password change attempts refused with AUDIT_UNAVAILABLE while the log sink was stalled, beyond those recorded one by one"
+        );
+    }
+    if dropped.audit > 0 || dropped.unwritable_bytes > 0 {
+        tracing::error!(
+            audit_events = dropped.audit,
+            unwritable_bytes = dropped.unwritable_bytes,
+            "audit events lost: the log buffer was full or stdout failed"
+        );
+    }
+    if dropped.logs > 0 {
+        tracing::warn!(
+            log_lines = dropped.logs,
+            "log lines dropped while stdout was stalled"
+        );
+    }
 }
 
 async fn set_serving(reporter: &HealthReporter, status: ServingStatus) {

@@ -91,9 +91,14 @@ impl PasswordService for PasswordGate {
             }
         };
         match answer {
+            // `request_id` (2) is deprecated for `iam_request_id` (3) and
+            // still carries the same value for older clients.
+            #[allow(deprecated)]
             Ok(changed) => Ok(Response::new(ChangePasswordResponse {
                 iam_user: changed.iam_user,
-                request_id: changed.iam_request_id,
+                request_id: changed.iam_request_id.clone(),
+                iam_request_id: changed.iam_request_id,
+                replayed: changed.replayed,
             })),
             Err(e) => Err(reject(e)),
         }

@@ -12,9 +12,12 @@
 //! - Audit events (`credgate::audit`) have a layer and filter of their own:
 //!   they are written whatever `RUST_LOG` says, even `off`.
 
-use std::sync::{
-    Arc, LazyLock, OnceLock,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc, LazyLock, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use opentelemetry::{
@@ -63,12 +66,19 @@ impl Telemetry {
         {
             tracing::debug!(error = %e, "metric exporter shutdown");
         }
-        self.flush_logs();
+        // What the exporters logged; the audit events were flushed before.
+        self.flush_logs(Duration::from_secs(1));
     }
 
-    /// Writes every buffered log line and audit event to stdout.
-    pub(crate) fn flush_logs(&self) {
-        self.output.flush();
+    /// Writes every buffered log line and audit event to stdout, waiting
+    /// at most `within`; returns the bytes still unwritten.
+    pub(crate) fn flush_logs(&self, within: Duration) -> usize {
+        self.output.flush(within)
+    }
+
+    /// The log writer, whose stall the server acts on.
+    pub(crate) fn output(&self) -> Output {
+        self.output.clone()
     }
 }
 

@@ -512,7 +512,8 @@ async fn the_account_policy_is_served_and_checked_before_iam_with_every_unmet_ru
         .expect("valid")
         .into_inner();
     assert_eq!(validated.iam_user, rig.user.name);
-    assert!(validated.request_id.is_empty());
+    assert!(validated.iam_request_id.is_empty());
+    assert!(!validated.replayed);
     let mut request = change("Policy-pass-1!", "weak");
     request.validate_only = true;
     client.change_password(request).await.expect_err("invalid");

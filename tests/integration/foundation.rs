@@ -25,8 +25,15 @@ async fn a_password_really_changes_and_can_be_changed_back() {
         .into_inner();
     assert_eq!(response.iam_user, rig.user.name);
     assert!(
-        !response.request_id.is_empty(),
+        !response.iam_request_id.is_empty(),
         "IAM's request id is returned"
+    );
+    assert!(!response.replayed, "a first call is not a replay");
+    #[allow(deprecated)]
+    let legacy = response.request_id.clone();
+    assert_eq!(
+        legacy, response.iam_request_id,
+        "the deprecated field still carries IAM's request id"
     );
     assert!(emulator.password_is(&rig.user, "Changed-pass-2").await);
     assert!(!emulator.password_is(&rig.user, "Original-pass-1").await);

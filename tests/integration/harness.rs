@@ -58,11 +58,27 @@ fn collect_lines(
     stream: impl std::io::Read + Send + 'static,
     lines: Arc<Mutex<Vec<String>>>,
 ) -> mpsc::Receiver<String> {
+    collect_lines_held(stream, lines, None)
+}
+
+/// As [`collect_lines`]; with `hold`, reading stops after credgate's
+/// "listening" line until `hold` yields (or its sender is dropped), so the
+/// pipe fills up as if nobody read it.
+fn collect_lines_held(
+    stream: impl std::io::Read + Send + 'static,
+    lines: Arc<Mutex<Vec<String>>>,
+    hold: Option<mpsc::Receiver<()>>,
+) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut hold = hold;
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let listening = line.contains("\"credgate listening\"");
             lines.lock().expect("lines").push(line.clone());
             let _ = tx.send(line);
+            if listening && let Some(hold) = hold.take() {
+                let _ = hold.recv();
+            }
         }
     });
     rx
@@ -536,9 +552,16 @@ impl<'a> Setup<'a> {
         put("credentials", &credentials);
         put("config", "");
         let (tls_port, admin_port) = self.ports.unwrap_or((0, 0));
+        // Short, but no shorter than the default request_timeout (a config
+        // error), unless the test sets its own.
+        let grace = if self.server_toml.contains("shutdown_grace") {
+            ""
+        } else {
+            "shutdown_grace = \"10s\"\n"
+        };
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{tls_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-             shutdown_grace = \"5s\"\n{}\n\
+             {grace}{}\n\
              [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n{crl}\n\
              [aws]\nregion = \"us-east-1\"\nendpoint_url = {:?}\n{}\n{}\n{callers}",
             self.server_toml, self.emulator_endpoint, self.aws_toml, self.extra_toml
@@ -550,6 +573,16 @@ impl<'a> Setup<'a> {
     pub fn start(self) -> Credgate {
         let (dir, config) = self.write();
         Credgate::spawn(dir, &config, &self.env)
+    }
+
+    /// Starts credgate, then stops reading its stdout after the "listening"
+    /// line, as if the pipe's reader had gone away; dropping (or calling
+    /// `read_again` on) the returned handle resumes reading.
+    pub fn start_with_stdout_unread(self) -> (Credgate, StdoutHold) {
+        let (dir, config) = self.write();
+        let (tx, rx) = mpsc::channel();
+        let app = Credgate::spawn_held(dir, &config, &self.env, Some(rx));
+        (app, StdoutHold(Some(tx)))
     }
 
     /// Starts credgate on fixed free ports and waits for its admin port
@@ -575,6 +608,18 @@ impl<'a> Setup<'a> {
                 Credgate::spawn(dir, &config, &self.env)
             })
             .collect()
+    }
+}
+
+/// Holds credgate's stdout unread until dropped or `read_again`.
+pub struct StdoutHold(Option<mpsc::Sender<()>>);
+
+impl StdoutHold {
+    /// Resumes reading credgate's stdout.
+    pub fn read_again(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
     }
 }
 
@@ -686,6 +731,7 @@ impl Credgate {
         dir: &tempfile::TempDir,
         config: &Path,
         env: &[(String, String)],
+        hold: Option<mpsc::Receiver<()>>,
     ) -> (Child, Arc<Mutex<Vec<String>>>, mpsc::Receiver<String>) {
         let mut cmd = credgate_command(dir.path());
         cmd.args(["serve", "--config"]).arg(config);
@@ -698,14 +744,23 @@ impl Credgate {
             .spawn()
             .expect("spawn credgate");
         let lines = Arc::<Mutex<Vec<String>>>::default();
-        let rx = collect_lines(child.stdout.take().expect("stdout"), lines.clone());
+        let rx = collect_lines_held(child.stdout.take().expect("stdout"), lines.clone(), hold);
         let _stderr = collect_lines(child.stderr.take().expect("stderr"), lines.clone());
         (child, lines, rx)
     }
 
     /// Starts the binary on an already written config.
     pub fn spawn(dir: tempfile::TempDir, config: &Path, env: &[(String, String)]) -> Credgate {
-        let (child, lines, rx) = Self::start_serve(&dir, config, env);
+        Self::spawn_held(dir, config, env, None)
+    }
+
+    fn spawn_held(
+        dir: tempfile::TempDir,
+        config: &Path,
+        env: &[(String, String)],
+        hold: Option<mpsc::Receiver<()>>,
+    ) -> Credgate {
+        let (child, lines, rx) = Self::start_serve(&dir, config, env, hold);
         let deadline = Instant::now() + STARTUP;
         let (tls_addr, admin_addr) = loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -740,7 +795,7 @@ impl Credgate {
         tls_port: u16,
         admin_port: u16,
     ) -> Credgate {
-        let (child, lines, _stdout) = Self::start_serve(&dir, config, env);
+        let (child, lines, _stdout) = Self::start_serve(&dir, config, env, None);
         let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let deadline = Instant::now() + STARTUP;
         while std::net::TcpStream::connect(admin_addr).is_err() {
@@ -782,6 +837,24 @@ impl Credgate {
             "no log line for {what}; output:\n{}",
             self.lines().join("\n")
         );
+    }
+
+    /// The admin port's health status for the whole server ("").
+    pub async fn admin_health(&self) -> Result<i32, tonic::Status> {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let channel = Channel::from_shared(format!("http://{}", self.admin_addr))
+            .expect("uri")
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(Duration::from_secs(2));
+        HealthClient::new(channel)
+            .check(request)
+            .await
+            .map(|r| r.into_inner().status)
     }
 
     /// Audit events so far.

@@ -4,6 +4,7 @@
 //! sockets (the IAM emulator process, tonic and grpcurl clients, an OTLP
 //! receiver), all on 127.0.0.1.
 
+mod audit_trail;
 mod edge;
 mod errors;
 mod examples;

@@ -212,7 +212,11 @@ async fn a_retry_with_the_same_request_id_on_another_replica_gets_the_first_outc
         .expect("the first attempt's outcome")
         .into_inner();
     assert_eq!(done.iam_user, user.name);
-    assert!(!done.request_id.is_empty());
+    assert!(!done.iam_request_id.is_empty());
+    assert!(
+        done.replayed,
+        "the first attempt's outcome, not a call of its own"
+    );
     // And later retries replay it, on either replica, without IAM.
     for i in [0, 1] {
         let again = client(i, CALLER)
@@ -221,7 +225,8 @@ async fn a_retry_with_the_same_request_id_on_another_replica_gets_the_first_outc
             .await
             .expect("replayed")
             .into_inner();
-        assert_eq!(again.request_id, done.request_id);
+        assert_eq!(again.iam_request_id, done.iam_request_id);
+        assert!(again.replayed);
     }
     assert_eq!(emulator.calls("ChangePassword", &user.name).await, 1);
     assert!(emulator.password_is(&user, "Idem-pass-2").await);
@@ -300,6 +305,20 @@ async fn an_unreachable_store_fails_closed_and_credgate_recovers_when_it_returns
         expect_error(&status, Code::Unavailable, "STATE_UNAVAILABLE");
         assert!(status.get_error_details().retry_info().is_some());
     }
+    // A request_id whose claim fails is no replay, and its audit says so.
+    let id = request_id();
+    let status = client
+        .change_password(change_with_id("Down-pass-2", "Down-pass-3", &id))
+        .await
+        .expect_err("fail closed");
+    expect_error(&status, Code::Unavailable, "STATE_UNAVAILABLE");
+    let event = app
+        .wait_for_line("the failed claim's audit event", |v| {
+            v["target"] == "credgate::audit" && v["request_id"] == id.as_str()
+        })
+        .await;
+    assert_eq!(event["outcome"], "STATE_UNAVAILABLE", "{event}");
+    assert_eq!(event["replayed"], false, "{event}");
     assert_eq!(
         emulator.calls("ChangePassword", &user.name).await,
         1,

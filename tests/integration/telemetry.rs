@@ -106,7 +106,7 @@ async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_c
     assert_eq!(a["rpc.system"], "aws-api");
     assert_eq!(a["rpc.service"], "IAM");
     assert_eq!(a["rpc.method"], "ChangePassword");
-    assert_eq!(a["aws.request_id"], response.request_id);
+    assert_eq!(a["aws.request_id"], response.iam_request_id);
     assert_eq!(a["cloud.region"], "us-east-1");
 
     // The SDK's own spans nest under one of credgate's IAM CLIENT spans
@@ -160,7 +160,7 @@ async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_c
     assert_eq!(audit["caller"], CALLER);
     assert_eq!(audit["iam_user"], rig.user.name.as_str());
     assert_eq!(audit["outcome"], "OK");
-    assert_eq!(audit["iam_request_id"], response.request_id.as_str());
+    assert_eq!(audit["iam_request_id"], response.iam_request_id.as_str());
     assert!(
         audit["peer.address"]
             .as_str()
