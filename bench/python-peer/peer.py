@@ -146,7 +146,9 @@ class PasswordService:
             return pb.ChangePasswordResponse(iam_user=iam_user)
         out = self.iam(context, iam.change_password, OldPassword=request.old_password,
                        NewPassword=request.new_password)
-        return pb.ChangePasswordResponse(iam_user=iam_user, request_id=out["ResponseMetadata"]["RequestId"])
+        iam_request_id = out["ResponseMetadata"]["RequestId"]
+        # request_id (2) is the deprecated name of iam_request_id (3): both, like credgate.
+        return pb.ChangePasswordResponse(iam_user=iam_user, request_id=iam_request_id, iam_request_id=iam_request_id)
 
     def GetPasswordPolicy(self, request, context):
         pb = self.pb

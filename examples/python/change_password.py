@@ -24,7 +24,7 @@ from grpc_status import rpc_status
 # Reasons after which credgate guarantees that IAM was not asked to change anything.
 NOT_APPLIED = {"IAM_THROTTLED", "ENTITY_TEMPORARILY_UNMODIFIABLE", "IAM_SERVICE_FAILURE",
                "IAM_UNREACHABLE", "STATE_UNAVAILABLE", "CALLER_CONCURRENCY_EXCEEDED",
-               "DEADLINE_BEFORE_SEND"}
+               "DEADLINE_BEFORE_SEND", "AUDIT_UNAVAILABLE"}
 
 
 def parse_args():
@@ -145,7 +145,10 @@ def main():
             if args.validate_only:
                 print(f"OK: the new password is acceptable for IAM user {resp.iam_user} (nothing changed)")
             else:
-                print(f"OK: password changed for IAM user {resp.iam_user} (IAM request id {resp.request_id})")
+                # replayed: the stored outcome of an earlier attempt with this request_id
+                # (its first try went through); IAM was not called again.
+                replayed = ", replayed from an earlier attempt" if resp.replayed else ""
+                print(f"OK: password changed for IAM user {resp.iam_user} (IAM request id {resp.iam_request_id}{replayed})")
             return 0
     print(f"gave up: the outcome is unknown or still retryable; rerun with --request-id {request_id}")
     return 3

@@ -285,7 +285,8 @@ def test_sigterm_drains_in_flight_calls(
             except grpc.RpcError as error:
                 pytest.fail(f"in-flight call {i} failed: {error.code()} {error.details()}\n{credgate.output()}")
             assert response.iam_user == caller["iam_user"]
-            assert response.request_id, "IAM's request id"
+            assert response.iam_request_id, "IAM's request id"
+            assert not response.replayed
 
         # And the process exits 0 within shutdown_grace.
         try:

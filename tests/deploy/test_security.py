@@ -20,6 +20,7 @@ import pytest
 from deploy_support import (
     COMMON_LABELS,
     NONROOT_ID,
+    REPO,
     SELECTOR_LABELS,
     config,
     container,
@@ -202,15 +203,31 @@ def test_probes_are_grpc_on_the_admin_port(objects):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 30
 
 
-# credgate gives buffered telemetry this long at exit (TELEMETRY_FLUSH_BUDGET in src/cli.rs).
-TELEMETRY_FLUSH_SECONDS = 5
+def rust_seconds(path: str, pattern: str) -> int:
+    """A duration constant read from credgate's source, so this arithmetic
+    follows the code instead of a copy of its numbers."""
+    match = re.search(pattern, (REPO / path).read_text())
+    assert match, f"{pattern} not found in {path}"
+    return int(match.group(1))
 
 
-def test_termination_grace_exceeds_drain_and_pre_stop(objects):
+def test_termination_grace_covers_the_longest_drain_and_exit(objects):
     spec = pod_spec(objects)
-    grace = seconds(config(objects)["server"]["shutdown_grace"])
+    server = config(objects)["server"]
+    grace = seconds(server["shutdown_grace"])
+    request_timeout = seconds(server["request_timeout"])
     pre_stop = container(objects)["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert spec["terminationGracePeriodSeconds"] > grace + pre_stop + TELEMETRY_FLUSH_SECONDS
+    # After SIGTERM credgate waits for every attempt that went to IAM until its
+    # audit event is written, past shutdown_grace: up to its deadline, then the
+    # upstream wait, then a few seconds for the state store (server::longest_drain).
+    upstream = rust_seconds("src/attempt.rs", r"UPSTREAM_TIMEOUT: Duration = Duration::from_secs\((\d+)\)")
+    after = rust_seconds("src/server.rs", r"UPSTREAM_TIMEOUT\.saturating_add\(Duration::from_secs\((\d+)\)\)")
+    drain = max(grace, request_timeout + upstream + after)
+    # Then the last log lines and the telemetry flush, each on a budget (src/cli.rs).
+    logs = rust_seconds("src/cli.rs", r"LOG_FLUSH_BUDGET: Duration = Duration::from_secs\((\d+)\)")
+    telemetry = rust_seconds("src/cli.rs", r"TELEMETRY_FLUSH_BUDGET: Duration = Duration::from_secs\((\d+)\)")
+    assert drain == 45, "the defaults' longest drain"
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + drain + logs + telemetry
 
 
 def test_topology_spread_across_nodes(objects):

@@ -32,7 +32,7 @@ def launch(launch_credgate):
     started = []
 
     def start(server):
-        credgate = launch_credgate({"shutdown_grace": "3s", **server})
+        credgate = launch_credgate({"shutdown_grace": "10s", **server})
         started.append(credgate)
         return credgate
 

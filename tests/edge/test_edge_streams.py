@@ -56,7 +56,7 @@ SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 
 @pytest.fixture(scope="module")
 def credgate(launch_credgate):
-    server = launch_credgate({"max_concurrent_requests": 8, "shutdown_grace": "3s"})
+    server = launch_credgate({"max_concurrent_requests": 8, "shutdown_grace": "10s"})
     yield server
     server.assert_alive()
     server.process.stop()

@@ -97,7 +97,10 @@ def test_outcome_unknown_is_resolved_by_a_retry_with_the_same_request_id(credgat
     assert "DEADLINE_EXCEEDED" in proc.stdout
     assert "retrying with the same request_id" in proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"OK: password changed for IAM user {stack.iam_user}" in proc.stdout
+    assert re.search(
+        rf"OK: password changed for IAM user {stack.iam_user} \(IAM request id {UUID}, replayed from an earlier attempt\)",
+        proc.stdout,
+    ), f"the retry's answer is the first attempt's stored outcome:\n{proc.stdout}"
     assert stack.emulator.password_matches(stack.iam_user, NEW_PASSWORD)
     assert stack.emulator.calls("ChangePassword", stack.iam_user) == 1, (
         "IAM saw the change more than once: credgate did not deduplicate by request_id"

@@ -82,7 +82,8 @@ def test_peer_changes_a_password_and_reads_the_policy(peer, emulator, stubs_dir)
             pb2.ChangePasswordRequest(old_password=OLD_PASSWORD, new_password=NEW_PASSWORD), timeout=10
         )
         assert response.iam_user == USER
-        assert response.request_id, "IAM's request id"
+        assert response.iam_request_id, "IAM's request id"
+        assert response.request_id == response.iam_request_id, "the deprecated field, same value"
         assert emulator.password_matches(USER, NEW_PASSWORD)
         assert emulator.calls("ChangePassword", USER) == 1
 

@@ -45,13 +45,21 @@ async fn until_calls(emulator: &Emulator, action: &str, user: &str, n: u64) {
 
 /// Waits (bounded) until the admin port reports `status`.
 async fn until_health(app: &Credgate, status: i32, what: &str) {
-    for _ in 0..200 {
-        if app.admin_health().await.ok() == Some(status) {
+    for _ in 0..100 {
+        if answered(app.admin_health()).await.ok() == Some(status) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("admin health never became {what}");
+}
+
+/// `call`'s result, or a panic when credgate stops answering (a frozen
+/// runtime would otherwise hang the test).
+async fn answered<T>(call: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("credgate answers within 10 s")
 }
 
 fn reason(status: &tonic::Status) -> String {
@@ -333,8 +341,7 @@ async fn a_stalled_stdout_refuses_changes_before_iam_while_everything_else_answe
             started.elapsed() < Duration::from_secs(60) && invalid < 20_000,
             "no stall noticed after {invalid} calls"
         );
-        let status = client
-            .change_password(change("", "Stall-pass-3"))
+        let status = answered(client.change_password(change("", "Stall-pass-3")))
             .await
             .expect_err("refused");
         match reason(&status).as_str() {
@@ -345,8 +352,7 @@ async fn a_stalled_stdout_refuses_changes_before_iam_while_everything_else_answe
     }
 
     // Stalled: a valid change is refused before IAM, with RetryInfo ...
-    let status = client
-        .change_password(change("Stall-pass-1", "Stall-pass-3"))
+    let status = answered(client.change_password(change("Stall-pass-1", "Stall-pass-3")))
         .await
         .expect_err("refused");
     expect_error(&status, Code::Unavailable, "AUDIT_UNAVAILABLE");
@@ -354,8 +360,7 @@ async fn a_stalled_stdout_refuses_changes_before_iam_while_everything_else_answe
     refused += 1;
     // ... health turns NOT_SERVING, and everything else keeps answering.
     until_health(&app, NOT_SERVING, "NOT_SERVING").await;
-    client
-        .get_password_policy(credgate::api::GetPasswordPolicyRequest {})
+    answered(client.get_password_policy(credgate::api::GetPasswordPolicyRequest {}))
         .await
         .expect("GetPasswordPolicy answers");
     // The attempt made before the stall ends normally.

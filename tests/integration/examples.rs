@@ -125,7 +125,10 @@ async fn the_rust_example_resolves_outcome_unknown_with_the_same_request_id() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("OUTCOME_UNKNOWN"), "{out}");
     assert!(out.contains("retrying with the same request_id"), "{out}");
-    assert!(out.contains("OK: password changed"), "{out}");
+    assert!(
+        out.contains("OK: password changed") && out.contains("replayed from an earlier attempt"),
+        "the retry's answer is the first attempt's stored outcome: {out}"
+    );
     assert_eq!(
         emulator.calls("ChangePassword", &rig.user.name).await,
         1,
