@@ -388,7 +388,7 @@ impl Witness {
             aws: iam.map(|a| match a {
                 Ok(changed) => crate::error::AwsContext {
                     code: None,
-                    request_id: Some(changed.iam_request_id.clone()),
+                    request_id: Some(changed.iam_request_id.clone()).filter(|id| !id.is_empty()),
                 },
                 Err(e) => e.aws().cloned().unwrap_or_default(),
             }),
@@ -587,11 +587,23 @@ mod tests {
             },
             Error::IamServiceFailure(aws(IamCode::ServiceFailure)),
             Error::IamError(aws(IamCode::Other("New".into()))),
+            // A panic after the request may have left, IAM's answer unknown.
+            Error::Internal {
+                maybe_sent: true,
+                iam_outcome: None,
+                aws: None,
+            },
         ];
         for e in counts {
             assert_eq!(verdict(&Err(e.clone())), Verdict::Failure, "{e:?}");
         }
         let free = [
+            Error::AuditUnavailable,
+            Error::Internal {
+                maybe_sent: false,
+                iam_outcome: None,
+                aws: None,
+            },
             Error::DeadlineBeforeSend { stage: "iam" },
             Error::IamUnreachable(Cause::msg("refused")),
             Error::IamThrottled(aws(IamCode::Throttling)),
@@ -600,6 +612,42 @@ mod tests {
         for e in free {
             assert_eq!(verdict(&Err(e.clone())), Verdict::Release, "{e:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_panic_after_iam_answered_keeps_iams_answer_for_the_audit_and_the_limit() {
+        let witness = Witness::default();
+        let answer = guarded(&witness, async {
+            witness.transmitted.store(true, Ordering::Release);
+            let _ = witness.answered(Err(Error::OldPasswordIncorrect(AwsContext {
+                code: Some(IamCode::InvalidUserType),
+                request_id: Some("req-7".into()),
+            })));
+            panic!("a bug after IAM answered");
+        })
+        .await;
+        let Err(Error::Internal {
+            maybe_sent,
+            iam_outcome,
+            aws,
+        }) = &answer
+        else {
+            panic!("{answer:?}");
+        };
+        assert!(*maybe_sent);
+        assert_eq!(*iam_outcome, Some("OLD_PASSWORD_INCORRECT"));
+        assert_eq!(
+            aws.as_ref().and_then(|a| a.request_id.as_deref()),
+            Some("req-7")
+        );
+        // What settles the limit is IAM's answer: a wrong old password.
+        let settles = witness.answer.get().unwrap_or(&answer);
+        assert_eq!(verdict(settles), Verdict::Failure);
+
+        // A panic before anything was sent releases the reservation.
+        let witness = Witness::default();
+        let answer = guarded(&witness, async { panic!("a bug before IAM") }).await;
+        assert_eq!(verdict(&answer), Verdict::Release);
     }
 
     #[test]
