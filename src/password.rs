@@ -10,13 +10,15 @@ use zeroize::Zeroizing;
 pub(crate) struct Password(Zeroizing<String>);
 
 impl Password {
-    /// Takes ownership of the text; the caller's `String` buffer moves in, so
-    /// no unwiped copy is left behind.
+    /// Takes ownership of the text: the caller's `String` buffer moves in,
+    /// so this makes no copy to leave behind. (The buffers the bytes came
+    /// through are wiped where credgate owns them: `edge::read_body`.)
     pub(crate) fn new(text: String) -> Self {
         Self(Zeroizing::new(text))
     }
 
-    /// The password text, for signing the IAM request and nothing else.
+    /// The password text, for the checks and for the IAM request body
+    /// (`change_body`), nothing else.
     pub(crate) fn expose(&self) -> &str {
         &self.0
     }
