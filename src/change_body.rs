@@ -18,10 +18,9 @@ use aws_smithy_runtime_api::{
     client::interceptors::{Intercept, context::BeforeTransmitInterceptorContextMut},
 };
 use aws_smithy_types::body::SdkBody;
-use bytes::Bytes;
 use zeroize::Zeroizing;
 
-use crate::password::Password;
+use crate::password::{self, Password};
 
 /// What the SDK is given as `OldPassword`: unreserved characters only, so it
 /// appears in the body verbatim.
@@ -67,20 +66,11 @@ impl Intercept for FillPasswords {
             tracing::error!(error = %e, "cannot build the ChangePassword body");
         })?;
         let len = filled.len();
-        *request.body_mut() = SdkBody::from(Bytes::from_owner(Wiped(filled)));
+        *request.body_mut() = SdkBody::from(password::wiped_on_drop(filled));
         request
             .headers_mut()
             .insert("content-length", len.to_string());
         Ok(())
-    }
-}
-
-/// Bytes wiped when the last reference to them is dropped.
-struct Wiped(Zeroizing<Vec<u8>>);
-
-impl AsRef<[u8]> for Wiped {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
     }
 }
 

@@ -46,6 +46,7 @@ use crate::{
     error::{Error, Reason, reason_of, reject},
     identity::Caller,
     logs::Output,
+    password,
     rpc_span::Method,
     telemetry,
 };
@@ -474,16 +475,7 @@ where
             only.zeroize();
         }
     }
-    Ok(Bytes::from_owner(Wiped(buffer)))
-}
-
-/// Bytes wiped when dropped.
-struct Wiped(Zeroizing<Vec<u8>>);
-
-impl AsRef<[u8]> for Wiped {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
+    Ok(password::wiped_on_drop(buffer))
 }
 
 /// Whether credgate can read the request's messages: uncompressed only.

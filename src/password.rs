@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use zeroize::Zeroizing;
 
 /// A console password. Its memory is wiped on drop and Debug never shows it.
@@ -28,6 +29,22 @@ impl fmt::Debug for Password {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Password([REDACTED])")
     }
+}
+
+/// `bytes` as a `Bytes` whose memory is wiped when its last reference is
+/// dropped: for the buffers that hold passwords on their way in (the request
+/// body) and out (the IAM request body).
+pub(crate) fn wiped_on_drop(bytes: Zeroizing<Vec<u8>>) -> Bytes {
+    /// The owner `Bytes` drops last.
+    struct Wiped(Zeroizing<Vec<u8>>);
+
+    impl AsRef<[u8]> for Wiped {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    Bytes::from_owner(Wiped(bytes))
 }
 
 /// One unmet rule, for a `google.rpc.BadRequest` field violation.
