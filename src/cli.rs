@@ -196,7 +196,13 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
     let problems = match Config::load(&path) {
         Err(ConfigError { problems }) => problems,
         Ok(config) => {
-            let mut problems = tls::check(&config.tls);
+            let tls::Checked {
+                mut problems,
+                warnings,
+            } = tls::check(&config.tls);
+            for warning in &warnings {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
             problems.extend(credentials::missing_profiles(&config.callers).await);
             // Offline: reads the password and TLS files, connects to nothing.
             if let Err(e) = Store::new(&config.state, &config.limits, Duration::ZERO) {
