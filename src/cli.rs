@@ -39,8 +39,9 @@ enum Command {
         #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Validate the configuration, its files and certificates, and the AWS
-    /// profiles; exit 64 listing every problem.
+    /// Validate the configuration, its files and certificates (an expired CRL
+    /// is a problem, one within 24 hours of its nextUpdate a warning), and
+    /// the AWS profiles; exit 64 listing every problem.
     CheckConfig {
         /// Configuration file (TOML).
         #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
