@@ -85,6 +85,9 @@ const HANDSHAKE_TIMEOUT_UNDER_LOAD: Duration = Duration::from_secs(1);
 const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_millis(100);
 /// How long after the handshake the HTTP/2 preface must have arrived.
 pub(crate) const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection refused for its identity's budget may take to
+/// send its preface, and then to take the GOAWAY.
+const REFUSAL_BUDGET: Duration = Duration::from_secs(1);
 /// An unmapped connection without a call for this long is closed (or
 /// sooner, at `idle_timeout`): it may only ask for health.
 pub(crate) const UNMAPPED_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,14 +154,17 @@ pub(crate) trait MakeService: Send + Sync + 'static {
 pub(crate) fn raise_fd_limit(max_connections: usize) {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited; an unlimited hard limit is not a value to set.
     let mut soft = limit.current;
-    if limit.current < limit.maximum {
+    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum)
+        && current < maximum
+    {
         let raised = Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
+            current: Some(maximum),
+            maximum: Some(maximum),
         };
         match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => soft = limit.maximum,
+            Ok(()) => soft = Some(maximum),
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
     }
@@ -531,9 +537,8 @@ impl Accepted {
         let Some(stream) = handshake(self.tcp, peer, &shared).await else {
             return;
         };
-        let Some((stream, prefix)) = read_preface(stream, peer).await else {
-            return;
-        };
+        // The identity's budget is taken before anything else: a connection
+        // that then says nothing still counts against its certificate.
         let caller = caller_of(&stream, &shared.callers);
         let identity = caller.as_ref().ok().map(|c| c.identity.clone());
         let Some(_identity_slot) = shared.by_identity.try_take(identity.clone()) else {
@@ -547,6 +552,9 @@ impl Accepted {
                 );
             }
             refuse_over_budget(stream, shared.settings.max_connections_per_caller).await;
+            return;
+        };
+        let Some((stream, prefix)) = read_preface(stream, peer).await else {
             return;
         };
         let conn = Arc::new(Connection::new(peer, caller));
@@ -658,9 +666,13 @@ async fn handshake<M>(
 
 /// Tells a client over its identity's connection budget why it is refused
 /// (the server preface, then GOAWAY `ENHANCE_YOUR_CALM` with a reason that
-/// gRPC clients report), and closes. Bounded: a client that does not read
-/// cannot hold the task.
+/// gRPC clients report), and closes. Its own preface is read first (briefly)
+/// so that closing does not reset the connection before the client has read
+/// the GOAWAY. Bounded: a client that neither writes nor reads cannot hold
+/// the task.
 async fn refuse_over_budget(mut stream: TlsStream<TcpStream>, limit: usize) {
+    let mut preface = [0u8; PREFACE.len()];
+    let _ = tokio::time::timeout(REFUSAL_BUDGET, stream.read_exact(&mut preface)).await;
     const SETTINGS: u8 = 0x4;
     const GOAWAY: u8 = 0x7;
     const ENHANCE_YOUR_CALM: u32 = 0xb;
@@ -682,7 +694,7 @@ async fn refuse_over_budget(mut stream: TlsStream<TcpStream>, limit: usize) {
     goaway.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
     goaway.extend_from_slice(debug.as_bytes());
     frame(GOAWAY, &goaway);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(REFUSAL_BUDGET, async {
         stream.write_all(&frames).await?;
         stream.shutdown().await
     })
