@@ -43,8 +43,9 @@ enum Command {
         #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Validate the configuration, its files and certificates, and the AWS
-    /// profiles; exit 64 listing every problem.
+    /// Validate the configuration, its files and certificates (an expired CRL
+    /// is a problem, one within 24 hours of its nextUpdate a warning), and
+    /// the AWS profiles; exit 64 listing every problem.
     CheckConfig {
         /// Configuration file (TOML).
         #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
@@ -209,7 +210,13 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
     let problems = match Config::load(&path) {
         Err(ConfigError { problems }) => problems,
         Ok(config) => {
-            let mut problems = tls::check(&config.tls);
+            let tls::Checked {
+                mut problems,
+                warnings,
+            } = tls::check(&config.tls);
+            for warning in &warnings {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
             problems.extend(credentials::missing_profiles(&config.callers).await);
             // Offline: reads the password and TLS files, connects to nothing.
             if let Err(e) = Store::new(&config.state, &config.limits, Duration::ZERO) {

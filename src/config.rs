@@ -55,6 +55,10 @@ pub(crate) struct ServerSettings {
     pub max_requests_per_caller: usize,
     /// Open mTLS connections, handshakes included.
     pub max_connections: usize,
+    /// Of those, per client identity; every unmapped identity shares one
+    /// budget of this size. Below `max_connections`, so that no single
+    /// certificate can take them all.
+    pub max_connections_per_caller: usize,
     /// An HTTP/2 connection without a call for this long is closed.
     pub idle_timeout: Duration,
     /// Every connection is asked to reconnect (GOAWAY) after this long, so
@@ -72,6 +76,7 @@ impl Default for ServerSettings {
             max_concurrent_requests: 512,
             max_requests_per_caller: 16,
             max_connections: 4096,
+            max_connections_per_caller: 64,
             idle_timeout: Duration::from_secs(5 * 60),
             max_connection_age: Duration::from_secs(60 * 60),
         }
@@ -408,6 +413,7 @@ fn parse_server(p: &mut Problems, root: &Table) -> ServerSettings {
         "max_concurrent_requests",
         "max_requests_per_caller",
         "max_connections",
+        "max_connections_per_caller",
         "idle_timeout",
         "max_connection_age",
     ];
@@ -430,9 +436,27 @@ fn parse_server(p: &mut Problems, root: &Table) -> ServerSettings {
     s.max_requests_per_caller = p
         .positive(t, "server", "max_requests_per_caller")
         .unwrap_or(s.max_requests_per_caller);
-    s.max_connections = p
-        .positive(t, "server", "max_connections")
-        .unwrap_or(s.max_connections);
+    let max_connections = p.positive(t, "server", "max_connections");
+    s.max_connections = max_connections.unwrap_or(s.max_connections);
+    let per_caller = p.positive(t, "server", "max_connections_per_caller");
+    s.max_connections_per_caller = per_caller.unwrap_or(s.max_connections_per_caller);
+    // Compared only when both are usable (a bad value is reported already).
+    let usable = |key: &str, value: Option<usize>| value.is_some() || !t.contains_key(key);
+    if usable("max_connections", max_connections)
+        && usable("max_connections_per_caller", per_caller)
+        && s.max_connections_per_caller >= s.max_connections
+    {
+        let default = if per_caller.is_none() {
+            ", the default"
+        } else {
+            ""
+        };
+        p.push(format!(
+            "server.max_connections_per_caller: must be below server.max_connections ({}), \
+             or one certificate could hold every connection (it is {}{default})",
+            s.max_connections, s.max_connections_per_caller
+        ));
+    }
     s.idle_timeout = p
         .duration(t, "server", "idle_timeout")
         .unwrap_or(s.idle_timeout);
@@ -814,6 +838,33 @@ mod tests {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert_eq!(err.problems.len(), 9, "{all}");
+    }
+
+    #[test]
+    fn one_identity_can_never_hold_every_connection() {
+        let with = |server: &str| Config::parse(&format!("[server]\n{server}\n{MINIMAL}"));
+        let config = with("max_connections = 100\nmax_connections_per_caller = 99").expect("valid");
+        assert_eq!(config.server.max_connections_per_caller, 99);
+        assert_eq!(
+            Config::parse(MINIMAL)
+                .expect("valid")
+                .server
+                .max_connections_per_caller,
+            64
+        );
+        let err = with("max_connections = 64").expect_err("the default 64 is not below 64");
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(
+            err.problems[0].starts_with("server.max_connections_per_caller: must be below")
+                && err.problems[0].contains("the default"),
+            "{err}"
+        );
+        let err = with("max_connections = 8\nmax_connections_per_caller = 0").expect_err("zero");
+        assert_eq!(
+            err.problems.len(),
+            1,
+            "one problem, not a second about the default: {err}"
+        );
     }
 
     #[test]

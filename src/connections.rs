@@ -3,42 +3,62 @@
 //! serves HTTP/2 with bounds on everything a client controls.
 //!
 //! - at most `max_connections` connections, handshakes included; beyond it
-//!   new connections wait in the kernel's backlog;
-//! - at most [`MAX_HANDSHAKES`] handshakes at once, each within
-//!   [`HANDSHAKE_TIMEOUT`] (a second when half the handshake slots are taken:
-//!   a legitimate mTLS handshake takes milliseconds); a connection that finds
-//!   no slot soon is closed;
-//! - accept errors (file descriptors exhausted) back off instead of spinning;
+//!   new connections wait in the kernel's backlog, unless some connection
+//!   has not sent its TLS ClientHello yet: the one that has waited longest
+//!   is closed to make room (the way HAProxy's `timeout client-hs` and
+//!   Envoy's overload manager treat handshakes that make no progress);
+//! - a connection waits for its ClientHello at most [`HANDSHAKE_TIMEOUT`],
+//!   and one source address (an IPv6 /64) may have at most
+//!   [`MAX_WAITING_PER_SOURCE`] connections waiting: beyond that its oldest
+//!   is closed, so that a flood of connections that never start TLS cannot
+//!   crowd out the handshakes of anyone else, nor of its own source for long;
+//! - once its ClientHello is in, a handshake needs one of [`MAX_HANDSHAKES`]
+//!   slots (at most [`MAX_HANDSHAKES_PER_SOURCE`] per source) and finishes
+//!   within what is left of [`HANDSHAKE_TIMEOUT`] (a second when half the
+//!   slots are taken: a legitimate mTLS handshake takes milliseconds); a
+//!   connection that finds no slot soon is closed;
+//! - accept errors (file descriptors exhausted) back off instead of
+//!   spinning; [`raise_fd_limit`] lifts the soft descriptor limit first;
 //! - the HTTP/2 preface must arrive within [`PREFACE_TIMEOUT`] of the
 //!   handshake;
+//! - each client identity may hold `max_connections_per_caller`
+//!   connections, and every unmapped identity shares one budget of that
+//!   size; a connection over its identity's budget is told so (GOAWAY
+//!   `ENHANCE_YOUR_CALM`) and closed. An unmapped connection is served
+//!   health only, and is closed after its first refused call or
+//!   [`UNMAPPED_IDLE_TIMEOUT`] without a call;
 //! - [`MAX_CONCURRENT_STREAMS`] streams per connection, small flow-control
-//!   windows, keepalive PINGs;
+//!   windows (what one connection can make credgate buffer), keepalive
+//!   PINGs; every stream is reset when `request_timeout` has passed since it
+//!   opened, whatever the client does with its flow-control window;
 //! - `idle_timeout` without a request, or `max_connection_age` in all, ends a
 //!   connection with GOAWAY (in-flight calls finish within a grace period),
 //!   so that CA, CRL and caller changes reach long-lived channels too.
 
 use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::Hash,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hyper::server::conn::http2;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError},
     time::Instant,
 };
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -48,24 +68,40 @@ use crate::{
     tls::ReloadingConfig,
 };
 
-/// Handshakes in progress at once.
+/// Handshakes past their ClientHello at once: each costs credgate a key
+/// exchange and a signature, so this bounds the CPU a burst can take.
 pub(crate) const MAX_HANDSHAKES: usize = 256;
-/// How long a client may take to finish the handshake.
+/// Of those, from one source address: a single host cannot take them all.
+pub(crate) const MAX_HANDSHAKES_PER_SOURCE: usize = MAX_HANDSHAKES / 4;
+/// Connections of one source address waiting for their ClientHello; a
+/// newer one closes that source's oldest. A real client sends its
+/// ClientHello right after connecting, so only a flood ever waits here.
+pub(crate) const MAX_WAITING_PER_SOURCE: usize = 256;
+/// How long a client may take to finish the handshake, ClientHello included.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The handshake budget while more than half the handshake slots are taken.
 const HANDSHAKE_TIMEOUT_UNDER_LOAD: Duration = Duration::from_secs(1);
-/// How long a new connection waits for a handshake slot before it is closed.
+/// How long a handshake waits for a slot before its connection is closed.
 const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_millis(100);
 /// How long after the handshake the HTTP/2 preface must have arrived.
 pub(crate) const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection refused for its identity's budget may take to
+/// send its preface, and then to take the GOAWAY.
+const REFUSAL_BUDGET: Duration = Duration::from_secs(1);
+/// An unmapped connection without a call for this long is closed (or
+/// sooner, at `idle_timeout`): it may only ask for health.
+pub(crate) const UNMAPPED_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Streams a client may open at once on one connection (advertised in
 /// SETTINGS). A caller needs a few; hundreds only serve to starve others.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 32;
-/// Per-stream receive window: a request is at most 4 KiB.
-const STREAM_WINDOW: u32 = 64 * 1024;
-/// Per-connection receive window: bounds what one connection can make
-/// credgate buffer, whatever its streams do.
-const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Per-stream receive window: a request is at most 4 KiB
+/// ([`crate::edge::MAX_REQUEST_BYTES`]) plus its 5-byte gRPC prefix.
+pub(crate) const STREAM_WINDOW: u32 = 8 * 1024;
+/// Per-connection receive window: HTTP/2's initial 65,535 bytes, never
+/// enlarged. With [`STREAM_WINDOW`] × [`MAX_CONCURRENT_STREAMS`] above it,
+/// this is what one connection can make credgate buffer (README, "Memory
+/// and connections").
+pub(crate) const CONNECTION_WINDOW: u32 = 65_535;
 /// Largest header block accepted.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Keepalive PINGs find dead peers; a peer that does not answer is dropped.
@@ -73,15 +109,24 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Accept errors are logged at most this often.
-const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Accept errors, evictions and refused identities are logged at most this
+/// often (with a count of what was not logged).
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// File descriptors credgate needs besides its mTLS connections: listeners,
+/// the admin port's connections, IAM/STS/Redis/OTLP pools, files.
+const SPARE_FDS: u64 = 256;
 
 /// Connection limits from `[server]`.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub(crate) max_connections: usize,
+    /// Connections per client identity; also the one budget every unmapped
+    /// identity shares.
+    pub(crate) max_connections_per_caller: usize,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_connection_age: Duration,
+    /// No stream lives longer than this after it opened.
+    pub(crate) request_timeout: Duration,
     /// How long in-flight calls get after a GOAWAY.
     pub(crate) grace: Duration,
 }
@@ -102,28 +147,106 @@ pub(crate) trait MakeService: Send + Sync + 'static {
     fn make(&self, conn: Arc<Connection>) -> Self::Service;
 }
 
+/// Raises the soft limit on open files to the hard limit, as Go's runtime
+/// does: a container runtime may start credgate with a soft limit of 1024
+/// (containerd 2.x), far below `max_connections`, and Kubernetes has no
+/// setting for it. Warns when even the hard limit leaves too few.
+pub(crate) fn raise_fd_limit(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited; an unlimited hard limit is not a value to set.
+    let mut soft = limit.current;
+    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum)
+        && current < maximum
+    {
+        let raised = Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => soft = Some(maximum),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(SPARE_FDS);
+    if let Some(soft) = soft.filter(|&soft| soft < needed) {
+        tracing::warn!(
+            open_files = soft,
+            needed,
+            "the open-file limit is below server.max_connections plus {SPARE_FDS}: \
+             connections beyond it fail to be accepted; lower max_connections or raise \
+             the container's RLIMIT_NOFILE"
+        );
+    }
+}
+
+/// What every connection task shares.
+struct Shared<M> {
+    tls: Arc<ReloadingConfig>,
+    callers: Arc<Callers>,
+    settings: Settings,
+    builder: http2::Builder<StreamExecutor>,
+    make: Arc<M>,
+    shutdown: CancellationToken,
+    /// Connections whose ClientHello has not arrived yet.
+    waiting: Arc<Waiting>,
+    /// [`MAX_HANDSHAKES`] slots.
+    handshakes: Arc<Semaphore>,
+    /// [`MAX_HANDSHAKES_PER_SOURCE`] per source.
+    handshakes_by_source: Arc<Budgets<IpAddr>>,
+    /// `max_connections_per_caller` per identity (`None`: every unmapped one).
+    by_identity: Arc<Budgets<Option<String>>>,
+    evictions: LogThrottle,
+    over_budget: LogThrottle,
+}
+
 /// Accepts connections until `shutdown`, then drops the listener (new
 /// connections are refused) and asks every connection to finish (GOAWAY).
-pub(crate) async fn serve(
+pub(crate) async fn serve<M: MakeService>(
     listener: TcpListener,
     tls: Arc<ReloadingConfig>,
     callers: Arc<Callers>,
     settings: Settings,
-    make: Arc<impl MakeService>,
+    make: Arc<M>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let connections = Arc::new(Semaphore::new(settings.max_connections));
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let shared = Arc::new(Shared {
+        tls,
+        callers,
+        builder: http2_builder(settings.request_timeout),
+        by_identity: Budgets::new(settings.max_connections_per_caller),
+        settings,
+        make,
+        shutdown: shutdown.clone(),
+        waiting: Arc::default(),
+        handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+        handshakes_by_source: Budgets::new(MAX_HANDSHAKES_PER_SOURCE),
+        evictions: LogThrottle::default(),
+        over_budget: LogThrottle::default(),
+    });
     let mut backoff = AcceptBackoff::default();
-    let builder = http2_builder();
     loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = shutdown.cancelled() => return,
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                // Full. A connection that has not even sent its ClientHello
+                // is the one to give way; without one, wait (backlog).
+                if shared.waiting.evict_oldest() {
+                    shared.evicted("max_connections");
+                }
+                tokio::select! {
+                    permit = connections.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                    () = shutdown.cancelled() => return,
+                }
+            }
         };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -141,20 +264,14 @@ pub(crate) async fn serve(
             peer,
             _permit: permit,
         };
-        tracker.spawn(conn.run(
-            tls.clone(),
-            callers.clone(),
-            handshakes.clone(),
-            settings.clone(),
-            builder.clone(),
-            make.clone(),
-            shutdown.clone(),
-        ));
+        tracker.spawn(conn.run(shared.clone()));
     }
 }
 
-fn http2_builder() -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+fn http2_builder(request_timeout: Duration) -> http2::Builder<StreamExecutor> {
+    let mut builder = http2::Builder::new(StreamExecutor {
+        lifetime: request_timeout,
+    });
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -166,13 +283,40 @@ fn http2_builder() -> http2::Builder<TokioExecutor> {
     builder
 }
 
+/// Runs each HTTP/2 stream (hyper hands every stream to its executor) as a
+/// task that ends `lifetime` after the stream opened. The edge ends a
+/// stream cleanly at its deadline (a status in the trailers), but only
+/// while hyper polls the response body, and hyper stops polling it when
+/// the client's flow-control window is closed; dropping the stream's task
+/// resets it (RST_STREAM) whatever the window.
+#[derive(Clone, Copy)]
+struct StreamExecutor {
+    lifetime: Duration,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let lifetime = self.lifetime;
+        tokio::spawn(async move {
+            if tokio::time::timeout(lifetime, stream).await.is_err() {
+                tracing::debug!(
+                    lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),
+                    "stream still open at request_timeout (client not reading?); reset"
+                );
+            }
+        });
+    }
+}
+
 /// Backs off after accept errors (EMFILE under a flood): doubling from
 /// 10 ms to 1 s, logging at most every few seconds.
 #[derive(Default)]
 struct AcceptBackoff {
     delay: Option<Duration>,
-    last_log: Option<Instant>,
-    suppressed: u64,
+    log: LogThrottle,
 }
 
 impl AcceptBackoff {
@@ -181,26 +325,202 @@ impl AcceptBackoff {
             (d * 2).min(Duration::from_secs(1))
         });
         self.delay = Some(delay);
-        if self
-            .last_log
-            .is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL)
-        {
+        if let Some(suppressed) = self.log.ready() {
             tracing::warn!(
                 error = %e,
-                suppressed = self.suppressed,
+                suppressed,
                 backoff_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 "accept failed; backing off"
             );
-            self.last_log = Some(Instant::now());
-            self.suppressed = 0;
-        } else {
-            self.suppressed += 1;
         }
         tokio::time::sleep(delay).await;
     }
 
     fn reset(&mut self) {
         self.delay = None;
+    }
+}
+
+/// Lets one log line through per [`LOG_INTERVAL`], counting the rest.
+#[derive(Default)]
+struct LogThrottle(Mutex<(Option<Instant>, u64)>);
+
+impl LogThrottle {
+    /// How many lines were held back since the last one, when a line may be
+    /// written now.
+    fn ready(&self) -> Option<u64> {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (last, suppressed) = &mut *state;
+        if last.is_some_and(|t| t.elapsed() < LOG_INTERVAL) {
+            *suppressed += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(suppressed))
+    }
+}
+
+impl<M> Shared<M> {
+    fn evicted(&self, why: &'static str) {
+        if let Some(suppressed) = self.evictions.ready() {
+            tracing::warn!(
+                why,
+                suppressed,
+                "closing connections that have not sent a TLS ClientHello, to make room"
+            );
+        }
+    }
+}
+
+/// The source a budget is kept for: the IPv4 address, or the /64 of an
+/// IPv6 one (one host usually holds a whole /64).
+fn source_of(peer: SocketAddr) -> IpAddr {
+    match peer.ip().to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Connections waiting for their ClientHello, oldest first: the ones a
+/// newer connection may close.
+#[derive(Default)]
+struct Waiting(Mutex<WaitQueue>);
+
+#[derive(Default)]
+struct WaitQueue {
+    next: u64,
+    entries: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    by_source: HashMap<IpAddr, BTreeSet<u64>>,
+}
+
+impl WaitQueue {
+    /// Removes `id` and closes its connection.
+    fn evict(&mut self, id: u64) {
+        if let Some(token) = self.remove(id) {
+            token.cancel();
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<CancellationToken> {
+        let (source, token) = self.entries.remove(&id)?;
+        if let Some(ids) = self.by_source.get_mut(&source) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+        Some(token)
+    }
+}
+
+impl Waiting {
+    /// Registers a connection from `source`; if that source then has more
+    /// than [`MAX_WAITING_PER_SOURCE`] waiting, its oldest is closed.
+    fn enter(self: &Arc<Self>, source: IpAddr) -> (WaitTicket, bool) {
+        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = queue.next;
+        queue.next += 1;
+        let evicted = CancellationToken::new();
+        queue.entries.insert(id, (source, evicted.clone()));
+        let ids = queue.by_source.entry(source).or_default();
+        ids.insert(id);
+        let oldest = (ids.len() > MAX_WAITING_PER_SOURCE)
+            .then(|| ids.first().copied())
+            .flatten();
+        if let Some(oldest) = oldest {
+            queue.evict(oldest);
+        }
+        let ticket = WaitTicket {
+            id,
+            evicted,
+            waiting: self.clone(),
+        };
+        (ticket, oldest.is_some())
+    }
+
+    /// Closes the connection that has waited longest; whether there was one.
+    fn evict_oldest(&self) -> bool {
+        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match queue.entries.keys().next().copied() {
+            Some(id) => {
+                queue.evict(id);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A connection's place in [`Waiting`], left when dropped.
+#[must_use]
+struct WaitTicket {
+    id: u64,
+    evicted: CancellationToken,
+    waiting: Arc<Waiting>,
+}
+
+impl Drop for WaitTicket {
+    fn drop(&mut self) {
+        self.waiting
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(self.id);
+    }
+}
+
+/// Slots per key (a source address, an identity), at most `limit` each.
+struct Budgets<K> {
+    limit: usize,
+    held: Mutex<HashMap<K, usize>>,
+}
+
+impl<K: Hash + Eq + Clone> Budgets<K> {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            held: Mutex::default(),
+        })
+    }
+
+    /// A slot of `key`'s budget, if one is free.
+    fn try_take(self: &Arc<Self>, key: K) -> Option<BudgetSlot<K>> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = held.entry(key.clone()).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(BudgetSlot {
+            budgets: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One slot of a [`Budgets`] key, given back when dropped.
+#[must_use]
+struct BudgetSlot<K: Hash + Eq> {
+    budgets: Arc<Budgets<K>>,
+    key: K,
+}
+
+impl<K: Hash + Eq> Drop for BudgetSlot<K> {
+    fn drop(&mut self) {
+        let mut held = self
+            .budgets
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -212,33 +532,42 @@ struct Accepted {
 }
 
 impl Accepted {
-    #[allow(clippy::too_many_arguments)]
-    async fn run(
-        self,
-        tls: Arc<ReloadingConfig>,
-        callers: Arc<Callers>,
-        handshakes: Arc<Semaphore>,
-        settings: Settings,
-        builder: http2::Builder<TokioExecutor>,
-        make: Arc<impl MakeService>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run<M: MakeService>(self, shared: Arc<Shared<M>>) {
         let peer = self.peer;
-        let Some(stream) = handshake(self.tcp, peer, &tls, &handshakes).await else {
+        let Some(stream) = handshake(self.tcp, peer, &shared).await else {
             return;
         };
-        let Some(preface) = read_preface(stream, peer).await else {
+        // The identity's budget is taken before anything else: a connection
+        // that then says nothing still counts against its certificate.
+        let caller = caller_of(&stream, &shared.callers);
+        let identity = caller.as_ref().ok().map(|c| c.identity.clone());
+        let Some(_identity_slot) = shared.by_identity.try_take(identity.clone()) else {
+            if let Some(suppressed) = shared.over_budget.ready() {
+                tracing::warn!(
+                    peer.address = %peer,
+                    caller = identity.as_deref().unwrap_or("(unmapped)"),
+                    limit = shared.settings.max_connections_per_caller,
+                    suppressed,
+                    "connection refused: its identity holds server.max_connections_per_caller connections"
+                );
+            }
+            refuse_over_budget(stream, shared.settings.max_connections_per_caller).await;
             return;
         };
-        let (stream, prefix) = preface;
-        let conn = Arc::new(Connection::new(peer, caller_of(&stream, &callers)));
-        let service = make.make(conn.clone());
+        let Some((stream, prefix)) = read_preface(stream, peer).await else {
+            return;
+        };
+        let conn = Arc::new(Connection::new(peer, caller));
+        let service = shared.make.make(conn.clone());
         let io = TokioIo::new(Rewind {
             prefix,
             inner: stream,
         });
-        let served = builder.serve_connection(io, TowerToHyperService::new(service));
+        let served = shared
+            .builder
+            .serve_connection(io, TowerToHyperService::new(service));
         tokio::pin!(served);
+        let settings = &shared.settings;
         let retire_at = Instant::now() + settings.max_connection_age;
         let why = tokio::select! {
             result = &mut served => {
@@ -247,7 +576,7 @@ impl Accepted {
                 }
                 return;
             }
-            why = retire(&conn, &settings, retire_at, &shutdown) => why,
+            why = retire(&conn, settings, retire_at, &shared.shutdown) => why,
         };
         tracing::debug!(peer.address = %peer, why = why.as_str(), "asking the client to reconnect (GOAWAY)");
         served.as_mut().graceful_shutdown();
@@ -257,14 +586,49 @@ impl Accepted {
     }
 }
 
-async fn handshake(
+/// The TLS handshake in two stages: waiting for the ClientHello (evictable,
+/// see [`Waiting`]), then the rest with a handshake slot.
+async fn handshake<M>(
     tcp: TcpStream,
     peer: SocketAddr,
-    tls: &ReloadingConfig,
-    handshakes: &Arc<Semaphore>,
+    shared: &Shared<M>,
 ) -> Option<TlsStream<TcpStream>> {
     // gRPC is latency-sensitive and small-message: don't wait to coalesce.
     let _ = tcp.set_nodelay(true);
+    let give_up = Instant::now() + HANDSHAKE_TIMEOUT;
+    let source = source_of(peer);
+    let (ticket, evicted_another) = shared.waiting.enter(source);
+    if evicted_another {
+        shared.evicted("max_waiting_per_source");
+    }
+    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    tokio::pin!(hello);
+    let start = tokio::select! {
+        // A ClientHello that has arrived wins over an eviction decided
+        // before this task could read it.
+        biased;
+        hello = &mut hello => match hello {
+            Ok(start) => start,
+            Err(e) => {
+                tracing::debug!(peer.address = %peer, error = %e, "no TLS ClientHello; connection closed");
+                return None;
+            }
+        },
+        () = ticket.evicted.cancelled() => {
+            tracing::debug!(peer.address = %peer, "no TLS ClientHello yet; closed to make room");
+            return None;
+        }
+        () = tokio::time::sleep_until(give_up) => {
+            tracing::debug!(peer.address = %peer, "no TLS ClientHello within the handshake timeout; connection closed");
+            return None;
+        }
+    };
+    drop(ticket);
+    let Some(_source_slot) = shared.handshakes_by_source.try_take(source) else {
+        tracing::debug!(peer.address = %peer, "too many handshakes in progress from this source; connection closed");
+        return None;
+    };
+    let handshakes = &shared.handshakes;
     let slot = match handshakes.clone().try_acquire_owned() {
         Ok(slot) => slot,
         Err(_) => {
@@ -284,8 +648,8 @@ async fn handshake(
     } else {
         HANDSHAKE_TIMEOUT
     };
-    let acceptor = TlsAcceptor::from(tls.current());
-    let result = tokio::time::timeout(budget, acceptor.accept(tcp)).await;
+    let budget = budget.min(give_up.saturating_duration_since(Instant::now()));
+    let result = tokio::time::timeout(budget, start.into_stream(shared.tls.current())).await;
     drop(slot);
     match result {
         Ok(Ok(stream)) => Some(stream),
@@ -298,6 +662,43 @@ async fn handshake(
             None
         }
     }
+}
+
+/// Tells a client over its identity's connection budget why it is refused
+/// (the server preface, then GOAWAY `ENHANCE_YOUR_CALM` with a reason that
+/// gRPC clients report), and closes. Its own preface is read first (briefly)
+/// so that closing does not reset the connection before the client has read
+/// the GOAWAY. Bounded: a client that neither writes nor reads cannot hold
+/// the task.
+async fn refuse_over_budget(mut stream: TlsStream<TcpStream>, limit: usize) {
+    let mut preface = [0u8; PREFACE.len()];
+    let _ = tokio::time::timeout(REFUSAL_BUDGET, stream.read_exact(&mut preface)).await;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let debug = format!(
+        "this client identity already holds server.max_connections_per_caller ({limit}) connections"
+    );
+    let mut frames = BytesMut::with_capacity(32 + debug.len());
+    let mut frame = |kind: u8, payload: &[u8]| {
+        let len = u32::try_from(payload.len()).unwrap_or(0);
+        frames.put_slice(&len.to_be_bytes()[1..]);
+        frames.put_u8(kind);
+        frames.put_u8(0);
+        frames.put_u32(0);
+        frames.put_slice(payload);
+    };
+    frame(SETTINGS, &[]);
+    let mut goaway = Vec::with_capacity(8 + debug.len());
+    goaway.extend_from_slice(&0u32.to_be_bytes());
+    goaway.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    goaway.extend_from_slice(debug.as_bytes());
+    frame(GOAWAY, &goaway);
+    let _ = tokio::time::timeout(REFUSAL_BUDGET, async {
+        stream.write_all(&frames).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Reads the HTTP/2 preface (to be replayed to hyper), so that a client that
@@ -356,6 +757,7 @@ fn caller_of(
 enum Retire {
     Idle,
     Age,
+    Refused,
     Shutdown,
 }
 
@@ -364,32 +766,41 @@ impl Retire {
         match self {
             Self::Idle => "idle_timeout",
             Self::Age => "max_connection_age",
+            Self::Refused => "unmapped caller refused",
             Self::Shutdown => "shutdown",
         }
     }
 }
 
 /// Waits until the connection should be asked to finish: idle for
-/// `idle_timeout`, older than `max_connection_age`, or server shutdown.
+/// `idle_timeout` (an unmapped one for at most [`UNMAPPED_IDLE_TIMEOUT`]),
+/// older than `max_connection_age`, an unmapped caller refused, or server
+/// shutdown.
 async fn retire(
     conn: &Connection,
     settings: &Settings,
     retire_at: Instant,
     shutdown: &CancellationToken,
 ) -> Retire {
+    let idle_timeout = if conn.caller.is_ok() {
+        settings.idle_timeout
+    } else {
+        settings.idle_timeout.min(UNMAPPED_IDLE_TIMEOUT)
+    };
     loop {
         // While busy, look again a little later.
         let check = conn.idle_since().map_or_else(
-            || Instant::now() + settings.idle_timeout.min(Duration::from_secs(1)),
-            |since| since + settings.idle_timeout,
+            || Instant::now() + idle_timeout.min(Duration::from_secs(1)),
+            |since| since + idle_timeout,
         );
         tokio::select! {
             () = tokio::time::sleep_until(retire_at) => return Retire::Age,
             () = shutdown.cancelled() => return Retire::Shutdown,
+            () = conn.refused() => return Retire::Refused,
             () = tokio::time::sleep_until(check) => {
                 if conn
                     .idle_since()
-                    .is_some_and(|since| since.elapsed() >= settings.idle_timeout)
+                    .is_some_and(|since| since.elapsed() >= idle_timeout)
                 {
                     return Retire::Idle;
                 }

@@ -8,10 +8,11 @@
 //!
 //! The shared files are parsed once for all callers. aws-config's
 //! `ProfileFileCredentialsProvider` parses and keeps its own copy of the whole
-//! files per profile, so memory grew with callers × profiles (302 MiB for 512
-//! callers, docs/benchmark.md). Profiles holding static keys — the normal case
-//! for IAM users — get those keys from the one parse; only profiles that need
-//! more (a role, `credential_process`, SSO) use the SDK's provider.
+//! files per profile, so memory grew with callers × profiles (each profile's
+//! provider held every profile of the files). Profiles holding static keys —
+//! the normal case for IAM users — get those keys from the one parse; only
+//! profiles that need more (a role, `credential_process`, SSO) use the SDK's
+//! provider.
 //!
 //! The files are read on a blocking thread (aws-config reads them with
 //! `std::fs`). A profile is re-read when the files changed on disk (size or

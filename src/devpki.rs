@@ -252,10 +252,25 @@ impl Authority {
 
     /// A CRL (PEM) revoking `revoked`, valid for a week.
     pub fn crl(&self, revoked: &[&Issued]) -> Result<String, DevPkiError> {
+        self.crl_until(
+            revoked,
+            std::time::SystemTime::now() + std::time::Duration::from_secs(7 * 24 * 3600),
+        )
+    }
+
+    /// A CRL (PEM) revoking `revoked` whose nextUpdate is `next_update`
+    /// (in the past: an expired CRL), issued an hour before the earlier of
+    /// now and `next_update`.
+    pub fn crl_until(
+        &self,
+        revoked: &[&Issued],
+        next_update: std::time::SystemTime,
+    ) -> Result<String, DevPkiError> {
         let now = OffsetDateTime::now_utc();
+        let next_update = OffsetDateTime::from(next_update);
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::hours(1),
-            next_update: now + Duration::days(7),
+            this_update: now.min(next_update) - Duration::hours(1),
+            next_update,
             crl_number: serial(),
             issuing_distribution_point: None,
             revoked_certs: revoked

@@ -20,6 +20,8 @@
 //!
 //! Health and reflection bypass 3–6: they must keep answering while
 //! PasswordService is saturated, and they have their own small decode limits.
+//! An unmapped connection is served health only: anything else is refused
+//! (`CALLER_NOT_MAPPED`) and the connection is then closed.
 
 use std::{
     convert::Infallible,
@@ -36,6 +38,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tower::Service;
 use zeroize::{Zeroize as _, Zeroizing};
@@ -59,6 +62,10 @@ pub(crate) const MAX_REQUEST_BYTES: usize = 4 * 1024;
 /// stream that sends headers and then nothing must not hold a slot.
 pub(crate) const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The path prefix of `grpc.health.v1.Health`, the one service an unmapped
+/// caller may use.
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+
 /// What the edge hands to the handler in the request's extensions.
 #[derive(Clone)]
 pub(crate) struct Admitted {
@@ -80,6 +87,9 @@ pub(crate) struct Connection {
     active: AtomicUsize,
     last_active_ms: AtomicU64,
     opened: Instant,
+    /// Cancelled once an unmapped caller was refused: the connection is
+    /// then closed (it has nothing more to ask for).
+    refused: CancellationToken,
 }
 
 impl Connection {
@@ -90,7 +100,13 @@ impl Connection {
             active: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            refused: CancellationToken::new(),
         }
+    }
+
+    /// Resolves once an unmapped caller was refused on this connection.
+    pub(crate) async fn refused(&self) {
+        self.refused.cancelled().await;
     }
 
     fn begin(self: &Arc<Self>) -> ActiveGuard {
@@ -185,6 +201,20 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let method = Method::of_path(req.uri().path());
+        if let Err(not_mapped) = &self.conn.caller
+            && !req.uri().path().starts_with(HEALTH_PATH)
+        {
+            // Refused below (a ChangePassword with its audit event); the
+            // connection goes once this answer is out.
+            self.conn.refused.cancel();
+            if method.is_none() {
+                let refusal = reject(not_mapped.clone()).into_http();
+                return Box::pin(async move {
+                    drop(active);
+                    Ok(refusal)
+                });
+            }
+        }
         match method {
             None => Box::pin(pass_through(inner, req, deadline, active)),
             Some(method) => Box::pin(admit(
@@ -225,6 +255,7 @@ where
             header: Vec::with_capacity(5),
             payload_left: 0,
             oversized: oversized.clone(),
+            ends: Box::pin(tokio::time::sleep_until(deadline.instant())),
         })
     });
     let call = inner.call(req);
@@ -255,7 +286,10 @@ fn too_large() -> tonic::Status {
 
 /// A request body checked frame by frame: the first gRPC message whose
 /// length prefix exceeds [`MAX_REQUEST_BYTES`] ends the body there (nothing
-/// of it is buffered) and marks the request as oversized.
+/// of it is buffered) and marks the request as oversized. It also ends at
+/// the request's deadline: a handler reading a client stream (reflection
+/// reads it in a task of its own) then lets go of it, so that the HTTP/2
+/// stream is reset once its response side is dropped too.
 struct Framed<B> {
     body: B,
     /// The 5-byte message prefix being read.
@@ -263,6 +297,8 @@ struct Framed<B> {
     /// Bytes of the current message still to pass through.
     payload_left: usize,
     oversized: Arc<AtomicBool>,
+    /// The request's deadline.
+    ends: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<B> Framed<B> {
@@ -307,7 +343,7 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        if self.oversized.load(Ordering::Acquire) {
+        if self.oversized.load(Ordering::Acquire) || self.ends.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
         let frame = Pin::new(&mut self.body).poll_frame(cx);
@@ -530,6 +566,11 @@ fn with_details(response: Response) -> Response {
 /// A response body that keeps its request counted as activity until it
 /// ends, ends it at the request's deadline, and gives mid-stream rejections
 /// (a reflection message over the limit) credgate's ErrorInfo.
+///
+/// The deadline here ends a stream cleanly, with a status, but only while
+/// hyper polls this body: a client that keeps its flow-control window
+/// closed stops that. The stream's own timer (its task in
+/// `connections::StreamExecutor`) resets such a stream at `request_timeout`.
 struct Tracked {
     body: Body,
     /// Set by the request's [`Framed`] body.

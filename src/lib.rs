@@ -5,11 +5,13 @@
 //!
 //! A request flows through the modules in this order:
 //!
-//! - [`connections`]: accepts TCP within bounds, completes the mTLS
-//!   handshake with [`tls`]'s config (client certificate required and
-//!   checked, CRLs, hot reload), resolves the caller once per connection
-//!   ([`identity`]) and serves HTTP/2 with bounded streams, idle timeout and
-//!   connection age.
+//! - [`connections`]: accepts TCP within bounds (a connection that has not
+//!   sent its ClientHello gives way first), completes the mTLS handshake
+//!   with [`tls`]'s config (client certificate required and checked, CRLs
+//!   and their expiry, hot reload), resolves the caller once per connection
+//!   ([`identity`]) within its identity's connection budget, and serves
+//!   HTTP/2 with bounded streams (each reset at `request_timeout`), idle
+//!   timeout and connection age.
 //! - [`rpc_span`]: the SERVER span and `rpc.server.duration` of each call.
 //! - [`edge`]: admission — the [`deadline`] from arrival, the [`audit`]
 //!   slot, an unmapped caller refused, the per-caller and global limits, the

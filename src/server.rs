@@ -30,6 +30,7 @@ use crate::{
     rpc_span::{RpcSpan, RpcSpanLayer, SERVICE},
     service::PasswordGate,
     state::Store,
+    telemetry,
     tls::ReloadingConfig,
 };
 
@@ -129,6 +130,11 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let tls_config = Arc::new(ReloadingConfig::load(&config.tls).map_err(ServeError::Tls)?);
+    connections::raise_fd_limit(config.server.max_connections);
+    if !config.tls.crl.is_empty() {
+        let tls = tls_config.clone();
+        telemetry::observe_crl_expiry(move || tls.crl_expires_in());
+    }
     // Not fatal: the other callers can still be served, and the file may be
     // fixed (Secret update) without a restart. Their calls fail with
     // UPSTREAM_CREDENTIALS_REJECTED meanwhile.
@@ -212,8 +218,10 @@ pub(crate) async fn serve(
     let sink_watcher = tokio::spawn(watch_sink(sink, reporter.clone(), stop.clone()));
     let settings = connections::Settings {
         max_connections: config.server.max_connections,
+        max_connections_per_caller: config.server.max_connections_per_caller,
         idle_timeout: config.server.idle_timeout,
         max_connection_age: config.server.max_connection_age,
+        request_timeout: config.server.request_timeout,
         grace: config.server.request_timeout + Duration::from_secs(1),
     };
     let mut tls_task = tokio::spawn(connections::serve(

@@ -102,16 +102,27 @@ fn exporting() -> bool {
     .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
 }
 
-fn resource() -> Resource {
-    let builder = Resource::builder();
-    // OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win; "credgate" otherwise.
-    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
-    if named {
-        builder.build()
-    } else {
-        builder.with_service_name("credgate").build()
+/// The process's resource: `service.name` and `service.instance.id` from
+/// `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` when set there (the
+/// Deployment puts the pod name in `service.instance.id` through the
+/// downward API), else "credgate" and an id generated at start: replicas
+/// must never export the same series, or a Prometheus exporter merges them.
+fn resource(instance_id: &str) -> Resource {
+    let attributes = std::env::var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    let has = |key: &str| {
+        attributes
+            .split(',')
+            .any(|kv| kv.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+    };
+    let mut builder = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() && !has("service.name") {
+        builder = builder.with_service_name("credgate");
     }
+    if !has("service.instance.id") {
+        builder =
+            builder.with_attribute(KeyValue::new("service.instance.id", instance_id.to_owned()));
+    }
+    builder.build()
 }
 
 /// Installs the global subscriber, propagator and (when configured) the OTLP
@@ -120,7 +131,9 @@ fn resource() -> Resource {
 pub(crate) fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let output = Output::stdout().map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
-    let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource());
+    // One id for both providers: spans and metrics of this process join.
+    let instance_id = uuid::Uuid::new_v4().to_string();
+    let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource(&instance_id));
     let mut meter_provider = None;
     if exporting() {
         let spans = opentelemetry_otlp::SpanExporter::builder()
@@ -133,7 +146,7 @@ pub(crate) fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .build()
             .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
         let meters = SdkMeterProvider::builder()
-            .with_resource(resource())
+            .with_resource(resource(&instance_id))
             .with_periodic_exporter(metrics)
             .build();
         global::set_meter_provider(meters.clone());
@@ -143,9 +156,17 @@ pub(crate) fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     let tracer = tracer_provider.tracer("credgate");
     global::set_tracer_provider(tracer_provider.clone());
 
+    // The AWS SDK formats whole requests and responses, bodies included
+    // (aws_sigv4 the signed request, aws_smithy_runtime both, aws_runtime
+    // profile values), at trace level: whatever RUST_LOG asks, every aws_*
+    // target stops at debug, so a body, and the passwords in it, is never
+    // formatted.
     let log_filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
-        .and(filter_fn(|meta| meta.target() != audit::TARGET));
+        .and(filter_fn(|meta| meta.target() != audit::TARGET))
+        .and(filter_fn(|meta| {
+            !(meta.target().starts_with("aws_") && *meta.level() > tracing::Level::DEBUG)
+        }));
     let audit_filter = Targets::new().with_target(audit::TARGET, LevelFilter::INFO);
 
     // Our spans; and, when traces are exported, the AWS SDK's own spans
@@ -309,6 +330,27 @@ pub(crate) fn observe_state_up(up: Arc<AtomicBool>) {
             .with_description("Whether the shared state store answered its last command")
             .with_callback(move |observer| {
                 observer.observe(u64::from(up.load(Ordering::Relaxed)), &[]);
+            })
+            .build()
+    });
+}
+
+/// Exports `credgate.tls.crl.expires_in`: seconds until the first loaded
+/// CRL passes its nextUpdate, negative once it has (handshakes of the
+/// certificates it covers are then refused).
+pub(crate) fn observe_crl_expiry(expires_in: impl Fn() -> Option<i64> + Send + Sync + 'static) {
+    static GAUGE: OnceLock<ObservableGauge<i64>> = OnceLock::new();
+    GAUGE.get_or_init(|| {
+        global::meter("credgate")
+            .i64_observable_gauge("credgate.tls.crl.expires_in")
+            .with_unit("s")
+            .with_description(
+                "Seconds until the first loaded CRL passes its nextUpdate (negative: expired)",
+            )
+            .with_callback(move |observer| {
+                if let Some(seconds) = expires_in() {
+                    observer.observe(seconds, &[]);
+                }
             })
             .build()
     });

@@ -4,6 +4,12 @@
 //!
 //! tonic's built-in TLS cannot reload certificates or check CRLs, which is why
 //! the handshake happens in [`crate::connections`] with this config.
+//!
+//! A CRL past its nextUpdate refuses the handshakes of every certificate it
+//! covers, as OpenSSL-based servers (nginx, Envoy) do: rustls' default is to
+//! ignore the date. `check-config` fails on such a CRL and warns within
+//! [`CRL_WARN_WITHIN`] of it; `credgate.tls.crl.expires_in` tells how long
+//! the first one has left.
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
@@ -36,6 +42,61 @@ use crate::{config::TlsSettings, identity};
 
 /// How often the certificate files are compared with what is loaded.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How close to a CRL's nextUpdate `check-config` starts to warn.
+pub const CRL_WARN_WITHIN: Duration = Duration::from_secs(24 * 3600);
+
+/// A loaded CRL: whose it is and until when it may be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CrlValidity {
+    /// The issuer's name, for messages.
+    issuer: String,
+    /// The issuer's raw DER name, to match the certificates it covers.
+    issuer_raw: Vec<u8>,
+    /// nextUpdate, seconds since the epoch; `None`: the CRL names none.
+    next_update: Option<i64>,
+}
+
+impl CrlValidity {
+    fn next_update_text(&self) -> String {
+        self.next_update
+            .and_then(|secs| u64::try_from(secs).ok())
+            .map(|secs| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+                    .to_string()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Seconds until nextUpdate (negative once passed).
+    fn expires_in(&self, now: i64) -> Option<i64> {
+        self.next_update.map(|at| at - now)
+    }
+
+    fn expired_text(&self) -> String {
+        format!(
+            "the CRL of issuer \"{}\" expired at {} (nextUpdate): certificates it covers are \
+             refused until a fresh CRL is loaded (tls.crl)",
+            self.issuer,
+            self.next_update_text()
+        )
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// What [`check`] found: problems fail `check-config`, warnings do not.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Unusable files, expired CRLs.
+    pub problems: Vec<String>,
+    /// CRLs within [`CRL_WARN_WITHIN`] of their nextUpdate.
+    pub warnings: Vec<String>,
+}
 
 /// The process-wide crypto provider: aws-lc-rs, the only one in the tree.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
@@ -81,7 +142,8 @@ impl TlsFiles {
     }
 
     /// Parses every file and builds the server config, listing every problem.
-    fn build(&self) -> Result<ServerConfig, Vec<String>> {
+    /// An expired CRL is no problem here: it is loaded, and refuses.
+    fn build(&self) -> Result<(ServerConfig, Vec<CrlValidity>), Vec<String>> {
         let mut problems = Vec::new();
         let chain = pem_certs(&self.cert, "tls.cert", &mut problems);
         let key = match PrivateKeyDer::from_pem_slice(&self.key) {
@@ -98,7 +160,7 @@ impl TlsFiles {
             }
         }
         let mut crls = Vec::new();
-        let mut crl_issuers = Vec::new();
+        let mut validity = Vec::new();
         for bytes in &self.crls {
             match CertificateRevocationListDer::pem_slice_iter(bytes).collect::<Result<Vec<_>, _>>()
             {
@@ -108,7 +170,11 @@ impl TlsFiles {
                 Ok(found) => {
                     for crl in found {
                         match CertificateRevocationList::from_der(crl.as_ref()) {
-                            Ok((_, parsed)) => crl_issuers.push(parsed.issuer().as_raw().to_vec()),
+                            Ok((_, parsed)) => validity.push(CrlValidity {
+                                issuer: parsed.issuer().to_string(),
+                                issuer_raw: parsed.issuer().as_raw().to_vec(),
+                                next_update: parsed.next_update().map(|t| t.timestamp()),
+                            }),
                             Err(e) => problems.push(format!("tls.crl: unparsable CRL: {e}")),
                         }
                         crls.push(crl);
@@ -127,11 +193,12 @@ impl TlsFiles {
         // (fail closed): with CRLs configured, "unknown" is not "valid".
         let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .with_crls(crls)
+            .enforce_revocation_expiration()
             .build()
             .map_err(|e| vec![format!("tls.client_ca/tls.crl: {e}")])?;
         let verifier = Arc::new(ClientLeafVerifier {
             webpki,
-            crl_issuers,
+            crls: validity.clone(),
             checks_revocation,
         });
         let mut config = ServerConfig::builder_with_provider(provider)
@@ -141,7 +208,7 @@ impl TlsFiles {
             .with_single_cert(chain, key)
             .map_err(|e| vec![format!("tls.cert/tls.key: {e}")])?;
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(config)
+        Ok((config, validity))
     }
 }
 
@@ -150,23 +217,52 @@ impl TlsFiles {
 #[derive(Debug)]
 struct ClientLeafVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
-    /// Raw issuer names of the loaded CRLs.
-    crl_issuers: Vec<Vec<u8>>,
+    /// The loaded CRLs.
+    crls: Vec<CrlValidity>,
     checks_revocation: bool,
 }
 
 impl ClientLeafVerifier {
+    /// The issuers (name, raw DER) of the chain's certificates, leaf first.
+    fn issuers(
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Vec<(String, Vec<u8>)> {
+        std::iter::once(end_entity)
+            .chain(intermediates)
+            .filter_map(|der| X509Certificate::from_der(der.as_ref()).ok())
+            .map(|(_, cert)| (cert.issuer().to_string(), cert.issuer().as_raw().to_vec()))
+            .collect()
+    }
+
+    /// Names the CRL of the chain that has expired.
+    fn expired_crl(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> rustls::Error {
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let issuers = Self::issuers(end_entity, intermediates);
+        let expired = self.crls.iter().find(|crl| {
+            crl.expires_in(now).is_some_and(|left| left <= 0)
+                && issuers.iter().any(|(_, raw)| *raw == crl.issuer_raw)
+        });
+        reject(match expired {
+            Some(crl) => format!("revocation status unknown: {}", crl.expired_text()),
+            None => "revocation status unknown: a loaded CRL has expired".to_owned(),
+        })
+    }
+
     /// Names the first certificate of the chain whose issuer has no CRL.
     fn missing_crl(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
     ) -> rustls::Error {
-        let missing = std::iter::once(end_entity)
-            .chain(intermediates)
-            .filter_map(|der| X509Certificate::from_der(der.as_ref()).ok())
-            .map(|(_, cert)| (cert.issuer().to_string(), cert.issuer().as_raw().to_vec()))
-            .find(|(_, raw)| !self.crl_issuers.iter().any(|i| i == raw))
+        let missing = Self::issuers(end_entity, intermediates)
+            .into_iter()
+            .find(|(_, raw)| !self.crls.iter().any(|crl| crl.issuer_raw == *raw))
             .map(|(name, _)| name);
         let text = match missing {
             Some(issuer) => format!(
@@ -224,6 +320,12 @@ impl ClientCertVerifier for ClientLeafVerifier {
             {
                 return Err(self.missing_crl(end_entity, intermediates));
             }
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ExpiredRevocationList
+                | CertificateError::ExpiredRevocationListContext { .. },
+            )) => {
+                return Err(self.expired_crl(end_entity, intermediates, now));
+            }
             result => result?,
         };
         identity::check_leaf(end_entity.as_ref()).map_err(reject)?;
@@ -267,18 +369,46 @@ fn pem_certs(bytes: &[u8], name: &str, problems: &mut Vec<String>) -> Vec<Certif
     }
 }
 
-/// Checks the TLS files offline: readable, parseable, key matching the cert.
-pub fn check(settings: &TlsSettings) -> Vec<String> {
+/// Checks the TLS files offline: readable, parseable, key matching the
+/// cert, no CRL expired (and warns about one that soon will be).
+pub fn check(settings: &TlsSettings) -> Checked {
     match TlsFiles::read(settings).and_then(|files| files.build()) {
-        Ok(_) => Vec::new(),
-        Err(problems) => problems,
+        Ok((_, crls)) => crl_dates(&crls, unix_now()),
+        Err(problems) => Checked {
+            problems,
+            warnings: Vec::new(),
+        },
     }
+}
+
+/// Expired CRLs as problems, CRLs within [`CRL_WARN_WITHIN`] as warnings.
+fn crl_dates(crls: &[CrlValidity], now: i64) -> Checked {
+    let warn_within = i64::try_from(CRL_WARN_WITHIN.as_secs()).unwrap_or(i64::MAX);
+    let mut checked = Checked::default();
+    for crl in crls {
+        match crl.expires_in(now) {
+            Some(left) if left <= 0 => checked
+                .problems
+                .push(format!("tls.crl: {}", crl.expired_text())),
+            Some(left) if left <= warn_within => checked.warnings.push(format!(
+                "tls.crl: the CRL of issuer \"{}\" expires at {} (nextUpdate, in {}): \
+                 load a fresh one before, or every certificate it covers is refused",
+                crl.issuer,
+                crl.next_update_text(),
+                humantime::format_duration(Duration::from_secs(left.unsigned_abs()))
+            )),
+            _ => {}
+        }
+    }
+    checked
 }
 
 /// The current server config, swapped atomically when the files change.
 pub struct ReloadingConfig {
     settings: TlsSettings,
     current: ArcSwap<ServerConfig>,
+    /// The CRLs `current` checks against.
+    crls: ArcSwap<Vec<CrlValidity>>,
     fingerprint: std::sync::Mutex<u64>,
 }
 
@@ -286,12 +416,25 @@ impl ReloadingConfig {
     /// Loads the files once; fails with every problem found.
     pub fn load(settings: &TlsSettings) -> Result<Self, Vec<String>> {
         let files = TlsFiles::read(settings)?;
-        let config = files.build()?;
+        let (config, crls) = files.build()?;
+        announce_crl_dates(&crls);
         Ok(Self {
             settings: settings.clone(),
             current: ArcSwap::from_pointee(config),
+            crls: ArcSwap::from_pointee(crls),
             fingerprint: std::sync::Mutex::new(files.fingerprint()),
         })
+    }
+
+    /// Seconds until the first loaded CRL passes its nextUpdate (negative
+    /// once it has); `None` without a dated CRL.
+    pub fn crl_expires_in(&self) -> Option<i64> {
+        let now = unix_now();
+        self.crls
+            .load()
+            .iter()
+            .filter_map(|c| c.expires_in(now))
+            .min()
     }
 
     /// The config new handshakes use.
@@ -311,8 +454,10 @@ impl ReloadingConfig {
         if *loaded == fingerprint {
             return Ok(false);
         }
-        let config = files.build()?;
+        let (config, crls) = files.build()?;
+        announce_crl_dates(&crls);
         self.current.store(Arc::new(config));
+        self.crls.store(Arc::new(crls));
         *loaded = fingerprint;
         Ok(true)
     }
@@ -321,13 +466,24 @@ impl ReloadingConfig {
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(RELOAD_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expired = self.expired_crls();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => return,
             }
+            // A CRL that expires while loaded: said once, when it happens.
+            let now_expired = self.expired_crls();
+            for crl in now_expired.iter().filter(|c| !expired.contains(c)) {
+                tracing::error!(crl.issuer = %crl.issuer, "{}", crl.expired_text());
+            }
+            expired = now_expired;
             match self.reload_if_changed() {
-                Ok(true) => tracing::info!("TLS certificates reloaded"),
+                Ok(true) => {
+                    tracing::info!("TLS certificates reloaded");
+                    // The reload announced the new CRLs' dates itself.
+                    expired = self.expired_crls();
+                }
                 Ok(false) => {}
                 Err(problems) => tracing::warn!(
                     problems = %problems.join("; "),
@@ -335,5 +491,26 @@ impl ReloadingConfig {
                 ),
             }
         }
+    }
+
+    fn expired_crls(&self) -> Vec<CrlValidity> {
+        let now = unix_now();
+        let crls = self.crls.load();
+        crls.iter()
+            .filter(|c| c.expires_in(now).is_some_and(|left| left <= 0))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Logs every loaded CRL that has expired (ERROR: handshakes are refused)
+/// or expires within [`CRL_WARN_WITHIN`] (WARN).
+fn announce_crl_dates(crls: &[CrlValidity]) {
+    let checked = crl_dates(crls, unix_now());
+    for problem in &checked.problems {
+        tracing::error!("{problem}");
+    }
+    for warning in &checked.warnings {
+        tracing::warn!("{warning}");
     }
 }

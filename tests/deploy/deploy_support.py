@@ -156,6 +156,10 @@ def rewrite(value: str, root: Path) -> str:
     return value.replace(POD_PREFIX, str(root) + POD_PREFIX)
 
 
+# What the downward API gives the test "pod".
+POD_FIELDS = {"metadata.name": "credgate-5d8c7b9f4-test1", "metadata.namespace": "credgate"}
+
+
 def pod_env(objs: list[dict[str, Any]], root: Path) -> dict[str, str]:
     """The container's environment, with /etc/credgate paths moved under root.
 
@@ -167,7 +171,13 @@ def pod_env(objs: list[dict[str, Any]], root: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
     for var in container(objs).get("env", []):
-        env[var["name"]] = rewrite(var["value"], root)
+        if "valueFrom" in var:
+            # The downward API, as the kubelet fills it in for this pod.
+            env[var["name"]] = POD_FIELDS[var["valueFrom"]["fieldRef"]["fieldPath"]]
+            continue
+        # $(VAR) names a variable defined before it, as the kubelet expands it.
+        value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+        env[var["name"]] = rewrite(value, root)
     return env
 
 

@@ -33,7 +33,8 @@ from deploy_support import (
 ALLOWED_KEYS = {
     "server": {
         "listen", "admin_listen", "request_timeout", "shutdown_grace", "max_concurrent_requests",
-        "max_requests_per_caller", "max_connections", "idle_timeout", "max_connection_age",
+        "max_requests_per_caller", "max_connections", "max_connections_per_caller", "idle_timeout",
+        "max_connection_age",
     },
     "tls": {"cert", "key", "client_ca", "crl"},
     "aws": {"region", "endpoint_url", "sts_endpoint_url"},

@@ -29,6 +29,8 @@ METRICS = OBSERVABILITY_DIR / "metrics.json"
 README = OBSERVABILITY_DIR / "README.md"
 CHECKER = OBSERVABILITY_DIR / "check-promql.mjs"
 SERVICE = "credgate.v1.PasswordService"
+# Where runbook_url points (README.md "Alerts and runbooks": replace it with your copy's address).
+RUNBOOK_BASE = "https://github.com/corp-example/credgate/blob/main/"
 RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
 SEVERITIES = {"critical", "warning"}
 PROM_DURATION = re.compile(r"^(\d+[smhdwy])+$")
@@ -111,8 +113,11 @@ def test_metrics_json_lists_what_the_brief_names(metrics):
     assert set(otel) == {
         "rpc.server.duration", "credgate.iam.outcomes", "credgate.limit.decisions",
         "credgate.idempotency.replays", "credgate.state.up", "credgate.state.errors",
-        "credgate.state.duration",
+        "credgate.state.duration", "credgate.tls.crl.expires_in",
     }  # fmt: skip
+    assert otel["credgate.tls.crl.expires_in"]["unit"] == "s"
+    assert {m for m, spec in otel.items() if spec.get("only_with_crl")} == {"credgate.tls.crl.expires_in"}
+    assert "GetCallerIdentity" in otel["credgate.iam.outcomes"]["attributes"]["rpc.method"]["values"]
     rpc = otel["rpc.server.duration"]["attributes"]
     assert set(rpc) == {"rpc.system", "rpc.service", "rpc.method", "rpc.grpc.status_code", "error.type"}
     assert rpc["rpc.service"]["values"] == [SERVICE]
@@ -162,11 +167,13 @@ def test_rules_are_well_formed(rules, alerts):
         assert alert["labels"]["severity"] in SEVERITIES, name
         assert alert["labels"]["service"] == "credgate"
         annotations = alert["annotations"]
-        assert set(annotations) == {"summary", "description", "runbook"}, name
+        assert set(annotations) == {"summary", "description", "runbook", "runbook_url"}, name
         assert annotations["summary"] and annotations["description"]
         path, _, anchor = annotations["runbook"].partition("#")
         assert path == "deploy/observability/README.md" and f"#{anchor}" in anchors, annotations["runbook"]
         assert anchor == name.lower(), "one runbook section per alert, named after it"
+        # The same section as a link Alertmanager and Grafana can follow.
+        assert annotations["runbook_url"] == RUNBOOK_BASE + annotations["runbook"], annotations["runbook_url"]
 
 
 def test_readme_documents_every_alert_with_its_severity(alerts):
@@ -254,7 +261,13 @@ def test_credgate_rpc_metrics_are_selected_by_service_not_job(promql):
     for result in promql:
         for selector in result["selectors"]:
             labels = {m["label"]: m for m in selector["matchers"]}
-            assert "job" not in labels, f"{result['source']}: select by rpc_service, not job"
+            if result["source"].startswith("dashboard.json:"):
+                # The dashboard's $job/$instance only narrow (regex, default all).
+                for label in ("job", "instance"):
+                    if label in labels:
+                        assert labels[label]["op"] == "=~", result["source"]
+            else:
+                assert "job" not in labels, f"{result['source']}: select by rpc_service, not job"
             if selector["metric"].startswith("rpc_server_duration_"):
                 assert labels.get("rpc_service") == {"label": "rpc_service", "op": "=", "value": SERVICE}, result[
                     "source"
@@ -280,6 +293,12 @@ def test_dashboard_loads_with_a_datasource_variable():
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+    # One deployment or one replica (service.instance.id) at a time; all by default.
+    for name in ("job", "instance"):
+        variable = variables[name]
+        assert variable["type"] == "query" and variable["includeAll"] and variable["allValue"] == ".*", name
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
+        assert f", {name})" in variable["query"]["query"], variable["query"]
     ids = []
     panels = list(dash["panels"])
     while panels:
@@ -299,3 +318,14 @@ def test_dashboard_loads_with_a_datasource_variable():
     # No data source is baked in: nothing but the variable names one.
     assert '"uid": "${datasource}"' in DASHBOARD.read_text()
     assert not re.search(r'"uid": "(?!\$\{datasource\}|credgate")', DASHBOARD.read_text())
+
+
+def test_every_credgate_panel_follows_the_job_and_instance_variables(promql):
+    for result in promql:
+        if not result["source"].startswith("dashboard.json:"):
+            continue
+        for selector in result["selectors"]:
+            if not selector["metric"].startswith(("rpc_server_duration_", "credgate_")):
+                continue
+            labels = {m["label"] for m in selector["matchers"]}
+            assert {"job", "instance"} <= labels, f"{result['source']}: {selector['metric']} ignores $job/$instance"

@@ -33,6 +33,8 @@ from deploy_support import (
 
 QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|k|M|G)?$")
 SECRET_ENV_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+# The only downward-API fields the container may read from its environment.
+DOWNWARD_FIELDS = {"metadata.name", "metadata.namespace"}
 
 
 def quantity(q: str | int) -> float:
@@ -128,8 +130,13 @@ def test_env_carries_only_file_paths(objects):
     names = set()
     for var in c.get("env", []):
         names.add(var["name"])
-        assert "valueFrom" not in var, f"{var['name']} takes a value from a Secret/ConfigMap"
         assert var["name"] not in SECRET_ENV_NAMES
+        if "valueFrom" in var:
+            # Only the pod's own name and namespace (downward API), for telemetry.
+            source = var["valueFrom"]
+            assert set(source) == {"fieldRef"}, f"{var['name']} takes a value from a Secret/ConfigMap"
+            assert source["fieldRef"]["fieldPath"] in DOWNWARD_FIELDS, var
+            continue
         if var["name"].startswith("OTEL_"):
             # DESIGN.md: telemetry export is configured by OTEL_* variables
             # (endpoints, service name: not secrets). Headers may carry tokens.
@@ -141,9 +148,19 @@ def test_env_carries_only_file_paths(objects):
     assert {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"} <= names
 
 
+def test_each_replica_exports_telemetry_under_its_pod_name(objects):
+    """service.instance.id is the pod name (downward API), so replicas' series never merge."""
+    env = {v["name"]: v for v in container(objects)["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    attributes = dict(kv.split("=", 1) for kv in env["OTEL_RESOURCE_ATTRIBUTES"]["value"].split(","))
+    assert attributes["service.instance.id"] == "$(POD_NAME)"
+    names = list(env)
+    assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES"), "$(VAR) needs VAR defined first"
+
+
 def test_aws_files_come_from_the_aws_secret(objects):
     c = container(objects)
-    env = {v["name"]: v["value"] for v in c["env"]}
+    env = {v["name"]: v.get("value") for v in c["env"]}
     aws_mount = next(m for m in c["volumeMounts"] if m["name"] == "aws")["mountPath"]
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"{aws_mount}/credentials"
     assert env["AWS_CONFIG_FILE"] == f"{aws_mount}/config"

@@ -541,7 +541,9 @@ def import_stubs(out: Path):
 class MappedClient:
     """A well-behaved caller: grpcio over mTLS with a dev-pki client certificate."""
 
-    def __init__(self, credgate: Credgate, account: Account, stubs):
+    def __init__(self, credgate: Credgate, account: Account, stubs, own_connection: bool = False):
+        """`own_connection`: a connection of this client's own (grpcio otherwise shares one
+        connection among channels to the same target)."""
         import grpc
         from grpc_health.v1 import health_pb2_grpc
 
@@ -552,9 +554,10 @@ class MappedClient:
             private_key=account.cert.key.read_bytes(),
             certificate_chain=account.cert.crt.read_bytes(),
         )
-        self.channel = grpc.secure_channel(
-            credgate.target, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
-        )
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        self.channel = grpc.secure_channel(credgate.target, credentials, options=options)
         self.stub = pb2_grpc.PasswordServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -769,7 +772,17 @@ def _h2_connection_class():
 class H2Client:
     """A real TLS + HTTP/2 client driven by hand (not thread-safe: one thread per client)."""
 
-    def __init__(self, port: int, ca: Path, cert: Cert, sock: ssl.SSLSocket | None = None, timeout: float = 10):
+    def __init__(
+        self,
+        port: int,
+        ca: Path,
+        cert: Cert,
+        sock: ssl.SSLSocket | None = None,
+        timeout: float = 10,
+        settings: dict[int, int] | None = None,
+    ):
+        """`settings`: SETTINGS values to announce right after the preface
+        (e.g. an INITIAL_WINDOW_SIZE of 0: a client that never lets the server send DATA)."""
         import h2.config
 
         self.sock = sock if sock is not None else tls_connect(port, ca, cert, timeout)
@@ -781,11 +794,14 @@ class H2Client:
         )
         self.streams: dict[int, Stream] = {}
         self.goaways: list[tuple[float, int, int]] = []  # (time, error code, last stream id)
+        self.goaway_data: list[bytes] = []  # each GOAWAY's debug data
         self.remote_settings: dict[int, int] = {}
         self.settings_at: float | None = None
         self.eof_at: float | None = None
         self.eof_how: str | None = None
         self.conn.initiate_connection()
+        if settings:
+            self.conn.update_settings(settings)
         self.flush()
 
     # -- I/O
@@ -884,6 +900,7 @@ class H2Client:
             stream.sent_at_done = stream.sent if stream.sent_at_done is None else stream.sent_at_done
         elif isinstance(event, ev.ConnectionTerminated):
             self.goaways.append((now, int(event.error_code), event.last_stream_id))
+            self.goaway_data.append(event.additional_data or b"")
 
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Pumps until predicate() holds or timeout passes; whether it holds."""
@@ -1033,3 +1050,61 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         return self.peak - self.baseline
+
+
+class RawFlood:
+    """`size` TCP connections to a port that never send a byte (no TLS ClientHello), each
+    re-opened the moment the server closes it, from one thread, until stopped.
+
+    `reopened` counts the connections the server closed (and that were opened again).
+    """
+
+    def __init__(self, port: int, size: int):
+        import selectors
+
+        self.port = port
+        self.size = size
+        self.reopened = 0
+        self.errors: list[str] = []
+        self._selector = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RawFlood":
+        for _ in range(self.size):
+            self._open()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
+
+    def _open(self) -> None:
+        import selectors
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", self.port))  # EINPROGRESS: completes in the background
+        self._selector.register(sock, selectors.EVENT_READ)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(timeout=0.05):
+                sock = key.fileobj
+                try:
+                    data = sock.recv(1)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""  # reset by the server
+                if data:
+                    self.errors.append(f"the server sent {data!r} to a connection that said nothing")
+                self._selector.unregister(sock)
+                sock.close()
+                self.reopened += 1
+                if not self._stop.is_set():
+                    self._open()

@@ -37,8 +37,8 @@ from edge_support import (
 )
 
 MAX_CONCURRENT_STREAMS = 32
-STREAM_WINDOW = 64 * 1024
-CONNECTION_WINDOW = 256 * 1024
+STREAM_WINDOW = 8 * 1024  # one 4 KiB request and its prefix
+CONNECTION_WINDOW = 65535  # HTTP/2's initial window, never enlarged
 PER_CALLER_CAP = 16  # server.max_requests_per_caller, default
 BODY_DEADLINE = 5.0  # the whole body within 5 s of the headers
 PREFACE_TIMEOUT = 5.0
@@ -103,8 +103,8 @@ def test_settings_advertise_32_concurrent_streams_and_small_windows(credgate, ac
     client = H2Client(credgate.tls_port, credgate.ca, accounts["victim"].cert)
     try:
         settings = client.wait_settings()
-        # The connection window arrives as a WINDOW_UPDATE on stream 0 right after SETTINGS.
-        client.wait(lambda: client.conn.outbound_flow_control_window != 65535, 2)
+        # A larger connection window would arrive as a WINDOW_UPDATE on stream 0 right after SETTINGS.
+        client.wait(lambda: client.conn.outbound_flow_control_window != CONNECTION_WINDOW, 1)
         print(f"server SETTINGS {settings}; connection window {client.conn.outbound_flow_control_window}")
         assert settings.get(SETTINGS_MAX_CONCURRENT_STREAMS) == MAX_CONCURRENT_STREAMS, settings
         assert client.conn.remote_settings.max_concurrent_streams == MAX_CONCURRENT_STREAMS
@@ -127,22 +127,26 @@ MAX_ROUNDS = 12  # per connection: at most 12 x 32 streams
 def test_512_header_only_streams_from_an_unmapped_certificate_are_refused_at_once_and_do_not_slow_a_mapped_caller(
     credgate, victim, unmapped_cert
 ):
-    """16 connections x 32 header-only streams (and more rounds while the mapped caller calls)."""
+    """16 connections x 32 header-only streams (and more rounds while the mapped caller calls).
+
+    An unmapped connection is closed after its first refusal (GOAWAY covering every stream it
+    had opened), so each round comes on a new connection.
+    """
     sent_first_round = [threading.Event() for _ in range(UNMAPPED_CONNECTIONS)]
     stop = threading.Event()
     results: list[dict | None] = [None] * UNMAPPED_CONNECTIONS
     paths = [CHANGE_PASSWORD, GET_PASSWORD_POLICY]
 
     def attack(index: int) -> None:
-        out: dict = {"streams": [], "error": None, "rounds": 0}
+        out: dict = {"streams": [], "error": None, "rounds": 0, "closed": 0}
         results[index] = out
         client = None
         try:
-            client = H2Client(credgate.tls_port, credgate.ca, unmapped_cert)
-            settings = client.wait_settings()
-            out["max_streams"] = settings.get(SETTINGS_MAX_CONCURRENT_STREAMS)
-            per_round = min(MAX_CONCURRENT_STREAMS, out["max_streams"] or MAX_CONCURRENT_STREAMS)
             while out["rounds"] < MAX_ROUNDS:
+                client = H2Client(credgate.tls_port, credgate.ca, unmapped_cert)
+                settings = client.wait_settings()
+                out["max_streams"] = settings.get(SETTINGS_MAX_CONCURRENT_STREAMS)
+                per_round = min(MAX_CONCURRENT_STREAMS, out["max_streams"] or MAX_CONCURRENT_STREAMS)
                 batch = [client.open_stream(paths[i % 2], flush=False) for i in range(per_round)]
                 client.flush()
                 opened = time.monotonic()
@@ -151,16 +155,16 @@ def test_512_header_only_streams_from_an_unmapped_certificate_are_refused_at_onc
                 out["streams"].extend(batch)
                 out["rounds"] += 1
                 sent_first_round[index].set()
-                # No body, ever: wait for the server to answer each stream.
-                client.wait(lambda: all(s.done for s in batch), BODY_DEADLINE + 3)
-                for s in batch:
-                    if s.reset_code is None:
-                        client.reset(s)  # close our half, so the next round fits in the limit
-                if stop.is_set() or client.eof_at is not None or not all(s.done for s in batch):
+                # No body, ever: wait for the server to answer each stream, then to close.
+                client.wait(lambda: all(s.done for s in batch) and client.eof_at is not None, BODY_DEADLINE + 3)
+                out["goaways"] = client.goaways
+                out["eof"] = client.eof_how
+                out["closed"] += client.eof_at is not None and bool(client.goaways)
+                client.close()
+                client = None
+                if stop.is_set() or not all(s.done for s in batch):
                     break
                 time.sleep(0.05)
-            out["goaways"] = client.goaways
-            out["eof"] = client.eof_how
         except Exception as error:  # reported by the main thread
             out["error"] = repr(error)
         finally:
@@ -203,13 +207,17 @@ def test_512_header_only_streams_from_an_unmapped_certificate_are_refused_at_onc
         f"credgate waited for a body it should not need"
     )
     assert all(s.sent == 0 for s in streams)
+    assert all(r["closed"] == r["rounds"] for r in results), (
+        f"an unmapped connection was not closed (GOAWAY, EOF) after its refusals: "
+        f"{[(r['rounds'], r['closed'], r.get('goaways'), r.get('eof')) for r in results]}"
+    )
     assert_fast(timings, "under 512 unmapped header-only streams")
     credgate.assert_alive()
 
 
-def test_streams_beyond_max_concurrent_streams_are_refused(credgate, unmapped_cert):
+def test_streams_beyond_max_concurrent_streams_are_refused(credgate, accounts):
     """Hold 32 streams open (reflection streams wait for messages), then ignore the limit."""
-    client = H2Client(credgate.tls_port, credgate.ca, unmapped_cert)
+    client = H2Client(credgate.tls_port, credgate.ca, accounts["hostile"].cert)
     try:
         limit = client.wait_settings().get(SETTINGS_MAX_CONCURRENT_STREAMS)
         assert limit == MAX_CONCURRENT_STREAMS
@@ -237,11 +245,9 @@ def test_streams_beyond_max_concurrent_streams_are_refused(credgate, unmapped_ce
             # The connection stays usable once the held streams go away.
             for s in held:
                 client.reset(s)
-            again = client.open_stream(CHANGE_PASSWORD)
-            assert client.wait(lambda: again.done, 3), "no answer after the held streams were cancelled"
-            assert (again.status().code, again.status().reason) == (PERMISSION_DENIED, "CALLER_NOT_MAPPED"), (
-                again.describe()
-            )
+            again = client.call(HEALTH_CHECK, b"", timeout=3)
+            assert again.done, "no answer after the held streams were cancelled"
+            assert again.status().code == OK, again.describe()
     finally:
         client.close()
 
@@ -366,10 +372,11 @@ def reflection_request_of(size: int) -> bytes:
     return grpc_frame(message)
 
 
-def test_60_reflection_streams_each_sending_a_4_mib_message_do_not_grow_credgate_memory(credgate, unmapped_cert):
+def test_60_reflection_streams_each_sending_a_4_mib_message_do_not_grow_credgate_memory(credgate, accounts):
     payload = memoryview(reflection_request_of(MESSAGE_BYTES)[:-1])  # all but the last byte
     sampler = RssSampler(credgate)
-    clients = [H2Client(credgate.tls_port, credgate.ca, unmapped_cert) for _ in range(REFLECTION_CONNECTIONS)]
+    cert = accounts["hostile"].cert  # reflection is for mapped callers only
+    clients = [H2Client(credgate.tls_port, credgate.ca, cert) for _ in range(REFLECTION_CONNECTIONS)]
     try:
         for c in clients:
             c.wait_settings()
@@ -419,9 +426,9 @@ def test_60_reflection_streams_each_sending_a_4_mib_message_do_not_grow_credgate
     credgate.assert_alive()
 
 
-def test_an_oversized_reflection_message_is_refused_with_request_too_large_in_the_trailers(credgate, unmapped_cert):
+def test_an_oversized_reflection_message_is_refused_with_request_too_large_in_the_trailers(credgate, accounts):
     """Only the 5-byte length prefix of a 4 MiB message: the answer must be an error, not a quiet end."""
-    client = H2Client(credgate.tls_port, credgate.ca, unmapped_cert)
+    client = H2Client(credgate.tls_port, credgate.ca, accounts["hostile"].cert)
     try:
         client.wait_settings()
         stream = client.open_stream(REFLECTION_V1)
@@ -503,3 +510,57 @@ def test_a_connection_silent_after_the_handshake_is_closed_after_5_seconds_and_t
     assert max(times) <= PREFACE_TIMEOUT + 2.5
     assert_fast(timings, f"with {SILENT_CONNECTIONS} silent connections open")
     credgate.assert_alive()
+
+
+# ---------------------------------------------------------------------------
+# 5. A client that never opens its flow-control window
+
+
+SHORT_REQUEST_TIMEOUT = 2.0
+SETTINGS_INITIAL_WINDOW_SIZE_ZERO = {SETTINGS_INITIAL_WINDOW_SIZE: 0}
+CANCEL = 0x8
+LIST_SERVICES = proto_string_field(7, b"")  # ServerReflectionRequest{list_services: ""}
+
+
+def test_a_stream_whose_client_never_opens_its_window_is_reset_at_request_timeout(launch_credgate, accounts):
+    """A reflection stream whose answer credgate can never send (window 0): it must still end.
+
+    The edge's deadline ends a stream only while hyper polls the response body, and hyper
+    stops doing that while the client's window is closed; the stream's own timer must reset it.
+    """
+    server = launch_credgate({"request_timeout": f"{SHORT_REQUEST_TIMEOUT:g}s", "shutdown_grace": "3s"})
+    client = None
+    try:
+        client = H2Client(server.tls_port, server.ca, accounts["hostile"].cert, settings=SETTINGS_INITIAL_WINDOW_SIZE_ZERO)
+        client.wait_settings()
+        stream = client.open_stream(REFLECTION_V1, grpc_frame(LIST_SERVICES))  # bidi: never ended by us
+        client.wait(lambda: stream.headers is not None, 3)
+        assert stream.headers is not None and not stream.data, (
+            f"expected response headers and no DATA (window 0): {stream.describe()} data={bytes(stream.data)!r}"
+        )
+        client.wait(lambda: stream.done, SHORT_REQUEST_TIMEOUT + 6)
+        ended = stream.reset_at or stream.ended_at
+        # The rest of the connection is unharmed: a new stream, given a window of its own, is served.
+        health = client.open_stream(HEALTH_CHECK, grpc_frame(b""), end=True)
+        client.conn.increment_flow_control_window(STREAM_WINDOW, stream_id=health.stream_id)
+        client.flush()
+        client.wait(lambda: health.done, 5)
+    finally:
+        if client:
+            client.close()
+        server.assert_alive()
+        server.process.stop()
+    print(
+        f"zero-window reflection stream: {stream.describe()}, ended "
+        f"{ended and round(ended - stream.opened, 2)}s after it opened (request_timeout {SHORT_REQUEST_TIMEOUT}s); "
+        f"health on the same connection afterwards: {health.describe()}"
+    )
+    assert stream.done, (
+        f"a stream whose client never opened its window was still open {SHORT_REQUEST_TIMEOUT + 6}s after it opened "
+        f"(request_timeout {SHORT_REQUEST_TIMEOUT}s): it would live until max_connection_age"
+    )
+    assert SHORT_REQUEST_TIMEOUT - 0.5 <= ended - stream.opened <= SHORT_REQUEST_TIMEOUT + 2, (
+        f"ended {ended - stream.opened:.2f}s after it opened, request_timeout is {SHORT_REQUEST_TIMEOUT}s"
+    )
+    assert stream.reset_code == CANCEL or stream.status().code == DEADLINE_EXCEEDED, stream.describe()
+    assert health.status().code == OK, health.describe()

@@ -15,6 +15,7 @@ See README.md beside this file for the HTTP fault-switch API.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -89,6 +90,9 @@ BARE_DEFAULT_STATUS = 502
 # The moto handler marks a request whose answer a response-shape fault replaces
 # here, in the WSGI environ that build_app's wrapper shares with it.
 RESPONSE_FAULT_ENVIRON_KEY = "iam_emulator.response_fault"
+# The request body exactly as received, kept here by build_app's wrapper: the
+# signature is checked over these bytes (see EmulatorResponse).
+RAW_BODY_ENVIRON_KEY = "iam_emulator.raw_body"
 # IAM's documented meaning of InvalidUserType. The AWS CLI reference says that
 # ChangePassword called with root credentials returns InvalidUserType, but not
 # with which message, so the documented description stands in for it.
@@ -297,6 +301,13 @@ class EmulatorResponse(BaseResponse):
         action = self._get_action()
         signer = self._signer_name()
         FAULTS.record_call(action, signer)
+        # moto signs what it re-encodes from the parsed form (werkzeug keeps
+        # no raw body for a form request), with `+` for a space, while
+        # aws-sdk-rust signed `%20`: any password with a space would fail with
+        # SignatureDoesNotMatch. AWS checks the bytes it received; so does
+        # moto's check (an AWSRequest built from them, botocore's SigV4Auth)
+        # once it is given them.
+        self.raw_body = self.normalized_request.environ.get(RAW_BODY_ENVIRON_KEY) or self.raw_body
         try:
             super()._authenticate_and_authorize_normal_action(resource)
         except _RESTError as error:
@@ -633,6 +644,7 @@ def build_app() -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         if environ.get("PATH_INFO", "").startswith("/_emulator/"):
             return fault_switch_app(Request(environ))(environ, start_response)
+        keep_raw_body(environ)
 
         # The handler marks the environ before Flask starts the response, so
         # by then it is known whether moto's answer goes out or is replaced.
@@ -657,6 +669,24 @@ def build_app() -> Any:
         return faulted_response(fault, held["status"], held["headers"], b"".join(held_body), start_response)
 
     return app
+
+
+def keep_raw_body(environ: dict[str, Any]) -> None:
+    """Reads the request body as received into the environ, and gives werkzeug
+    the same bytes to parse."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    stream = environ["wsgi.input"]
+    if length > 0:
+        raw = stream.read(length)
+    elif environ.get("wsgi.input_terminated"):
+        raw = stream.read()
+    else:
+        raw = b""
+    environ[RAW_BODY_ENVIRON_KEY] = raw
+    environ["wsgi.input"] = io.BytesIO(raw)
 
 
 def bootstrap_admin(region: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ gets the console password PASSWORD, an access key in a profile of the same
 name in FILE, and a policy allowing what credgate needs (ChangePassword,
 GetAccountPasswordPolicy, GetUser). --account-policy also sets an account
 password policy (length 12, every character class, no reuse prevention), so
-credgate's pre-check really runs. Used by deploy/local/run and scripts/bench.
+credgate's pre-check really runs. Used by deploy/local/run.
 """
 
 import argparse

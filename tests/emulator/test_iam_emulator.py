@@ -109,11 +109,21 @@ class Emulator:
         return body["count"]
 
     def signed_request(
-        self, access_key_id: str, secret_access_key: str, params: dict[str, str], service: str = "iam"
+        self,
+        access_key_id: str,
+        secret_access_key: str,
+        params: dict[str, str],
+        service: str = "iam",
+        quote: Any = urllib.parse.quote_plus,
     ) -> tuple[dict[str, str], bytes]:
-        """The headers and body of a SigV4-signed IAM (or STS) query request."""
+        """The headers and body of a SigV4-signed IAM (or STS) query request.
+
+        `quote` encodes each key and value: `quote_plus` (a space is `+`, as
+        boto3 sends), or SigV4's own percent-encoding (`%20`, as aws-sdk-rust
+        sends): the signature covers the bytes as sent either way.
+        """
         version = {"iam": "2010-05-08", "sts": "2011-06-15"}[service]
-        body = urllib.parse.urlencode({**params, "Version": version})
+        body = urllib.parse.urlencode({**params, "Version": version}, quote_via=quote)
         request = botocore.awsrequest.AWSRequest(
             method="POST",
             url=self.endpoint + "/",
@@ -129,6 +139,12 @@ class Emulator:
     ) -> tuple[int, dict[str, str], str]:
         """A raw SigV4-signed IAM (or STS) query request, to see the exact status, headers and XML."""
         headers, body = self.signed_request(access_key_id, secret_access_key, params, service)
+        return self.signed_post_raw(headers, body)
+
+    def signed_post_raw(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], str]:
+        """POSTs these headers and exactly these body bytes: (status, headers, text)."""
+        # urllib sets the body's own Content-Length (the signed one may differ).
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
         http_request = urllib.request.Request(self.endpoint + "/", data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(http_request, timeout=10) as response:
@@ -330,6 +346,49 @@ def test_change_password_changes_the_password(emulator: Emulator) -> None:
     assert_password_is_not(alice, INITIAL_PASSWORD)
     assert_password_is_not(alice, "Second-Passw0rd!")
     assert_password_is(alice, "Third-Passw0rd!")
+
+
+def sigv4_quote(value: str, safe: str = "", encoding: str | None = None, errors: str | None = None) -> str:
+    """SigV4's URI encoding (what aws-sdk-rust writes in a query body): every
+    byte but A-Z a-z 0-9 - _ . ~ as %XX, so a space is %20, never +."""
+    return urllib.parse.quote(value, safe="-_.~", encoding=encoding, errors=errors)
+
+
+# Every character a form encoding treats specially, and Latin-1 beyond ASCII.
+AWKWARD_PASSWORD = "Sp ace+Plus&Amp=Eq!Ünï-çødé 9"
+
+
+@pytest.mark.parametrize("quote", [sigv4_quote, urllib.parse.quote_plus], ids=["percent-20", "plus"])
+def test_the_signature_is_checked_over_the_body_as_received(emulator: Emulator, quote: Any) -> None:
+    """moto re-encodes the parsed form with `+` before checking SigV4, so a
+    body signed as sent with %20 (aws-sdk-rust) failed; the emulator checks
+    the received bytes, and both encodings of one password change it."""
+    alice = create_user(emulator, "alice")
+    change = {"Action": "ChangePassword", "OldPassword": INITIAL_PASSWORD, "NewPassword": AWKWARD_PASSWORD}
+    headers, body = emulator.signed_request(alice.access_key_id, alice.secret_access_key, change, quote=quote)
+    assert (b"%20" in body) == (quote is sigv4_quote) and b"%C3%9C" in body, body
+    status, _, text = emulator.signed_post_raw(headers, body)
+    assert status == 200, text
+    assert emulator.check_password("alice", AWKWARD_PASSWORD)
+    assert not emulator.check_password("alice", INITIAL_PASSWORD)
+
+    # Back, with the old password holding every awkward character.
+    back = {"Action": "ChangePassword", "OldPassword": AWKWARD_PASSWORD, "NewPassword": INITIAL_PASSWORD}
+    headers, body = emulator.signed_request(alice.access_key_id, alice.secret_access_key, back, quote=quote)
+    assert emulator.signed_post_raw(headers, body)[0] == 200
+    assert emulator.check_password("alice", INITIAL_PASSWORD)
+
+
+def test_a_body_changed_after_signing_fails_the_signature(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice")
+    change = {"Action": "ChangePassword", "OldPassword": INITIAL_PASSWORD, "NewPassword": "Other Passw0rd!"}
+    headers, body = emulator.signed_request(alice.access_key_id, alice.secret_access_key, change, quote=sigv4_quote)
+    # The same form, re-encoded the way moto used to check it (`+`): other bytes.
+    tampered = body.replace(b"%20", b"+")
+    assert tampered != body
+    status, _, text = emulator.signed_post_raw(headers, tampered)
+    assert status == 403 and "<Code>SignatureDoesNotMatch</Code>" in text, text
+    assert emulator.check_password("alice", INITIAL_PASSWORD)
 
 
 def test_change_password_only_changes_the_signers_password(emulator: Emulator) -> None:

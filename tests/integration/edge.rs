@@ -255,3 +255,90 @@ async fn no_stream_outlives_request_timeout() {
         "cut at request_timeout: {elapsed:?}"
     );
 }
+
+#[tokio::test]
+async fn an_expired_crl_refuses_handshakes_and_names_itself_and_check_config_fails_on_it() {
+    use std::time::SystemTime;
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Crl-pass-1").await;
+    let pki = Pki::new();
+    let client = pki.spiffe_client(CALLER);
+    let day = Duration::from_secs(24 * 3600);
+    // One day past nextUpdate (the reproduction).
+    let expired = pki
+        .ca
+        .crl_until(&[], SystemTime::now() - day)
+        .expect("expired CRL");
+
+    let mut setup = Setup::new(emulator, &pki).caller(CallerEntry::spiffe(CALLER, &user));
+    setup.crl_pem = Some(expired);
+    let (dir, config) = setup.write();
+    let (code, _, stderr) = check_config(dir.path(), &config, false);
+    assert_eq!(
+        code,
+        Some(64),
+        "check-config accepts an expired CRL:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("tls.crl: the CRL of issuer") && stderr.contains("expired at"),
+        "{stderr}"
+    );
+    // serve still starts (a fresh CRL may be mounted without a restart),
+    // says so, and refuses every certificate the CRL covers.
+    let app = Credgate::spawn(dir, &config, &setup.env);
+    app.wait_for_line("the expired CRL at start-up", |v| {
+        v["level"] == "ERROR"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("credgate test CA") && m.contains("expired at"))
+    })
+    .await;
+    app.expect_handshake_rejected(&pki, Some(&client), "expired at")
+        .await;
+    assert!(
+        app.lines()
+            .iter()
+            .any(|l| l.contains("TLS handshake rejected")
+                && l.contains("the CRL of issuer")
+                && l.contains("CN=credgate test CA")),
+        "the rejection names the expired CRL"
+    );
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 0);
+
+    // A fresh CRL swapped in on disk (no restart) is used again.
+    rewrite(
+        &app.dir.path().join("ca.crl"),
+        &pki.ca.crl(&[]).expect("fresh CRL"),
+    );
+    app.wait_for_line("the reload", |v| {
+        v["message"] == "TLS certificates reloaded"
+    })
+    .await;
+    app.client(&pki, &client)
+        .await
+        .change_password(change("Crl-pass-1", "Crl-pass-2"))
+        .await
+        .expect("a fresh CRL lets the certificate through");
+
+    // Within a day of nextUpdate: a warning, not a failure.
+    let mut setup = Setup::new(emulator, &pki).caller(CallerEntry::spiffe(CALLER, &user));
+    setup.crl_pem = Some(
+        pki.ca
+            .crl_until(&[], SystemTime::now() + Duration::from_secs(3 * 3600))
+            .expect("CRL"),
+    );
+    let (dir, config) = setup.write();
+    let (code, stdout, stderr) = check_config(dir.path(), &config, false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("OK"), "{stdout}");
+    assert!(
+        stderr.contains("warning: tls.crl: the CRL of issuer") && stderr.contains("expires at"),
+        "no warning for a CRL expiring within 24 h:\n{stderr}"
+    );
+    // A week away: nothing to say.
+    let mut setup = Setup::new(emulator, &pki).caller(CallerEntry::spiffe(CALLER, &user));
+    setup.crl_pem = Some(pki.ca.crl(&[]).expect("CRL"));
+    let (dir, config) = setup.write();
+    let (code, _, stderr) = check_config(dir.path(), &config, false);
+    assert_eq!((code, stderr.as_str()), (Some(0), ""));
+}

@@ -45,6 +45,42 @@ async fn a_password_really_changes_and_can_be_changed_back() {
     assert!(emulator.password_is(&rig.user, "Original-pass-1").await);
 }
 
+/// Every character a query or form encoding treats specially, and Latin-1
+/// letters beyond ASCII: IAM's signature covers the body as sent (`%20`),
+/// and the password that arrives is the one the caller chose.
+#[tokio::test]
+async fn passwords_with_spaces_form_characters_and_latin_1_change_and_change_back() {
+    let emulator = Emulator::shared();
+    let first = "Plain-pass-1";
+    let rig = Rig::new(emulator, PORTAL, first).await;
+    let mut client = rig.client().await;
+    let awkward = [
+        "with space 1",
+        "a+b&c=d e!f",
+        "100% sure?+",
+        "Ünïcødé Lätîn-1 ÿ\u{a0}ß",
+        " leading and trailing ",
+        "%20 not a space %2B",
+    ];
+    let mut current = first.to_owned();
+    for new in awkward {
+        client
+            .change_password(change(&current, new))
+            .await
+            .unwrap_or_else(|e| panic!("change to {new:?}: {e:?}"));
+        assert!(
+            emulator.password_is(&rig.user, new).await,
+            "IAM holds another password than {new:?}"
+        );
+        current = new.to_owned();
+    }
+    client
+        .change_password(change(&current, first))
+        .await
+        .expect("and back");
+    assert!(emulator.password_is(&rig.user, first).await);
+}
+
 #[tokio::test]
 async fn a_wrong_old_password_is_permission_denied() {
     let emulator = Emulator::shared();

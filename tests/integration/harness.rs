@@ -508,6 +508,12 @@ impl<'a> Setup<'a> {
         self
     }
 
+    /// `tls.crl` holding `pem`.
+    pub fn crl(mut self, pem: String) -> Self {
+        self.crl_pem = Some(pem);
+        self
+    }
+
     /// Shared state in `redis`.
     pub fn redis(self, redis: &Redis) -> Self {
         self.toml(&format!(
@@ -1127,4 +1133,180 @@ pub fn rewrite(path: &Path, text: &str) {
     let mut f = std::fs::File::create(path).expect("create");
     f.write_all(text.as_bytes()).expect("write");
     f.sync_all().expect("sync");
+}
+
+// ---------------------------------------------------------------- leaks
+
+/// How `secret` appears in `text`, if it does: plain, hex (either case), or
+/// inside `text` once decoded the ways a dependency could have encoded it —
+/// percent-encoding of any character set and case (`%21`, `%20`, `%c3%a9`),
+/// form encoding (`+` for a space), JSON and Rust escapes (`\u00e9`,
+/// `\xc3\xa9`, `\"`), and Rust's Debug of a byte slice (`[76, 101, ...]`),
+/// and combinations (an escaped, percent-encoded request body).
+pub fn leak_of(text: &str, secret: &str) -> Option<String> {
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    let needles = [
+        ("plain", secret.to_owned()),
+        ("hex", hex.clone()),
+        ("HEX", hex.to_uppercase()),
+    ];
+    // A Debug string inside a JSON log line is escaped twice, and may be
+    // escaped once more by whatever logged it.
+    let mut layers = vec![("as written".to_owned(), text.to_owned())];
+    for depth in 1..=3 {
+        let unescaped = unescape(&layers[layers.len() - 1].1);
+        layers.push((format!("unescaped {depth}x"), unescaped));
+    }
+    for i in 0..layers.len() {
+        let listed = byte_lists(&layers[i].1);
+        layers.push((format!("{}, from byte lists", layers[i].0), listed));
+    }
+    for (layer, hay) in &layers {
+        let decoded = [
+            ("", hay.clone()),
+            (", percent-decoded", percent_decode(hay, false)),
+            (", form-decoded", percent_decode(hay, true)),
+        ];
+        for (decoding, hay) in &decoded {
+            for (form, needle) in &needles {
+                if hay.contains(needle.as_str()) {
+                    return Some(format!("{form} ({layer}{decoding})"));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// `%XX` as bytes (and `+` as a space when `form`), read as UTF-8.
+fn percent_decode(text: &str, form: bool) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' if form => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// JSON and Rust escapes undone: `\xHH` (a byte), `\uHHHH` and `\u{H..}`
+/// (a character), `\"`, `\\`, `\n`, `\t`, `\r`.
+fn unescape(text: &str) -> String {
+    let mut out = Vec::with_capacity(text.len());
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    let push = |out: &mut Vec<u8>, c: char| {
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    };
+    while i < chars.len() {
+        if chars[i] == '\\' && i + 1 < chars.len() {
+            let hex_at = |from: usize, n: usize| -> Option<u32> {
+                let s: String = chars.get(from..from + n)?.iter().collect();
+                u32::from_str_radix(&s, 16).ok()
+            };
+            match chars[i + 1] {
+                'x' => {
+                    if let Some(b) = hex_at(i + 2, 2) {
+                        out.push(b as u8);
+                        i += 4;
+                        continue;
+                    }
+                }
+                'u' if chars.get(i + 2) == Some(&'{') => {
+                    if let Some(end) = chars[i + 3..].iter().position(|&c| c == '}')
+                        && let Some(c) = hex_at(i + 3, end).and_then(char::from_u32)
+                    {
+                        push(&mut out, c);
+                        i += 4 + end;
+                        continue;
+                    }
+                }
+                'u' => {
+                    if let Some(c) = hex_at(i + 2, 4).and_then(char::from_u32) {
+                        push(&mut out, c);
+                        i += 6;
+                        continue;
+                    }
+                }
+                '"' | '\\' | '\'' => {
+                    push(&mut out, chars[i + 1]);
+                    i += 2;
+                    continue;
+                }
+                'n' => {
+                    out.push(b'\n');
+                    i += 2;
+                    continue;
+                }
+                't' => {
+                    out.push(b'\t');
+                    i += 2;
+                    continue;
+                }
+                'r' => {
+                    out.push(b'\r');
+                    i += 2;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        push(&mut out, chars[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every run of at least eight comma-separated numbers 0..=255 (Rust's
+/// Debug of a byte slice) replaced by those bytes, read as UTF-8.
+fn byte_lists(text: &str) -> String {
+    let mut out = Vec::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let mut j = i;
+        let mut run = Vec::new();
+        loop {
+            let start = j;
+            while j < bytes.len() && bytes[j].is_ascii_digit() && j - start < 3 {
+                j += 1;
+            }
+            let Some(n) = std::str::from_utf8(&bytes[start..j])
+                .ok()
+                .and_then(|d| d.parse::<u16>().ok())
+                .filter(|&n| n <= 255 && j > start)
+            else {
+                j = start;
+                break;
+            };
+            run.push(n as u8);
+            if bytes.get(j..j + 2) == Some(b", ") {
+                j += 2;
+            } else {
+                break;
+            }
+        }
+        if run.len() >= 8 && (i == 0 || !bytes[i - 1].is_ascii_digit()) {
+            out.extend_from_slice(&run);
+            i = j.max(i + 1);
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -21,15 +21,29 @@ use opentelemetry_proto::tonic::{
     },
     common::v1::{AnyValue, KeyValue, any_value::Value},
     metrics::v1::Metric,
+    resource::v1::Resource,
     trace::v1::Span,
 };
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
+/// The resource attributes an export came with, and a span's or metric's name.
+pub type Sighting = (HashMap<String, String>, String);
+
 #[derive(Default, Clone)]
 struct Store {
     spans: Arc<Mutex<Vec<Span>>>,
     metrics: Arc<Mutex<Vec<Metric>>>,
+    /// (resource attributes, span or metric name) of everything received.
+    resources: Arc<Mutex<Vec<Sighting>>>,
+}
+
+impl Store {
+    fn resource(&self, resource: Option<&Resource>, names: impl Iterator<Item = String>) {
+        let attributes = resource.map(|r| attrs(&r.attributes)).unwrap_or_default();
+        let mut resources = self.resources.lock().expect("resources");
+        resources.extend(names.map(|name| (attributes.clone(), name)));
+    }
 }
 
 #[tonic::async_trait]
@@ -41,6 +55,10 @@ impl TraceService for Store {
         let mut spans = self.spans.lock().expect("spans");
         for resource in request.into_inner().resource_spans {
             for scope in resource.scope_spans {
+                self.resource(
+                    resource.resource.as_ref(),
+                    scope.spans.iter().map(|s| s.name.clone()),
+                );
                 spans.extend(scope.spans);
             }
         }
@@ -57,6 +75,10 @@ impl MetricsService for Store {
         let mut metrics = self.metrics.lock().expect("metrics");
         for resource in request.into_inner().resource_metrics {
             for scope in resource.scope_metrics {
+                self.resource(
+                    resource.resource.as_ref(),
+                    scope.metrics.iter().map(|m| m.name.clone()),
+                );
                 metrics.extend(scope.metrics);
             }
         }
@@ -95,6 +117,11 @@ impl Receiver {
 
     pub fn metrics(&self) -> Vec<Metric> {
         self.store.metrics.lock().expect("metrics").clone()
+    }
+
+    /// (resource attributes, span or metric name) of everything received.
+    pub fn resources(&self) -> Vec<Sighting> {
+        self.store.resources.lock().expect("resources").clone()
     }
 
     /// Waits (bounded) until a span satisfies `pred`.
@@ -156,6 +183,27 @@ pub fn span_text(span: &Span) -> String {
     }
     if let Some(status) = &span.status {
         text.push_str(&status.message);
+    }
+    text
+}
+
+/// Every piece of text a metric carries: name, description and each data
+/// point's attributes.
+pub fn metric_text(metric: &Metric) -> String {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let mut text = format!("{} {}", metric.name, metric.description);
+    let points: Vec<&[KeyValue]> = match &metric.data {
+        Some(Data::Gauge(g)) => g.data_points.iter().map(|p| &p.attributes[..]).collect(),
+        Some(Data::Sum(s)) => s.data_points.iter().map(|p| &p.attributes[..]).collect(),
+        Some(Data::Histogram(h)) => h.data_points.iter().map(|p| &p.attributes[..]).collect(),
+        Some(Data::ExponentialHistogram(h)) => {
+            h.data_points.iter().map(|p| &p.attributes[..]).collect()
+        }
+        Some(Data::Summary(s)) => s.data_points.iter().map(|p| &p.attributes[..]).collect(),
+        None => Vec::new(),
+    };
+    for attributes in points {
+        text.push_str(&format!(" {:?}", attrs(attributes)));
     }
     text
 }

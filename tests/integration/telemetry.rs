@@ -13,7 +13,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
     harness::*,
-    otlp::{Receiver, attrs, span_text},
+    otlp::{Receiver, attrs, metric_text, span_text},
 };
 
 const CALLER: &str = "spiffe://corp.example/ns/traced/sa/traced";
@@ -313,6 +313,79 @@ async fn rpc_duration_and_iam_outcomes_are_exported_as_metrics() {
     }));
 }
 
+/// Two replicas exporting to one collector: every span and metric carries
+/// its process's `service.instance.id` (the pod name when the Deployment's
+/// downward-API variable sets it, a generated id otherwise), so that a
+/// Prometheus exporter keeps their series apart.
+#[tokio::test]
+async fn two_processes_export_with_distinct_service_instance_ids() {
+    let receiver = Receiver::start().await;
+    let emulator = Emulator::shared();
+    let user = emulator.standard_user("Twin-pass-1").await;
+    let pki = Pki::new();
+    let setup = || {
+        otel_env(Setup::new(emulator, &pki), &receiver.endpoint())
+            .caller(CallerEntry::spiffe(CALLER, &user))
+    };
+    // As deploy/kubernetes sets it: service.instance.id=$(POD_NAME).
+    let pod = setup()
+        .env(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "service.instance.id=credgate-7d9f8b6c5-x2k4q,k8s.pod.name=credgate-7d9f8b6c5-x2k4q",
+        )
+        .start();
+    let bare = setup().start();
+    let (first, second) = ("Twin-pass-1", "Twin-pass-2");
+    for (app, old, new) in [(&pod, first, second), (&bare, second, first)] {
+        app.client(&pki, &pki.spiffe_client(CALLER))
+            .await
+            .change_password(change(old, new))
+            .await
+            .expect("change");
+    }
+    let mut ids = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+    for _ in 0..100 {
+        ids.clear();
+        for (resource, name) in receiver.resources() {
+            let id = resource
+                .get("service.instance.id")
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(resource["service.name"], "credgate-test", "{name}");
+            ids.entry(id).or_default().insert(name);
+        }
+        let complete = |signals: &std::collections::BTreeSet<String>| {
+            signals.contains("rpc.server.duration")
+                && signals.contains("credgate.v1.PasswordService/ChangePassword")
+        };
+        if ids.len() == 2 && ids.values().all(complete) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let names: Vec<&String> = ids.keys().collect();
+    assert_eq!(ids.len(), 2, "two instances, each its own id: {ids:?}");
+    assert!(
+        ids.contains_key("credgate-7d9f8b6c5-x2k4q"),
+        "the pod name from OTEL_RESOURCE_ATTRIBUTES: {names:?}"
+    );
+    let generated = names
+        .iter()
+        .find(|id| id.as_str() != "credgate-7d9f8b6c5-x2k4q")
+        .expect("the other id");
+    assert!(
+        uuid::Uuid::parse_str(generated).is_ok(),
+        "a generated id without the variable: {generated:?}"
+    );
+    for (id, signals) in &ids {
+        assert!(
+            signals.contains("rpc.server.duration")
+                && signals.contains("credgate.v1.PasswordService/ChangePassword"),
+            "{id}: metrics and spans both carry it: {signals:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_collector_adds_no_error_or_delay_to_an_rpc() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -348,15 +421,19 @@ async fn an_unreachable_collector_adds_no_error_or_delay_to_an_rpc() {
     assert!(exit.success(), "{exit:?}");
 }
 
-/// Every outcome with distinctive passwords; none may appear in any log line,
-/// audit event, exported span attribute or event, or error message.
+/// Passwords with every character an encoding treats specially (space, `!`,
+/// `+`, `&`, `=`) and Latin-1 letters beyond ASCII, for every outcome: none
+/// may appear, in any encoding ([`leak_of`]), in any log line at
+/// `RUST_LOG=trace`, audit event, exported span or metric, or error.
 #[tokio::test]
 async fn no_password_appears_in_any_log_span_event_or_error() {
     let receiver = Receiver::start().await;
     // Private emulator: this test sets the account password policy.
     let emulator = Emulator::start();
     emulator.set_policy(12, true, true, true, true, None).await;
-    let user = emulator.standard_user("Leak-Old-7f3a9c!").await;
+    const OLD: &str = "Leak Old+7f&a=9c!é";
+    const NEW: &str = "Leak New+b8&d=2e!ü";
+    let user = emulator.standard_user(OLD).await;
     let pki = Pki::new();
     let mut app = otel_env(Setup::new(&emulator, &pki), &receiver.endpoint())
         .caller(CallerEntry::spiffe(CALLER, &user))
@@ -378,74 +455,53 @@ async fn no_password_appears_in_any_log_span_event_or_error() {
     // (old, new, validate_only, fault armed first, caller's grpc-timeout, from a stranger)
     type Step<'a> = (&'a str, &'a str, bool, Option<Value>, Option<&'a str>, bool);
     let steps: Vec<Step<'_>> = vec![
+        (OLD, NEW, true, None, None, false),
+        (OLD, NEW, false, None, None, false),
+        (NEW, "Leak Bad+\u{2603}&c4=e1", false, None, None, false),
+        (NEW, "leak w&=k+2f é", false, None, None, false),
         (
-            "Leak-Old-7f3a9c!",
-            "Leak-New-b81d2e!",
-            true,
-            None,
-            None,
-            false,
-        ),
-        (
-            "Leak-Old-7f3a9c!",
-            "Leak-New-b81d2e!",
-            false,
-            None,
-            None,
-            false,
-        ),
-        (
-            "Leak-New-b81d2e!",
-            "Leak-Bad-\u{2603}c4e1",
-            false,
-            None,
-            None,
-            false,
-        ),
-        ("Leak-New-b81d2e!", "leak-weak-2f", false, None, None, false),
-        (
-            "Leak-New-b81d2e!",
-            "Leak-Iam-new-77aa!",
+            NEW,
+            "Leak Iam+new&77=aa!ß",
             false,
             Some(json!({"error": "ServiceFailure"})),
             None,
             false,
         ),
         (
-            "Leak-New-b81d2e!",
-            "Leak-Slow-new-19fe!",
+            NEW,
+            "Leak Slow+new&19=fe!ø",
             false,
             Some(json!({"delay_seconds": 1.0})),
             Some("300m"),
             false,
         ),
         (
-            "Leak-Who-8a3e5c!",
-            "Leak-Who-new-2d4b!",
+            "Leak Who+8a&3e=5c!à",
+            "Leak Who+new&2d=4b!ç",
             false,
             None,
             None,
             true,
         ),
         (
-            "Leak-Wrong-5d0f7a!",
-            "Leak-Next-a99c03!",
+            "Leak Wrong+5d&0f=7a!î",
+            "Leak Next+a9&9c=03!þ",
             false,
             None,
             None,
             false,
         ),
         (
-            "Leak-Wrong-6e1a8b!",
-            "Leak-Next-a99c03!",
+            "Leak Wrong+6e&1a=8b!ÿ",
+            "Leak Next+a9&9c=03!þ",
             false,
             None,
             None,
             false,
         ),
         (
-            "Leak-Locked-0c7d2e!",
-            "Leak-Next-a99c03!",
+            "Leak Locked+0c&7d=2e!ñ",
+            "Leak Next+a9&9c=03!þ",
             false,
             None,
             None,
@@ -504,6 +560,8 @@ async fn no_password_appears_in_any_log_span_event_or_error() {
         ],
         "every path ran"
     );
+    // The awkward passwords really reached IAM and changed it (signed as sent).
+    assert!(emulator.password_is(&user, "Leak Slow+new&19=fe!ø").await);
 
     // Let the exporter flush, then stop credgate so everything is written.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -511,9 +569,23 @@ async fn no_password_appears_in_any_log_span_event_or_error() {
     assert!(app.wait_exit(Duration::from_secs(20)).await.success());
     let lines = app.lines();
     let spans = receiver.spans();
+    let metrics = receiver.metrics();
     assert!(
-        lines.len() > 50 && spans.len() > 10,
+        lines.len() > 50 && spans.len() > 10 && !metrics.is_empty(),
         "telemetry was captured"
+    );
+    // The SDK's trace level (where it formats whole requests) never runs.
+    let sdk_trace: Vec<&String> = lines
+        .iter()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| {
+                v["level"] == "TRACE" && v["target"].as_str().is_some_and(|t| t.starts_with("aws_"))
+            })
+        })
+        .collect();
+    assert!(
+        sdk_trace.is_empty(),
+        "aws_* trace lines at RUST_LOG=trace: {sdk_trace:?}"
     );
     let audits: Vec<String> = app
         .audit_events()
@@ -533,27 +605,57 @@ async fn no_password_appears_in_any_log_span_event_or_error() {
         .collect();
     assert_eq!(audits, expected, "exactly one audit event per attempt");
 
-    for secret in &secrets {
-        for line in &lines {
-            assert!(
-                !line.contains(secret.as_str()),
-                "password {secret:?} in a log line: {line}"
-            );
+    let texts = lines
+        .iter()
+        .map(|l| ("log line", l.clone()))
+        .chain(spans.iter().map(|s| ("exported span", span_text(s))))
+        .chain(metrics.iter().map(|m| ("exported metric", metric_text(m))))
+        .chain(errors.iter().map(|e| ("error", e.clone())));
+    for (what, text) in texts {
+        for secret in &secrets {
+            if let Some(form) = leak_of(&text, secret) {
+                panic!("password {secret:?} in a {what}, {form}: {text}");
+            }
         }
-        for span in &spans {
-            let text = span_text(span);
-            assert!(
-                !text.contains(secret.as_str()),
-                "password {secret:?} in span {}: {text}",
-                span.name
-            );
-        }
-        for error in &errors {
-            assert!(
-                !error.contains(secret.as_str()),
-                "password {secret:?} in an error: {error}"
-            );
-        }
+    }
+}
+
+/// The search above is only as good as [`leak_of`]: it must see a password
+/// through every encoding a dependency could apply.
+#[test]
+fn the_leak_search_sees_through_every_encoding() {
+    let secret = "Leak New+b8&d=2e!ü";
+    let percent = "Leak%20New%2Bb8%26d%3D2e%21%C3%BC";
+    let body = format!("Action=ChangePassword&NewPassword={percent}&Version=2010-05-08");
+    let leaks = [
+        format!(r#"{{"message":"x","password":"{secret}"}}"#),
+        percent.to_owned(),
+        "Leak%20New%2bb8%26d%3d2e%21%c3%bc".to_owned(),
+        "Leak+New%2Bb8%26d%3D2e%21%C3%BC".to_owned(),
+        "Leak+New%2Bb8&d=2e!\u{fc}".to_owned(),
+        "4c65616b204e65772b623826643d326521c3bc".to_owned(),
+        "4C65616B204E65772B623826643D326521C3BC".to_owned(),
+        format!("{:?}", body.as_bytes()),
+        format!("Once(Some(b\"{}\"))", body.as_bytes().escape_ascii()),
+        r"Leak New+b8&d=2e!\u00fc".to_owned(),
+        format!("{:?}", secret.as_bytes()),
+        // A Debug of a Debug (SdkBody's bytes inside a field), in a JSON line.
+        serde_json::to_string(&format!(
+            "SdkBody {{ inner: {:?} }}",
+            body.as_bytes().escape_ascii().to_string()
+        ))
+        .expect("JSON"),
+    ];
+    for leak in &leaks {
+        assert!(leak_of(leak, secret).is_some(), "not found in {leak}");
+    }
+    for clean in [
+        "Leak New+b8&d=2e!u",
+        "Leak%20New%2Bb8%26d%3D2e%21",
+        "NewPassword=REDACTED",
+        "[76, 101, 97, 107]",
+    ] {
+        assert_eq!(leak_of(clean, secret), None, "{clean}");
     }
 }
 
@@ -605,6 +707,7 @@ async fn every_metric_the_operator_kit_names_is_exported_and_nothing_else() {
         .caller(CallerEntry::spiffe(CALLER, &user))
         .toml("[limits]\nfailed_attempts = 1\n")
         .redis(&redis)
+        .crl(pki.ca.crl(&[]).expect("CRL"))
         .start();
     let channel = app
         .channel(&pki, Some(&pki.spiffe_client(CALLER)))
@@ -730,4 +833,20 @@ async fn every_metric_the_operator_kit_names_is_exported_and_nothing_else() {
             );
         }
     }
+    // The CRL written above is valid for seven days.
+    let crl = receiver
+        .wait_for_metric("credgate.tls.crl.expires_in", |_| true)
+        .await;
+    let Some(Data::Gauge(gauge)) = crl.data else {
+        panic!("credgate.tls.crl.expires_in is a gauge");
+    };
+    let seconds = match gauge.data_points.last().and_then(|p| p.value) {
+        Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(s)) => s,
+        other => panic!("seconds as an integer: {other:?}"),
+    };
+    assert!(
+        (7 * 86400 - 600..=7 * 86400).contains(&seconds),
+        "a CRL valid for 7 days expires in {seconds} s"
+    );
+    assert_eq!(crl.unit, "s");
 }
