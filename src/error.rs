@@ -94,6 +94,7 @@ reasons! {
     IamError => "IAM_ERROR", Internal, false;
     RequestTooLarge => "REQUEST_TOO_LARGE", ResourceExhausted, true;
     RequestMalformed => "REQUEST_MALFORMED", Internal, true;
+    TooManyRequestIds => "TOO_MANY_REQUEST_IDS", ResourceExhausted, true;
 }
 
 impl fmt::Display for Reason {
@@ -384,6 +385,19 @@ pub enum Error {
         /// The limit that was exceeded.
         limit: usize,
     },
+    /// The caller already holds `state.max_request_ids_per_caller` stored
+    /// `request_id` outcomes (or claims): a new id would grow the shared
+    /// store without bound.
+    #[error(
+        "this caller already has {limit} request_id outcomes stored; \
+         retry after {}s, when the oldest expires", .retry_after.as_secs().max(1)
+    )]
+    TooManyRequestIds {
+        /// The limit that was reached.
+        limit: u32,
+        /// When the oldest record expires.
+        retry_after: Duration,
+    },
 }
 
 impl Error {
@@ -416,6 +430,7 @@ impl Error {
             Self::IamError(_) => Reason::IamError,
             Self::RequestMalformed(_) => Reason::RequestMalformed,
             Self::RequestTooLarge { .. } => Reason::RequestTooLarge,
+            Self::TooManyRequestIds { .. } => Reason::TooManyRequestIds,
             Self::Replayed(r) => r.reason,
         }
     }
@@ -442,7 +457,8 @@ impl Error {
     /// The retry delay a client should wait, for outcomes worth retrying.
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::TooManyFailedAttempts { retry_after } => Some(*retry_after),
+            Self::TooManyFailedAttempts { retry_after }
+            | Self::TooManyRequestIds { retry_after, .. } => Some(*retry_after),
             Self::IamThrottled(_)
             | Self::EntityTemporarilyUnmodifiable(_)
             | Self::IamServiceFailure(_)
@@ -563,6 +579,12 @@ impl Rejection {
                 "an IAM quota was exceeded; see awsErrorCode and the IAM quotas page",
             );
         }
+        if self.reason == Reason::TooManyRequestIds {
+            details.add_quota_failure_violation(
+                "request_id",
+                "stored request_id outcomes per caller (state.max_request_ids_per_caller)",
+            );
+        }
         if let Some(ms) = self.retry_after_ms {
             details.set_retry_info(Some(Duration::from_millis(ms)));
         }
@@ -650,6 +672,10 @@ mod tests {
             Error::IamError(aws(IamCode::Other("Weird".into()))),
             Error::RequestMalformed("invalid wire type".into()),
             Error::RequestTooLarge { limit: 4096 },
+            Error::TooManyRequestIds {
+                limit: 1000,
+                retry_after: Duration::from_secs(60),
+            },
         ]
     }
 

@@ -26,8 +26,9 @@
 //! - [`server`]: wires it all, health on both ports, reflection, shutdown.
 //! - [`telemetry`]: the subscriber (logs, audit events, OTLP traces and
 //!   metrics); [`logs`]: the JSON line format and the lossless writer.
-//! - [`config`], [`spiffe`], [`cli`], [`devpki`]: configuration, SPIFFE ID
-//!   rules, command line, dev PKI.
+//! - [`config`], [`spiffe`], [`cli`], [`devpki`], [`lockout`]:
+//!   configuration, SPIFFE ID rules, command line, dev PKI, the operator's
+//!   view of a caller's attempt limit.
 //! - [`api`]: the generated `credgate.v1` types.
 
 #![forbid(unsafe_code)]
@@ -45,6 +46,7 @@ pub(crate) mod edge;
 pub(crate) mod error;
 pub(crate) mod iam;
 pub(crate) mod identity;
+pub(crate) mod lockout;
 pub(crate) mod logs;
 pub(crate) mod password;
 pub(crate) mod policy_cache;

@@ -26,7 +26,7 @@ use crate::{
     principal::Principals,
     rpc_span::{RpcSpan, RpcSpanLayer, SERVICE},
     service::PasswordGate,
-    state::Store,
+    state::{Store, Unfit},
     tls::ReloadingConfig,
 };
 
@@ -127,6 +127,19 @@ pub(crate) async fn serve(
         tracing::info!(
             "state in process memory: the attempt limit and request_id replays hold for this replica only"
         );
+    } else {
+        match store.verify().await {
+            Ok(()) => {}
+            // A store that may evict keys would silently reset lockouts and
+            // re-run request_ids: refuse to start on it.
+            Err(e @ Unfit::Evicts(_)) => return Err(ServeError::State(e.to_string())),
+            // Unreachable: start anyway and fail closed until it is back
+            // (its policy is checked again then).
+            Err(e @ Unfit::Unreachable(_)) => tracing::warn!(
+                error = %e,
+                "state store not reachable at start; ChangePassword fails closed until it is"
+            ),
+        }
     }
     let tracker = TaskTracker::new();
     let gate = Arc::new(Gate {
@@ -162,7 +175,7 @@ pub(crate) async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let password_service = PasswordServiceServer::new(PasswordGate::new(gate))
+    let password_service = PasswordServiceServer::new(PasswordGate::new(gate.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let routes = Routes::new(password_service)
         .add_service(health.clone())
@@ -230,6 +243,7 @@ pub(crate) async fn serve(
     set_serving(&reporter, ServingStatus::NotServing).await;
     stop.cancel();
     tracker.close();
+    let drain_started = tokio::time::Instant::now();
     match tokio::time::timeout(config.server.shutdown_grace, tracker.wait()).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!(
@@ -237,6 +251,16 @@ pub(crate) async fn serve(
             "shutdown grace expired; abandoning the calls and attempts still in flight"
         ),
     }
+    // Attempts the store did not settle at once (it was down) are retried in
+    // the background; give them what is left of the grace.
+    gate.store
+        .drain(
+            config
+                .server
+                .shutdown_grace
+                .saturating_sub(drain_started.elapsed()),
+        )
+        .await;
     // The admin port outlives the drain so probes see NOT_SERVING meanwhile.
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
