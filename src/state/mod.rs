@@ -448,7 +448,7 @@ impl Store {
         deadline: Deadline,
     ) -> Result<Begin, Error> {
         let shared = &self.shared;
-        shared.refuse_if_evicting()?;
+        shared.refuse_if_evicting().await?;
         let op = BeginOp {
             caller: caller.to_owned(),
             id: unique_id(),
@@ -514,7 +514,7 @@ impl Store {
     /// Whether `caller` is over the limit now, without reserving
     /// (`validate_only` calls, which never reach IAM `ChangePassword`).
     pub(crate) async fn check(&self, caller: &str) -> Result<Option<Duration>, Error> {
-        self.shared.refuse_if_evicting()?;
+        self.shared.refuse_if_evicting().await?;
         let lockout = self.lockout(caller).await?;
         Ok(lockout.retry_after)
     }
@@ -624,23 +624,30 @@ impl Shared {
         self.pending_lifetime.max(Duration::from_secs(60))
     }
 
-    /// Fails closed while the store is known to evict keys, and looks again
-    /// (in the background, at most every minute) whether it still does.
-    fn refuse_if_evicting(self: &Arc<Self>) -> Result<(), Error> {
+    /// Fails closed while the store is known to evict keys. Its policy is
+    /// read before the first step on a (new) connection — at start, after
+    /// the store was unreachable (a restart, a failover) — and again in the
+    /// background at most every minute (a `CONFIG SET` at run time).
+    async fn refuse_if_evicting(self: &Arc<Self>) -> Result<(), Error> {
         if !self.backend.shared() {
             return Ok(());
         }
-        let now = self.ms_since_epoch();
+        let now = self.ms_since_epoch().max(1);
         let last = self.policy_checked_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= ms(POLICY_RECHECK))
+        if last == 0 {
+            if let Err(Unfit::Unreachable(_)) = self.check_policy().await {
+                // Read again once it answers; the step itself fails closed.
+                self.policy_checked_ms.store(0, Ordering::Relaxed);
+            }
+        } else if now.saturating_sub(last) >= ms(POLICY_RECHECK)
             && self
                 .policy_checked_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
             let shared = self.clone();
             tokio::spawn(async move {
-                // Logged there; this only refreshes what the next call sees.
+                // Logged there; this only refreshes what later calls see.
                 let _ = shared.check_policy().await;
             });
         }
@@ -716,8 +723,8 @@ impl Shared {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!("state store reachable again");
                     // It may have come back as another server (a restart,
-                    // a failover): look at its eviction policy soon.
-                    self.policy_checked_ms.store(1, Ordering::Relaxed);
+                    // a failover): read its eviction policy again first.
+                    self.policy_checked_ms.store(0, Ordering::Relaxed);
                 }
                 Ok(v)
             }

@@ -12,4 +12,5 @@ mod harness;
 mod integrity;
 mod otlp;
 mod shared_state;
+mod state_integrity;
 mod telemetry;
