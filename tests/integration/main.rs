@@ -14,3 +14,4 @@ mod otlp;
 mod shared_state;
 mod state_integrity;
 mod telemetry;
+mod topologies;

@@ -89,7 +89,10 @@ async fn a_dns_caller_and_a_cn_caller_with_one_value_share_no_state() {
             second.iam_user, cn_user.name,
             "{backend}: not a replay of the dns caller's outcome"
         );
-        assert!(emulator.password_is(&cn_user, "Cn-pass-2").await, "{backend}");
+        assert!(
+            emulator.password_is(&cn_user, "Cn-pass-2").await,
+            "{backend}"
+        );
 
         // The dns caller's wrong guesses lock out the dns caller only.
         for i in 0..2 {
@@ -103,11 +106,7 @@ async fn a_dns_caller_and_a_cn_caller_with_one_value_share_no_state() {
             .change_password(change("Dns-pass-2", "Dns-pass-3"))
             .await
             .expect_err("locked out");
-        expect_error(
-            &status,
-            Code::ResourceExhausted,
-            "TOO_MANY_FAILED_ATTEMPTS",
-        );
+        expect_error(&status, Code::ResourceExhausted, "TOO_MANY_FAILED_ATTEMPTS");
         as_cn
             .change_password(change("Cn-pass-2", "Cn-pass-3"))
             .await
@@ -119,11 +118,16 @@ async fn a_dns_caller_and_a_cn_caller_with_one_value_share_no_state() {
 async fn policy_violations_between_wrong_guesses_do_not_reset_the_limit() {
     // A private emulator: the account password policy is account-wide.
     let emulator = Emulator::start();
-    emulator.set_policy(14, false, false, false, false, None).await;
+    emulator
+        .set_policy(14, false, false, false, false, None)
+        .await;
     // Without GetAccountPasswordPolicy the local pre-check is skipped and
     // IAM's own PasswordPolicyViolation answers.
     let user = emulator
-        .user(Some("Policy-pass-0001"), &["iam:ChangePassword", "iam:GetUser"])
+        .user(
+            Some("Policy-pass-0001"),
+            &["iam:ChangePassword", "iam:GetUser"],
+        )
         .await;
     let rig = Rig::for_user(&emulator, CALLER, user, |s| s.toml(&limits(3)));
     let mut client = rig.client().await;
@@ -164,11 +168,7 @@ async fn policy_violations_between_wrong_guesses_do_not_reset_the_limit() {
         .change_password(change("Wrong-guess-0009", "Policy-pass-0002"))
         .await
         .expect_err("locked out");
-    expect_error(
-        &status,
-        Code::ResourceExhausted,
-        "TOO_MANY_FAILED_ATTEMPTS",
-    );
+    expect_error(&status, Code::ResourceExhausted, "TOO_MANY_FAILED_ATTEMPTS");
     assert_eq!(emulator.calls("ChangePassword", &rig.user.name).await, 5);
 }
 
@@ -307,7 +307,11 @@ async fn a_claim_whose_answer_was_lost_is_given_back_and_the_retry_runs_the_chan
     let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
     // Warm: the scripts are loaded, the connection is up.
     client
-        .change_password(change_with_id("Orphan-pass-1", "Orphan-pass-2", &request_id()))
+        .change_password(change_with_id(
+            "Orphan-pass-1",
+            "Orphan-pass-2",
+            &request_id(),
+        ))
         .await
         .expect("warm-up change");
 
@@ -398,7 +402,10 @@ async fn a_redis_restart_between_claim_and_completion_costs_no_second_iam_call()
         .await
         .unwrap_or_else(|s| panic!("replayed, not run again: {s:?}"))
         .into_inner();
-    assert_eq!(again.request_id, changed.request_id, "the first call's outcome");
+    assert_eq!(
+        again.request_id, changed.request_id,
+        "the first call's outcome"
+    );
     assert_eq!(
         emulator.calls("ChangePassword", &user.name).await,
         1,
@@ -441,8 +448,8 @@ async fn a_store_that_may_evict_keys_is_refused_at_start_and_by_check_config() {
     .await
     .expect("credgate refuses to start, promptly")
     .expect("run");
-    let output = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let output =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(70), "{output}");
     assert!(output.contains("requires noeviction"), "{output}");
 
@@ -455,16 +462,20 @@ async fn a_store_that_may_evict_keys_is_refused_at_start_and_by_check_config() {
     let app = Credgate::spawn(dir, &config, &[]);
     let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
     client
-        .change_password(change_with_id("Evict-pass-1", "Evict-pass-2", &request_id()))
+        .change_password(change_with_id(
+            "Evict-pass-1",
+            "Evict-pass-2",
+            &request_id(),
+        ))
         .await
         .expect("noeviction: served");
     let port = redis.port();
     drop(redis);
     let _evicting = Redis::start_on(port, None, &["--maxmemory-policy", "allkeys-lru"]);
     let policy_logged = |app: &Credgate| {
-        app.lines().iter().any(|l| {
-            l.contains("\"ERROR\"") && l.contains("maxmemory-policy is not noeviction")
-        })
+        app.lines()
+            .iter()
+            .any(|l| l.contains("\"ERROR\"") && l.contains("maxmemory-policy is not noeviction"))
     };
     for _ in 0..100 {
         let mut probe = change("Evict-pass-2", "Evict-pass-3");
@@ -564,7 +575,10 @@ async fn one_caller_cannot_hold_more_request_ids_than_configured() {
             .retry_info()
             .and_then(|r| r.retry_delay)
             .expect("RetryInfo");
-        assert!(retry > Duration::from_secs(23 * 3600), "{backend}: {retry:?}");
+        assert!(
+            retry > Duration::from_secs(23 * 3600),
+            "{backend}: {retry:?}"
+        );
         assert!(details.quota_failure().is_some(), "{backend}");
         assert_eq!(emulator.calls("ChangePassword", &user.name).await, 2);
         // Stored outcomes replay, and calls without a request_id go on.
@@ -651,7 +665,11 @@ async fn a_change_costs_one_redis_round_trip_before_iam_and_one_after() {
 }
 
 /// Runs `credgate lockout ...` with the config of `dir`.
-fn lockout(dir: &std::path::Path, config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+fn lockout(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
     let out = credgate_command(dir)
         .arg("lockout")
         .args(args)
@@ -704,7 +722,10 @@ async fn an_operator_sees_and_resets_a_lockout_and_the_reset_is_audited() {
     assert!(status["retry_after_seconds"].as_u64().expect("retry") > 3500);
     let (code, text, _) = lockout(dir, &config, &["status", "--caller", CALLER]);
     assert_eq!(code, 0);
-    assert!(text.contains("2 of 2 failed attempts") && text.contains("locked out for"), "{text}");
+    assert!(
+        text.contains("2 of 2 failed attempts") && text.contains("locked out for"),
+        "{text}"
+    );
 
     let (code, stdout, stderr) = lockout(dir, &config, &["reset", "--caller", CALLER]);
     assert_eq!(code, 0, "{stderr}");
@@ -724,7 +745,10 @@ async fn an_operator_sees_and_resets_a_lockout_and_the_reset_is_audited() {
         .expect("no longer locked out");
     let (_, stdout, _) = lockout(dir, &config, &["status", "--caller", CALLER, "--json"]);
     let status: Value = serde_json::from_str(stdout.trim()).expect("JSON");
-    assert_eq!((status["failures"].clone(), status["locked_out"].clone()), (json!(0), json!(false)));
+    assert_eq!(
+        (status["failures"].clone(), status["locked_out"].clone()),
+        (json!(0), json!(false))
+    );
 
     // A value two callers' matchers share must name its kind.
     let (code, _, stderr) = lockout(dir, &config, &["status", "--caller", "twin.corp.example"]);
@@ -733,8 +757,11 @@ async fn an_operator_sees_and_resets_a_lockout_and_the_reset_is_audited() {
         stderr.contains("dns:twin.corp.example") && stderr.contains("cn:twin.corp.example"),
         "{stderr}"
     );
-    let (code, stdout, stderr) =
-        lockout(dir, &config, &["status", "--caller", "cn:twin.corp.example", "--json"]);
+    let (code, stdout, stderr) = lockout(
+        dir,
+        &config,
+        &["status", "--caller", "cn:twin.corp.example", "--json"],
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("\"cn:twin.corp.example\""), "{stdout}");
 
