@@ -491,7 +491,10 @@ impl Store {
                 return Ok(Begin::Granted(ticket));
             }
             Began::Refused(limit) => {
-                count_decision("refused");
+                // The request_id bound is no decision of the attempt limit.
+                if !matches!(limit, Limit::RequestIds(_)) {
+                    count_decision("refused");
+                }
                 Begin::Refused(limit)
             }
             Began::Done(outcome) => {
@@ -698,12 +701,16 @@ impl Shared {
     }
 
     /// Runs one backend step under a span and the store metrics, and keeps
-    /// the reachability state (one log line per transition).
+    /// the reachability state (one log line per transition). In memory a
+    /// step is a map lookup: no span, no metrics.
     async fn track<T>(
         &self,
         command: &'static str,
         op: impl Future<Output = Result<T, Cause>>,
     ) -> Result<T, Error> {
+        if !self.backend.shared() {
+            return op.await.map_err(Error::StateUnavailable);
+        }
         let span = tracing::info_span!(
             "state",
             otel.name = command,
