@@ -47,8 +47,8 @@ struct Record {
 struct CallerState {
     attempts: VecDeque<Attempt>,
     records: HashMap<String, Record>,
-    /// Attempts given up, with when that is forgotten (see
-    /// [`EndOp::release_memory`]).
+    /// Attempts given up before their `begin` was answered, with when that
+    /// is forgotten (see [`EndOp::unanswered`]).
     released: HashMap<String, Instant>,
 }
 
@@ -184,10 +184,8 @@ impl Memory {
         let caller = callers.by_key.entry(op.caller.clone()).or_default();
         let mut verdict = op.verdict;
         let mut ended = Ended::Settled;
-        if op.record == EndRecord::Release {
-            caller
-                .released
-                .insert(op.id.clone(), now + op.release_memory);
+        if let Some(memory) = op.unanswered {
+            caller.released.insert(op.id.clone(), now + memory);
         }
         if let Some(request_id) = &op.request_id {
             let current = caller.records.get(request_id).map(|r| r.state.clone());

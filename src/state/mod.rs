@@ -253,9 +253,11 @@ pub(crate) struct EndOp {
     pub(crate) record: EndRecord,
     /// `limits.failed_attempts_window`.
     pub(crate) window: Duration,
-    /// How long a release is remembered, so that a `begin` of the same
-    /// attempt still in the network cannot claim after it.
-    pub(crate) release_memory: Duration,
+    /// Set when the attempt's `begin` was never answered (a timeout, a
+    /// dropped connection): for this long a `begin` of it still on its way
+    /// (a paused server, a resend) is refused, so that it cannot reserve or
+    /// claim after this release.
+    pub(crate) unanswered: Option<Duration>,
 }
 
 /// What [`Backend::end`] does with the claim.
@@ -448,7 +450,9 @@ impl Store {
         deadline: Deadline,
     ) -> Result<Begin, Error> {
         let shared = &self.shared;
-        shared.refuse_if_evicting().await?;
+        tokio::time::timeout_at(deadline.instant(), shared.refuse_if_evicting())
+            .await
+            .unwrap_or(Err(Error::DeadlineBeforeSend { stage: "state" }))?;
         let op = BeginOp {
             caller: caller.to_owned(),
             id: unique_id(),
@@ -465,6 +469,7 @@ impl Store {
             caller: op.caller.clone(),
             id: op.id.clone(),
             request_id: op.request_id.clone(),
+            answered: false,
             sending: false,
             ended: false,
         };
@@ -485,6 +490,7 @@ impl Store {
             }
             Err(_) => return Err(Error::DeadlineBeforeSend { stage: "state" }),
         };
+        ticket.answered = true;
         let begin = match began {
             Began::Granted => {
                 count_decision("allowed");
@@ -867,6 +873,8 @@ pub(crate) struct Ticket {
     caller: String,
     id: String,
     request_id: Option<String>,
+    /// The store's answer to the `begin` arrived.
+    answered: bool,
     /// IAM may be called from now on.
     sending: bool,
     ended: bool,
@@ -912,7 +920,7 @@ impl Ticket {
             verdict,
             record,
             window: self.shared.limits.failed_attempts_window,
-            release_memory: self.shared.release_memory(),
+            unanswered: (!self.answered).then(|| self.shared.release_memory()),
         }
     }
 }

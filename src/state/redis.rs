@@ -16,8 +16,9 @@
 //! - `{caller}:request:<request_id>` — the JSON record of a `request_id`;
 //! - `{caller}:requests` — sorted set of the caller's `request_id`s by
 //!   expiry, which bounds how many it may hold;
-//! - `{caller}:released:<attempt>` — a short-lived mark that an attempt was
-//!   given up, so that its `begin`, if still on its way, cannot claim after.
+//! - `{caller}:released:<attempt>` — a short-lived mark that an attempt
+//!   whose `begin` was never answered was given up, so that the `begin`, if
+//!   still on its way, cannot claim after.
 
 use std::time::Duration;
 
@@ -119,7 +120,8 @@ return {'granted', ''}
 /// KEYS: pending, failed, released mark, [record, requests].
 /// ARGV: attempt id, verdict, window ms, action (store|release|hold),
 /// outcome JSON, outcome ttl ms, request id, requests ttl ms, '1' when the
-/// outcome is a change, release memory ms.
+/// outcome is a change, how long to refuse the attempt's unanswered begin
+/// (ms, 0: it was answered).
 const END: &str = concat!(
     now_ms!(),
     oom_gate!(),
@@ -128,7 +130,7 @@ local id = ARGV[1]
 local verdict = ARGV[2]
 local action = ARGV[4]
 local result = 'settled'
-if action == 'release' then
+if ARGV[10] ~= '0' then
   redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[10]))
 end
 if KEYS[4] and action ~= 'hold' then
@@ -551,7 +553,7 @@ impl Redis {
             .arg(op.request_id.as_deref().unwrap_or_default())
             .arg(ms(OUTCOME_TTL))
             .arg(if changed { "1" } else { "0" })
-            .arg(ms(op.release_memory));
+            .arg(op.unanswered.map_or(0, ms));
         let answer: String = self.script(&invocation).await?;
         match answer.as_str() {
             "settled" => Ok(Ended::Settled),

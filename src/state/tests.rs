@@ -475,7 +475,7 @@ fn end_op(id: &str, request_id: Option<&str>, verdict: Verdict, record: EndRecor
         verdict,
         record,
         window: Duration::from_secs(60),
-        release_memory: Duration::from_secs(60),
+        unanswered: None,
     }
 }
 
@@ -523,15 +523,9 @@ async fn a_begin_arriving_after_its_release_claims_nothing() {
     for b in Bench::all() {
         let store = b.store(3, Duration::from_secs(60), 100);
         let backend = &store.shared.backend;
-        backend
-            .end(&end_op(
-                "late",
-                Some("id"),
-                Verdict::Release,
-                EndRecord::Release,
-            ))
-            .await
-            .expect("end");
+        let mut release = end_op("late", Some("id"), Verdict::Release, EndRecord::Release);
+        release.unanswered = Some(Duration::from_secs(60));
+        backend.end(&release).await.expect("end");
         assert_eq!(
             backend
                 .begin(&begin_op("a", "late", Some("id")))

@@ -348,6 +348,47 @@ async fn a_claim_whose_answer_was_lost_is_given_back_and_the_retry_runs_the_chan
 }
 
 #[tokio::test]
+async fn a_claim_held_by_a_paused_redis_is_given_back_once_it_resumes() {
+    let emulator = Emulator::shared();
+    let redis = Redis::start();
+    let user = emulator.standard_user("Paused-pass-1").await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .toml(&redis_state(&redis, ""))
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+    client
+        .change_password(change_with_id(
+            "Paused-pass-1",
+            "Paused-pass-2",
+            &request_id(),
+        ))
+        .await
+        .expect("warm-up change");
+
+    // The claim reaches a paused Redis: credgate gives up waiting, and
+    // Redis runs it (and whatever gives it back) once it resumes.
+    let id = request_id();
+    redis.signal("STOP");
+    let status = client
+        .change_password(change_with_id("Paused-pass-2", "Paused-pass-3", &id))
+        .await
+        .expect_err("no answer in time");
+    redis.signal("CONT");
+    expect_error(&status, Code::Unavailable, "STATE_UNAVAILABLE");
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 1);
+    let done = client
+        .change_password(change_with_id("Paused-pass-2", "Paused-pass-3", &id))
+        .await
+        .unwrap_or_else(|s| panic!("the retry runs the change: {s:?}"))
+        .into_inner();
+    assert_eq!(done.iam_user, user.name);
+    assert_eq!(emulator.calls("ChangePassword", &user.name).await, 2);
+    assert!(emulator.password_is(&user, "Paused-pass-3").await);
+}
+
+#[tokio::test]
 async fn a_redis_restart_between_claim_and_completion_costs_no_second_iam_call() {
     let emulator = Emulator::shared();
     let mut redis = Redis::start();
