@@ -256,7 +256,7 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
                     config.server.listen,
                     config.server.admin_listen,
                     if online {
-                        "; IAM identities verified, state store reachable"
+                        "; IAM identities verified, state store reachable and noeviction"
                     } else {
                         ""
                     }
