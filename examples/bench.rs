@@ -817,8 +817,8 @@ async fn run(args: RunArgs) -> Result<String, String> {
         )
         .await?;
         report.line(format!(
-            "- state in Redis (same host, 1 in flight, with a request_id: claim, reserve, settle, \
-             store): p50 {:.2} ms vs {:.2} ms in memory (**+{:.2} ms**), p99 {:.2} vs {:.2} ms; \
+            "- state in Redis (same host, 1 in flight, with a request_id: two round trips, one \
+             before IAM and one after): p50 {:.2} ms vs {:.2} ms in memory (**+{:.2} ms**), p99 {:.2} vs {:.2} ms; \
              credgate CPU {:.0} vs {:.0} µs per call.",
             m.percentile_ms(0.5),
             memory.percentile_ms(0.5),

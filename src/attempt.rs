@@ -48,7 +48,7 @@ use crate::{
     password::Password,
     policy_cache::PolicyCache,
     principal::{Principals, Verdict as Principal},
-    state::{Claim, ClaimToken, Limit, Reserve, Store, StoredOutcome, Verdict, Waited},
+    state::{Begin, Limit, Record, Store, StoredOutcome, Ticket, Verdict, Waited},
 };
 
 /// How long an attempt waits for IAM after its caller's deadline passed.
@@ -186,60 +186,73 @@ fn log_panic(panic: &(dyn Any + Send)) {
 }
 
 async fn run(gate: Arc<Gate>, request: Request, mut reply: Reply) {
-    let caller = request.caller.identity.as_str();
-    let mut claim = None;
-    if let (Some(id), false) = (&request.request_id, request.validate_only) {
-        loop {
-            let claimed = bounded(request.deadline, "state", gate.store.claim(caller, id)).await;
-            let waited = match claimed {
-                Ok(Claim::Fresh(token)) => {
-                    claim = Some(token);
-                    break;
-                }
-                Ok(Claim::Done(stored)) => return replay(&request, &mut reply, stored),
-                Ok(Claim::Lost) => Ok(Waited::Lost),
-                Ok(Claim::Pending) => gate.store.wait(caller, id, request.deadline).await,
-                Err(e) => Err(e),
-            };
-            let ended = match waited {
-                Ok(Waited::Done(stored)) => return replay(&request, &mut reply, stored),
-                // The first call gave up having changed nothing: run again.
-                Ok(Waited::Gone) if !request.deadline.passed() => continue,
-                Ok(Waited::Gone) => Error::DeadlineBeforeSend { stage: "state" },
-                Ok(Waited::StillPending) => Error::StillInProgress,
-                Ok(Waited::Lost) => Error::OutcomeLost,
-                Err(e) => e,
-            };
-            // No stored outcome was found: nothing here is a replay.
-            return finish(&request, &mut reply, Err(ended), false);
-        }
+    if request.validate_only {
+        let answer = validate(&gate, &request).await;
+        return finish(&request, &mut reply, answer, false);
     }
+    let caller = request.caller.key.as_str();
+    let request_id = request.request_id.as_deref();
+    let ticket = loop {
+        let begun = gate.store.begin(caller, request_id, request.deadline).await;
+        let waited = match (begun, request_id) {
+            (Ok(Begin::Granted(ticket)), _) => break ticket,
+            (Ok(Begin::Refused(limit)), _) => {
+                return finish(&request, &mut reply, Err(refusal(&gate, limit)), false);
+            }
+            (Ok(Begin::Done(stored)), _) => return replay(&request, &mut reply, stored),
+            (Ok(Begin::Lost), _) => Ok(Waited::Lost),
+            (Ok(Begin::Pending), Some(id)) => gate.store.wait(caller, id, request.deadline).await,
+            // A store error: nothing was reserved, claimed or replayed.
+            (Err(e), _) => return finish(&request, &mut reply, Err(e), false),
+            (Ok(Begin::Pending), None) => Err(Error::StateUnavailable(crate::error::Cause::msg(
+                "the store reported a pending claim for a call without request_id",
+            ))),
+        };
+        let ended = match waited {
+            Ok(Waited::Done(stored)) => return replay(&request, &mut reply, stored),
+            // The first call gave up having changed nothing: run again.
+            Ok(Waited::Gone) if !request.deadline.passed() => continue,
+            Ok(Waited::Gone) => Error::DeadlineBeforeSend { stage: "state" },
+            Ok(Waited::StillPending) => Error::StillInProgress,
+            Ok(Waited::Lost) => Error::OutcomeLost,
+            Err(e) => e,
+        };
+        // No stored outcome was found: nothing here is a replay.
+        return finish(&request, &mut reply, Err(ended), false);
+    };
 
-    let answer = attempt(&gate, &request, &mut reply).await;
-
-    if let Some(token) = claim {
-        store_outcome(&gate.store, token, &answer).await;
-    }
+    let answer = attempt(&gate, &request, &mut reply, ticket).await;
     finish(&request, &mut reply, answer, false);
 }
 
-/// Stores what a retry with the same `request_id` must get, or gives the
-/// claim up when the attempt changed nothing and a retry should run again.
-async fn store_outcome(store: &Store, token: ClaimToken, answer: &Answer) {
+/// What a refusal by the limits tells the caller.
+fn refusal(gate: &Gate, limit: Limit) -> Error {
+    match limit {
+        Limit::Failures(retry_after) => Error::TooManyFailedAttempts { retry_after },
+        Limit::InFlight => Error::CallerConcurrencyExceeded {
+            limit: gate.store.failed_attempts(),
+        },
+        Limit::RequestIds(retry_after) => Error::TooManyRequestIds {
+            limit: gate.store.max_request_ids(),
+            retry_after,
+        },
+    }
+}
+
+/// What a retry with the same `request_id` must get: the stored outcome, or
+/// (when the attempt changed nothing and a retry should run again) nothing.
+fn record(answer: &Answer) -> Record {
     match answer {
-        Ok(changed) => {
-            let outcome = StoredOutcome::Changed {
-                iam_user: changed.iam_user.clone(),
-                iam_request_id: changed.iam_request_id.clone(),
-            };
-            store.complete(token, outcome).await;
-        }
-        Err(e) if runs_again_on_retry(e.reason()) => store.abandon(token).await,
-        Err(e) => {
-            store
-                .complete(token, StoredOutcome::Rejected(e.rejection()))
-                .await
-        }
+        // A panic before anything was sent changed nothing: a retry runs.
+        Err(Error::Internal {
+            maybe_sent: false, ..
+        }) => Record::Release,
+        Ok(changed) => Record::Store(StoredOutcome::Changed {
+            iam_user: changed.iam_user.clone(),
+            iam_request_id: changed.iam_request_id.clone(),
+        }),
+        Err(e) if runs_again_on_retry(e.reason()) => Record::Release,
+        Err(e) => Record::Store(StoredOutcome::Rejected(e.rejection())),
     }
 }
 
@@ -258,6 +271,7 @@ fn runs_again_on_retry(reason: Reason) -> bool {
             | Reason::StateUnavailable
             | Reason::CallerConcurrencyExceeded
             | Reason::AuditUnavailable
+            | Reason::TooManyRequestIds
     )
 }
 
@@ -315,47 +329,38 @@ async fn bounded<T>(
         .unwrap_or(Err(Error::DeadlineBeforeSend { stage }))
 }
 
-/// The attempt proper: limit, identity, policy, IAM.
-async fn attempt(gate: &Gate, request: &Request, reply: &mut Reply) -> Answer {
-    let caller = &request.caller;
-    let deadline = request.deadline;
-    if request.validate_only {
-        // No reservation: a validation never reaches ChangePassword. A
-        // locked-out caller is still told so.
-        if let Some(retry_after) =
-            bounded(deadline, "state", gate.store.check(&caller.identity)).await?
-        {
-            return Err(Error::TooManyFailedAttempts { retry_after });
-        }
-        return prepare(gate, request).await.map(|prepared| Changed {
-            iam_user: prepared.iam_user,
-            iam_request_id: String::new(),
-            replayed: false,
-        });
-    }
-    let reservation = match bounded(deadline, "state", gate.store.reserve(&caller.identity)).await?
+/// A `validate_only` call: no reservation (a validation never reaches
+/// ChangePassword), but a locked-out caller is still told so.
+async fn validate(gate: &Gate, request: &Request) -> Answer {
+    if let Some(retry_after) = bounded(
+        request.deadline,
+        "state",
+        gate.store.check(&request.caller.key),
+    )
+    .await?
     {
-        Reserve::Granted(reservation) => reservation,
-        Reserve::Refused(Limit::Failures(retry_after)) => {
-            return Err(Error::TooManyFailedAttempts { retry_after });
-        }
-        Reserve::Refused(Limit::InFlight) => {
-            return Err(Error::CallerConcurrencyExceeded {
-                limit: gate.store.failed_attempts(),
-            });
-        }
-    };
+        return Err(Error::TooManyFailedAttempts { retry_after });
+    }
+    prepare(gate, request).await.map(|prepared| Changed {
+        iam_user: prepared.iam_user,
+        iam_request_id: String::new(),
+        replayed: false,
+    })
+}
+
+/// The attempt proper, once reserved: identity, policy, IAM. Its end
+/// settles the limit and the `request_id` record with IAM's own answer, also
+/// when credgate failed after it (a caught panic).
+async fn attempt(gate: &Gate, request: &Request, reply: &mut Reply, mut ticket: Ticket) -> Answer {
     let witness = Witness::default();
     let answer = guarded(&witness, async {
-        match prepare(gate, request).await {
-            Ok(prepared) => change(gate, request, prepared, reply, &witness).await,
-            Err(e) => Err(e),
-        }
+        let prepared = prepare(gate, request).await?;
+        ticket.sending();
+        change(gate, request, prepared, reply, &witness).await
     })
     .await;
-    // IAM's own answer settles the limit, also when credgate failed after it.
     let settles = witness.answer.get().unwrap_or(&answer);
-    gate.store.settle(reservation, verdict(settles)).await;
+    ticket.end(verdict(settles), record(settles)).await;
     answer
 }
 
@@ -529,20 +534,41 @@ async fn change(
     witness.answered(result)
 }
 
-/// What an attempt's end means for the wrong-old-password limit: only an
-/// attempt that may have tested the old password, and failed or could not
-/// tell, counts.
+/// What an attempt's end means for the wrong-old-password limit. Only a
+/// change clears the caller's failures. An answer that shows the old
+/// password wrong, or cannot rule that out, counts; an attempt whose old
+/// password was never tested, or not shown wrong, is released.
+///
+/// No wildcard: a new error must be placed here on purpose.
 fn verdict(answer: &Answer) -> Verdict {
     let Err(e) = answer else {
         return Verdict::Success;
     };
     match e {
-        // IAM checked the old password before the policy: it was right.
-        Error::PolicyViolation { aws: Some(_), .. } => Verdict::Success,
-        // Never sent, or refused before the password was looked at
+        // A wrong old password, or an answer that cannot rule one out:
+        // AWS does not document in which order IAM checks the old password
+        // and these conditions.
+        Error::OldPasswordIncorrect(_)
+        | Error::OutcomeUnknown { .. }
+        | Error::IamServiceFailure(_)
+        | Error::IamError(_)
+        | Error::InvalidUserType(_)
+        | Error::IamLimitExceeded(_)
+        | Error::EntityTemporarilyUnmodifiable(_)
+        // A panic after the request may have left, IAM's answer unknown.
+        | Error::Internal {
+            maybe_sent: true, ..
+        } => Verdict::Failure,
+        // IAM refused the new password. Whichever IAM checks first, the old
+        // password was either right or not tested, so it is no wrong guess;
+        // but it is no change either, and clearing the failures on it would
+        // let a guesser reset the limit at will (AWS does not document that
+        // IAM checks the old password first).
+        Error::PolicyViolation { .. }
+        // Never sent, or refused before the old password was looked at
         // (authentication, authorization, no login profile, throttling).
-        Error::PolicyViolation { aws: None, .. }
         | Error::DeadlineBeforeSend { .. }
+        | Error::IamTimeout
         | Error::IamUnreachable(_)
         | Error::IamThrottled(_)
         | Error::IamUserMismatch
@@ -553,9 +579,21 @@ fn verdict(answer: &Answer) -> Verdict {
         | Error::AuditUnavailable
         | Error::Internal {
             maybe_sent: false, ..
-        } => Verdict::Release,
-        // A wrong old password, or an answer that cannot rule one out.
-        _ => Verdict::Failure,
+        }
+        // Refused before the attempt was reserved: this attempt sent nothing.
+        | Error::CallerNotMapped { .. }
+        | Error::PasswordInvalid(_)
+        | Error::TooManyFailedAttempts { .. }
+        | Error::CallerConcurrencyExceeded { .. }
+        | Error::TooManyRequestIds { .. }
+        | Error::RequestIdInvalid
+        | Error::RequestMalformed(_)
+        | Error::RequestTooLarge { .. }
+        | Error::CompressionUnsupported
+        | Error::UnknownMethod
+        | Error::StillInProgress
+        | Error::OutcomeLost
+        | Error::Replayed(_) => Verdict::Release,
     }
 }
 
@@ -571,47 +609,158 @@ mod tests {
         }
     }
 
+    /// Every reason, with the verdict its error gets. Only a change is a
+    /// success; IAM's own policy violation is released, never a success.
     #[test]
-    fn only_attempts_that_may_have_tested_the_old_password_count() {
-        let ok: Answer = Ok(Changed {
+    fn the_verdict_of_every_reason_follows_the_table() {
+        use crate::password::Violation;
+        let violation = || Violation {
+            field: "new_password",
+            description: "x".into(),
+        };
+        let rows: Vec<(Error, Verdict)> = vec![
+            (
+                Error::CallerNotMapped {
+                    presented: "cn=x".into(),
+                },
+                Verdict::Release,
+            ),
+            (Error::PasswordInvalid(violation()), Verdict::Release),
+            (
+                Error::PolicyViolation {
+                    violations: vec![violation()],
+                    aws: None,
+                },
+                Verdict::Release,
+            ),
+            (
+                Error::PolicyViolation {
+                    violations: vec![violation()],
+                    aws: Some(aws(IamCode::PasswordPolicyViolation)),
+                },
+                Verdict::Release,
+            ),
+            (
+                Error::OldPasswordIncorrect(aws(IamCode::InvalidUserType)),
+                Verdict::Failure,
+            ),
+            (
+                Error::TooManyFailedAttempts {
+                    retry_after: Duration::from_secs(1),
+                },
+                Verdict::Release,
+            ),
+            (
+                Error::InvalidUserType(aws(IamCode::InvalidUserType)),
+                Verdict::Failure,
+            ),
+            (
+                Error::LoginProfileMissing(aws(IamCode::NoSuchEntity)),
+                Verdict::Release,
+            ),
+            (
+                Error::IamAccessDenied(aws(IamCode::AccessDenied)),
+                Verdict::Release,
+            ),
+            (
+                Error::IamLimitExceeded(aws(IamCode::LimitExceeded)),
+                Verdict::Failure,
+            ),
+            (
+                Error::IamThrottled(aws(IamCode::Throttling)),
+                Verdict::Release,
+            ),
+            (
+                Error::EntityTemporarilyUnmodifiable(aws(IamCode::EntityTemporarilyUnmodifiable)),
+                Verdict::Failure,
+            ),
+            (
+                Error::IamServiceFailure(aws(IamCode::ServiceFailure)),
+                Verdict::Failure,
+            ),
+            (
+                Error::UpstreamCredentialsRejected(Some(aws(IamCode::InvalidClientTokenId)), None),
+                Verdict::Release,
+            ),
+            (
+                Error::IamUnreachable(Cause::msg("refused")),
+                Verdict::Release,
+            ),
+            (
+                Error::OutcomeUnknown {
+                    aws: None,
+                    cause: None,
+                },
+                Verdict::Failure,
+            ),
+            (Error::StillInProgress, Verdict::Release),
+            (Error::OutcomeLost, Verdict::Release),
+            (Error::DeadlineBeforeSend { stage: "iam" }, Verdict::Release),
+            (Error::IamTimeout, Verdict::Release),
+            (Error::IamUserMismatch, Verdict::Release),
+            (
+                Error::CallerConcurrencyExceeded { limit: 5 },
+                Verdict::Release,
+            ),
+            (Error::RequestIdInvalid, Verdict::Release),
+            (
+                Error::StateUnavailable(Cause::msg("down")),
+                Verdict::Release,
+            ),
+            (
+                Error::IamError(aws(IamCode::Other("New".into()))),
+                Verdict::Failure,
+            ),
+            (Error::RequestMalformed("x".into()), Verdict::Release),
+            (Error::RequestTooLarge { limit: 1 }, Verdict::Release),
+            (Error::CompressionUnsupported, Verdict::Release),
+            (Error::UnknownMethod, Verdict::Release),
+            (Error::AuditUnavailable, Verdict::Release),
+            (
+                Error::Internal {
+                    maybe_sent: false,
+                    iam_outcome: None,
+                    aws: None,
+                },
+                Verdict::Release,
+            ),
+            (
+                Error::Internal {
+                    maybe_sent: true,
+                    iam_outcome: None,
+                    aws: None,
+                },
+                Verdict::Failure,
+            ),
+            (
+                Error::TooManyRequestIds {
+                    limit: 1,
+                    retry_after: Duration::from_secs(1),
+                },
+                Verdict::Release,
+            ),
+            (
+                Error::Replayed(Box::new(
+                    Error::OldPasswordIncorrect(aws(IamCode::InvalidUserType)).rejection(),
+                )),
+                Verdict::Release,
+            ),
+        ];
+        for reason in Reason::ALL {
+            assert!(
+                rows.iter().any(|(e, _)| e.reason() == *reason),
+                "{reason} has no row"
+            );
+        }
+        for (error, expected) in rows {
+            assert_eq!(verdict(&Err(error.clone())), expected, "{error:?}");
+        }
+        let changed: Answer = Ok(Changed {
             iam_user: "u".into(),
             iam_request_id: "r".into(),
             replayed: false,
         });
-        assert_eq!(verdict(&ok), Verdict::Success);
-        let counts = [
-            Error::OldPasswordIncorrect(aws(IamCode::InvalidUserType)),
-            Error::OutcomeUnknown {
-                aws: None,
-                cause: None,
-            },
-            Error::IamServiceFailure(aws(IamCode::ServiceFailure)),
-            Error::IamError(aws(IamCode::Other("New".into()))),
-            // A panic after the request may have left, IAM's answer unknown.
-            Error::Internal {
-                maybe_sent: true,
-                iam_outcome: None,
-                aws: None,
-            },
-        ];
-        for e in counts {
-            assert_eq!(verdict(&Err(e.clone())), Verdict::Failure, "{e:?}");
-        }
-        let free = [
-            Error::AuditUnavailable,
-            Error::Internal {
-                maybe_sent: false,
-                iam_outcome: None,
-                aws: None,
-            },
-            Error::DeadlineBeforeSend { stage: "iam" },
-            Error::IamUnreachable(Cause::msg("refused")),
-            Error::IamThrottled(aws(IamCode::Throttling)),
-            Error::IamAccessDenied(aws(IamCode::AccessDenied)),
-        ];
-        for e in free {
-            assert_eq!(verdict(&Err(e.clone())), Verdict::Release, "{e:?}");
-        }
+        assert_eq!(verdict(&changed), Verdict::Success, "only a change");
     }
 
     #[tokio::test]

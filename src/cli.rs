@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check-config`, `dev-pki`.
+//! The command line: `serve`, `check-config`, `dev-pki`, `lockout`.
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -9,6 +9,7 @@ use crate::{
     credentials::{self, AwsClients},
     devpki,
     iam::Iam,
+    lockout::{self, LockoutError},
     logs::Output,
     principal::Principals,
     server::{self, Listeners},
@@ -20,6 +21,8 @@ use crate::{
 pub const EX_USAGE: u8 = 64;
 /// Exit code when the service fails at run time (EX_SOFTWARE).
 pub const EX_SOFTWARE: u8 = 70;
+/// Exit code when the state store cannot be reached (EX_UNAVAILABLE).
+pub const EX_UNAVAILABLE: u8 = 69;
 /// How long exporting buffered spans and metrics may take at exit.
 const TELEMETRY_FLUSH_BUDGET: Duration = Duration::from_secs(5);
 /// How long writing the last log lines and audit events to stdout may take
@@ -71,6 +74,45 @@ enum Command {
         #[arg(long = "server-name", value_name = "NAME")]
         server_names: Vec<String>,
     },
+    /// Show or clear one caller's failed-attempt record in the shared
+    /// [state] store (Redis/Valkey; the memory state of a running replica
+    /// cannot be reached from outside).
+    Lockout {
+        #[command(subcommand)]
+        action: LockoutAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LockoutAction {
+    /// Show the caller's failed attempts in the window, its attempts in
+    /// flight, and whether (and for how long) it is locked out.
+    Status {
+        #[command(flatten)]
+        target: LockoutTarget,
+        /// One JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget the caller's failed attempts, ending a lockout at once.
+    /// Written as an audit event (target credgate::audit,
+    /// action="lockout_reset") on stdout; the summary goes to stderr.
+    Reset {
+        #[command(flatten)]
+        target: LockoutTarget,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct LockoutTarget {
+    /// The caller: a SPIFFE ID, or a DNS name or CN that one configured
+    /// caller matches; `dns:NAME`, `cn:NAME` or `spiffe:ID` name the kind
+    /// when a value is both (state is kept per kind and value).
+    #[arg(long, value_name = "IDENTITY")]
+    caller: String,
+    /// Configuration file (TOML).
+    #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
+    config: PathBuf,
 }
 
 /// Parses the command line and runs the command.
@@ -106,6 +148,7 @@ pub fn main() -> ExitCode {
                 clients,
                 server_names,
             } => dev_pki(out, &server_names, &clients),
+            Command::Lockout { action } => lockout_command(action).await,
         }
     });
     // A telemetry flush still stuck on an unreachable collector must not
@@ -233,7 +276,7 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
                     config.server.listen,
                     config.server.admin_listen,
                     if online {
-                        "; IAM identities verified, state store reachable"
+                        "; IAM identities verified, state store reachable and noeviction"
                     } else {
                         ""
                     }
@@ -255,11 +298,60 @@ async fn check_online(config: &Config) -> Vec<String> {
     let iam = Iam::new(AwsClients::new(&config.aws, profiles).await);
     let mut problems = Principals::new(&config.callers).problems(&iam).await;
     if let Ok(store) = Store::new(&config.state, &config.limits, Duration::ZERO)
-        && let Err(e) = store.ping().await
+        && let Err(e) = store.verify().await
     {
-        problems.push(format!("state: {e}: {}", crate::error::chain(&e)));
+        problems.push(e.to_string());
     }
     problems
+}
+
+async fn lockout_command(action: LockoutAction) -> ExitCode {
+    let (LockoutAction::Status { target, .. } | LockoutAction::Reset { target }) = &action;
+    let config = match Config::load(&target.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("credgate: {}: {e}", target.config.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let result = match &action {
+        LockoutAction::Status { target, json } => lockout::status(&config, &target.caller, *json)
+            .await
+            .map(|text| println!("{text}")),
+        LockoutAction::Reset { target } => {
+            // The audit event goes out as the service's do: a JSON line on
+            // stdout, in the configured format.
+            let telemetry = match telemetry::init(config.telemetry.log_format) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("credgate: {e}");
+                    return ExitCode::from(EX_SOFTWARE);
+                }
+            };
+            let result = lockout::reset(&config, &target.caller).await;
+            let unwritten =
+                tokio::task::spawn_blocking(move || telemetry.flush_logs(LOG_FLUSH_BUDGET))
+                    .await
+                    .unwrap_or_default();
+            if unwritten > 0 {
+                eprintln!(
+                    "credgate: stdout took no output for {}s; the reset's audit event was not written",
+                    LOG_FLUSH_BUDGET.as_secs()
+                );
+            }
+            result.map(|text| eprintln!("{text}"))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("credgate lockout: {e}");
+            ExitCode::from(match e {
+                LockoutError::Usage(_) => EX_USAGE,
+                LockoutError::Store(_) => EX_UNAVAILABLE,
+            })
+        }
+    }
 }
 
 fn dev_pki(out: PathBuf, server_names: &[String], clients: &[String]) -> ExitCode {

@@ -144,6 +144,9 @@ pub(crate) struct StateSettings {
     pub backend: StateBackend,
     /// Prefix of every key, so that deployments can share one Redis.
     pub key_prefix: String,
+    /// Most `request_id` records (pending or finished) one caller may hold
+    /// at once; a new `request_id` beyond it gets `TOO_MANY_REQUEST_IDS`.
+    pub max_request_ids_per_caller: u32,
 }
 
 impl Default for StateSettings {
@@ -151,6 +154,7 @@ impl Default for StateSettings {
         Self {
             backend: StateBackend::Memory,
             key_prefix: "credgate:".to_owned(),
+            max_request_ids_per_caller: 1000,
         }
     }
 }
@@ -164,11 +168,42 @@ pub(crate) enum StateBackend {
     Redis(RedisSettings),
 }
 
+/// How the Redis/Valkey deployment is laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Topology {
+    /// One server (`state.url`): `redis://host:port/db` or `rediss://...`.
+    Standalone(String),
+    /// Redis Cluster (`state.cluster_nodes`): any of its nodes, the rest is
+    /// discovered.
+    Cluster(Vec<String>),
+    /// A master found through Sentinel (`state.sentinels` +
+    /// `state.sentinel_master`), followed across failovers.
+    Sentinel {
+        /// The sentinels' URLs.
+        sentinels: Vec<String>,
+        /// The monitored master's name.
+        master: String,
+    },
+}
+
+impl Topology {
+    /// Whether the connections use TLS (`rediss://`).
+    pub(crate) fn tls(&self) -> bool {
+        match self {
+            Self::Standalone(url) => url.starts_with("rediss://"),
+            Self::Cluster(urls)
+            | Self::Sentinel {
+                sentinels: urls, ..
+            } => urls.iter().all(|u| u.starts_with("rediss://")),
+        }
+    }
+}
+
 /// How to reach Redis/Valkey.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RedisSettings {
-    /// `redis://host:port/db` or `rediss://...` (TLS), without a password.
-    pub url: String,
+    /// Which servers, never with a password in a URL.
+    pub topology: Topology,
     /// File holding the password (else `CREDGATE_REDIS_PASSWORD`, else none).
     pub password_file: Option<PathBuf>,
     /// PEM CA bundle for `rediss://` (else the system roots).
@@ -222,6 +257,20 @@ pub(crate) enum Matcher {
     DnsName(String),
     /// The subject common name.
     CommonName(String),
+}
+
+impl Matcher {
+    /// The kind and value together, as the state store keys a caller by
+    /// (DESIGN.md: "keyed by the matcher's kind and value together"). A
+    /// templated caller (to come) keys by the identity it resolved to, in
+    /// the same form.
+    pub(crate) fn state_key(&self) -> String {
+        match self {
+            Self::SpiffeId(v) => format!("spiffe:{v}"),
+            Self::DnsName(v) => format!("dns:{v}"),
+            Self::CommonName(v) => format!("cn:{v}"),
+        }
+    }
 }
 
 impl fmt::Display for Matcher {
@@ -553,7 +602,11 @@ fn parse_state(p: &mut Problems, root: &Table) -> StateSettings {
     let known = [
         "backend",
         "url",
+        "cluster_nodes",
+        "sentinels",
+        "sentinel_master",
         "key_prefix",
+        "max_request_ids_per_caller",
         "password_file",
         "ca_file",
         "client_cert",
@@ -563,13 +616,26 @@ fn parse_state(p: &mut Problems, root: &Table) -> StateSettings {
     let Some(t) = p.section(root, "state", &known) else {
         return s;
     };
-    if t.contains_key("key_prefix") {
-        s.key_prefix = p
-            .required_string(t, "state", "key_prefix")
-            .unwrap_or(s.key_prefix);
+    if t.contains_key("key_prefix")
+        && let Some(prefix) = p.required_string(t, "state", "key_prefix")
+    {
+        // A brace would move the Cluster hash tag off the caller, or (`{}`)
+        // hash each key on its own: one caller's keys in several slots, and
+        // its Lua scripts refused.
+        if prefix.contains(['{', '}']) {
+            p.push(format!(
+                "state.key_prefix: {prefix:?} must not contain '{{' or '}}' \
+                 (credgate puts each caller's Redis Cluster hash tag there itself)"
+            ));
+        } else {
+            s.key_prefix = prefix;
+        }
     }
+    s.max_request_ids_per_caller = p
+        .positive(t, "state", "max_request_ids_per_caller")
+        .unwrap_or(s.max_request_ids_per_caller);
     let backend: Option<String> = p.value(t, "state", "backend");
-    let url: Option<String> = p.value(t, "state", "url");
+    let layout = parse_topology(p, t);
     let path = |p: &mut Problems, key| p.value::<String>(t, "state", key).map(PathBuf::from);
     let password_file = path(p, "password_file");
     let ca_file = path(p, "ca_file");
@@ -583,38 +649,32 @@ fn parse_state(p: &mut Problems, root: &Table) -> StateSettings {
         ("ca_file", ca_file.is_some()),
         ("client_cert", client_cert.is_some()),
         ("client_key", client_key.is_some()),
+        ("command_timeout", t.contains_key("command_timeout")),
     ];
-    match (backend.as_deref(), url) {
-        (None | Some("memory"), None) => {
+    match (backend.as_deref(), layout) {
+        (None | Some("memory"), Layout::None) => {
             for (key, set) in redis_only {
                 if set {
                     p.push(format!(
-                        "state.{key}: only applies to the redis backend (set state.url)"
+                        "state.{key}: only applies to the redis backend \
+                         (set state.url, state.cluster_nodes or state.sentinels)"
                     ));
                 }
             }
         }
-        (Some("memory"), Some(_)) => {
-            p.push("state.url: the memory backend takes no url (remove it, or set backend = \"redis\")".to_owned());
+        (Some("memory"), Layout::Given { .. }) => {
+            p.push(
+                "state.backend: the memory backend takes no url, cluster_nodes or sentinels \
+                 (remove them, or set backend = \"redis\")"
+                    .to_owned(),
+            );
         }
-        (Some("redis"), None) => p.push("state.url: required by the redis backend".to_owned()),
-        (None | Some("redis"), Some(url)) => {
-            let tls = url.starts_with("rediss://");
-            if !(tls || url.starts_with("redis://")) {
-                p.push(format!(
-                    "state.url: {url:?} must start with redis:// or rediss://"
-                ));
-            } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
-                p.push(format!("state.url: not a Redis URL: {e}"));
-            } else if url_has_password(&url) {
-                p.push(
-                    "state.url: must not carry a password; use state.password_file or the \
-                     CREDGATE_REDIS_PASSWORD environment variable"
-                        .to_owned(),
-                );
-            }
+        (Some("redis"), Layout::None) => p.push(
+            "state.url: the redis backend needs one of url, cluster_nodes or sentinels".to_owned(),
+        ),
+        (None | Some("redis"), Layout::Given { topology, tls }) => {
             if !tls {
-                for (key, set) in &redis_only[1..] {
+                for (key, set) in &redis_only[1..4] {
                     if *set {
                         p.push(format!("state.{key}: only applies to rediss:// (TLS) URLs"));
                     }
@@ -623,20 +683,124 @@ fn parse_state(p: &mut Problems, root: &Table) -> StateSettings {
             if client_cert.is_some() != client_key.is_some() {
                 p.push("state.client_cert and state.client_key: set both or neither".to_owned());
             }
-            s.backend = StateBackend::Redis(RedisSettings {
-                url,
-                password_file,
-                ca_file,
-                client_cert,
-                client_key,
-                command_timeout,
-            });
+            // `None`: unusable, its problems already recorded.
+            if let Some(topology) = topology {
+                s.backend = StateBackend::Redis(RedisSettings {
+                    topology,
+                    password_file,
+                    ca_file,
+                    client_cert,
+                    client_key,
+                    command_timeout,
+                });
+            }
         }
         (Some(other), _) => p.push(format!(
             "state.backend: {other:?} is not \"memory\" or \"redis\""
         )),
     }
     s
+}
+
+/// What `[state]` says about Redis servers.
+enum Layout {
+    /// No `url`, `cluster_nodes` or `sentinels`.
+    None,
+    /// One of them, usable (`Some`) or not (its problems recorded).
+    Given {
+        topology: Option<Topology>,
+        /// Every URL is `rediss://`.
+        tls: bool,
+    },
+}
+
+/// `url`, `cluster_nodes` or `sentinels` + `sentinel_master`: exactly one
+/// layout, every URL checked.
+fn parse_topology(p: &mut Problems, t: &Table) -> Layout {
+    let url: Option<String> = p.value(t, "state", "url");
+    let cluster: Option<Vec<String>> = p.value(t, "state", "cluster_nodes");
+    let sentinels: Option<Vec<String>> = p.value(t, "state", "sentinels");
+    let master: Option<String> = p.value(t, "state", "sentinel_master");
+    let urls: Vec<&String> = url
+        .iter()
+        .chain(cluster.iter().flatten())
+        .chain(sentinels.iter().flatten())
+        .collect();
+    let tls = !urls.is_empty() && urls.iter().all(|u| u.starts_with("rediss://"));
+    let given = [url.is_some(), cluster.is_some(), sentinels.is_some()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        p.push(
+            "state: set only one of url, cluster_nodes and sentinels (one Redis deployment)"
+                .to_owned(),
+        );
+        return Layout::Given {
+            topology: None,
+            tls,
+        };
+    }
+    if master.is_some() != sentinels.is_some() {
+        p.push("state.sentinel_master and state.sentinels: set both or neither".to_owned());
+    }
+    let problems = p.0.len();
+    let topology = if let Some(url) = url {
+        check_redis_url(p, "state.url", &url, true);
+        Topology::Standalone(url)
+    } else if let Some(nodes) = cluster {
+        check_redis_urls(p, "state.cluster_nodes", &nodes, false);
+        Topology::Cluster(nodes)
+    } else if let Some(sentinels) = sentinels {
+        check_redis_urls(p, "state.sentinels", &sentinels, false);
+        let master = master.unwrap_or_default();
+        if master.trim().is_empty() {
+            p.push("state.sentinel_master: must name the master the sentinels monitor".to_owned());
+        }
+        Topology::Sentinel { sentinels, master }
+    } else {
+        return Layout::None;
+    };
+    Layout::Given {
+        topology: (p.0.len() == problems).then_some(topology),
+        tls,
+    }
+}
+
+fn check_redis_urls(p: &mut Problems, key: &str, urls: &[String], db: bool) {
+    if urls.is_empty() {
+        p.push(format!(
+            "{key}: must list at least one redis:// or rediss:// URL"
+        ));
+    }
+    for (i, url) in urls.iter().enumerate() {
+        check_redis_url(p, &format!("{key}[{i}]"), url, db);
+    }
+    let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    if tls != 0 && tls != urls.len() {
+        p.push(format!("{key}: mixes redis:// and rediss:// URLs"));
+    }
+}
+
+/// One URL: a Redis scheme, parseable, no password, and a database other
+/// than 0 only where the layout has databases (Cluster and the node a
+/// sentinel names have only 0).
+fn check_redis_url(p: &mut Problems, key: &str, url: &str, db: bool) {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        p.push(format!(
+            "{key}: {url:?} must start with redis:// or rediss://"
+        ));
+        return;
+    }
+    match redis::IntoConnectionInfo::into_connection_info(url) {
+        Err(e) => p.push(format!("{key}: not a Redis URL: {e}")),
+        Ok(_) if url_has_password(url) => p.push(format!(
+            "{key}: must not carry a password; use state.password_file or the \
+             CREDGATE_REDIS_PASSWORD environment variable"
+        )),
+        Ok(info) if !db && info.redis_settings().db() != 0 => p.push(format!(
+            "{key}: names database {}, but only database 0 exists here",
+            info.redis_settings().db()
+        )),
+        Ok(_) => {}
+    }
 }
 
 /// Whether `redis://user:password@host` carries a password.
@@ -963,7 +1127,10 @@ mod tests {
         let StateBackend::Redis(r) = &config.state.backend else {
             panic!("redis");
         };
-        assert_eq!(r.url, "rediss://redis.svc:6380/2");
+        assert_eq!(
+            r.topology,
+            Topology::Standalone("rediss://redis.svc:6380/2".into())
+        );
         assert_eq!(r.command_timeout, Duration::from_millis(100));
         assert_eq!(config.state.key_prefix, "team-a:");
 
@@ -990,6 +1157,98 @@ mod tests {
         let memory_with_url =
             format!("{MINIMAL}\n[state]\nbackend = \"memory\"\nurl = \"redis://r\"\n");
         assert!(Config::parse(&memory_with_url).is_err());
+    }
+
+    #[test]
+    fn cluster_and_sentinel_layouts_are_parsed_and_checked_all_at_once() {
+        let state = |body: &str| format!("{MINIMAL}\n[state]\n{body}\n");
+        let cluster = Config::parse(&state(
+            "cluster_nodes = [\"redis://r-0:6379\", \"redis://r-1:6379\"]\n\
+             max_request_ids_per_caller = 50",
+        ))
+        .expect("valid");
+        let StateBackend::Redis(r) = &cluster.state.backend else {
+            panic!("redis");
+        };
+        assert_eq!(
+            r.topology,
+            Topology::Cluster(vec!["redis://r-0:6379".into(), "redis://r-1:6379".into()])
+        );
+        assert_eq!(cluster.state.max_request_ids_per_caller, 50);
+        let sentinel = Config::parse(&state(
+            "sentinels = [\"redis://s-0:26379\"]\nsentinel_master = \"credgate\"",
+        ))
+        .expect("valid");
+        let StateBackend::Redis(r) = &sentinel.state.backend else {
+            panic!("redis");
+        };
+        assert_eq!(
+            r.topology,
+            Topology::Sentinel {
+                sentinels: vec!["redis://s-0:26379".into()],
+                master: "credgate".into()
+            }
+        );
+
+        let err = Config::parse(&state(
+            "url = \"redis://a\"\ncluster_nodes = [\"redis://b\"]\nkey_prefix = \"x{y}:\"\n\
+             max_request_ids_per_caller = 0",
+        ))
+        .expect_err("invalid");
+        let all = err.problems.join("\n");
+        for needle in [
+            "state: set only one of url, cluster_nodes and sentinels",
+            "state.key_prefix: \"x{y}:\" must not contain",
+            "state.max_request_ids_per_caller: must be greater than zero",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let err = Config::parse(&state(
+            "cluster_nodes = [\"redis://a/3\", \"rediss://b\", \"http://c\", \"redis://:pw@d\"]",
+        ))
+        .expect_err("invalid");
+        let all = err.problems.join("\n");
+        for needle in [
+            "state.cluster_nodes[0]: names database 3",
+            "state.cluster_nodes[2]: \"http://c\" must start with redis://",
+            "state.cluster_nodes[3]: must not carry a password",
+            "state.cluster_nodes: mixes redis:// and rediss://",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("pw@"), "no password echoed: {all}");
+        let err =
+            Config::parse(&state("sentinels = []\ncommand_timeout = \"1s\"")).expect_err("invalid");
+        let all = err.problems.join("\n");
+        for needle in [
+            "state.sentinel_master and state.sentinels: set both or neither",
+            "state.sentinels: must list at least one",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let err = Config::parse(&state("command_timeout = \"1s\"")).expect_err("invalid");
+        assert!(
+            err.problems[0].contains("state.command_timeout: only applies to the redis backend"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn state_keys_carry_the_matcher_kind() {
+        let keys = [
+            Matcher::SpiffeId("spiffe://corp/ns/a/sa/a".into()),
+            Matcher::DnsName("svc.corp".into()),
+            Matcher::CommonName("svc.corp".into()),
+        ]
+        .map(|m| m.state_key());
+        assert_eq!(
+            keys,
+            [
+                "spiffe:spiffe://corp/ns/a/sa/a",
+                "dns:svc.corp",
+                "cn:svc.corp"
+            ]
+        );
     }
 
     #[test]

@@ -25,8 +25,9 @@
 //!   connections, and every unmapped identity shares one budget of that
 //!   size; a connection over its identity's budget is told so (GOAWAY
 //!   `ENHANCE_YOUR_CALM`) and closed. An unmapped connection is served
-//!   health only, and is closed after its first refused call or
-//!   [`UNMAPPED_IDLE_TIMEOUT`] without a call;
+//!   health only, and is closed [`REFUSED_LINGER`] after its first refused
+//!   call (once no call is in flight) or [`UNMAPPED_IDLE_TIMEOUT`] without a
+//!   call;
 //! - [`MAX_CONCURRENT_STREAMS`] streams per connection, small flow-control
 //!   windows (what one connection can make credgate buffer), keepalive
 //!   PINGs; every stream is reset when `request_timeout` has passed since it
@@ -91,6 +92,11 @@ const REFUSAL_BUDGET: Duration = Duration::from_secs(1);
 /// An unmapped connection without a call for this long is closed (or
 /// sooner, at `idle_timeout`): it may only ask for health.
 pub(crate) const UNMAPPED_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After an unmapped caller was refused, its connection goes once it has
+/// been this long without a call. Not at once: a client that sends its next
+/// call on the same channel right after the refusal would otherwise race the
+/// GOAWAY and see a transport error instead of `CALLER_NOT_MAPPED`.
+const REFUSED_LINGER: Duration = Duration::from_millis(500);
 /// Streams a client may open at once on one connection (advertised in
 /// SETTINGS). A caller needs a few; hundreds only serve to starve others.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 32;
@@ -782,11 +788,12 @@ async fn retire(
     retire_at: Instant,
     shutdown: &CancellationToken,
 ) -> Retire {
-    let idle_timeout = if conn.caller.is_ok() {
+    let mut idle_timeout = if conn.caller.is_ok() {
         settings.idle_timeout
     } else {
         settings.idle_timeout.min(UNMAPPED_IDLE_TIMEOUT)
     };
+    let mut refused = false;
     loop {
         // While busy, look again a little later.
         let check = conn.idle_since().map_or_else(
@@ -796,13 +803,16 @@ async fn retire(
         tokio::select! {
             () = tokio::time::sleep_until(retire_at) => return Retire::Age,
             () = shutdown.cancelled() => return Retire::Shutdown,
-            () = conn.refused() => return Retire::Refused,
+            () = conn.refused(), if !refused => {
+                refused = true;
+                idle_timeout = idle_timeout.min(REFUSED_LINGER);
+            }
             () = tokio::time::sleep_until(check) => {
                 if conn
                     .idle_since()
                     .is_some_and(|since| since.elapsed() >= idle_timeout)
                 {
-                    return Retire::Idle;
+                    return if refused { Retire::Refused } else { Retire::Idle };
                 }
             }
         }

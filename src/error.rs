@@ -98,6 +98,7 @@ reasons! {
     UnknownMethod => "UNKNOWN_METHOD", Unimplemented, true;
     AuditUnavailable => "AUDIT_UNAVAILABLE", Unavailable, true;
     InternalError => "INTERNAL_ERROR", Internal, false;
+    TooManyRequestIds => "TOO_MANY_REQUEST_IDS", ResourceExhausted, true;
 }
 
 impl fmt::Display for Reason {
@@ -418,6 +419,19 @@ pub enum Error {
         /// IAM's answer, when there was one.
         aws: Option<AwsContext>,
     },
+    /// The caller already holds `state.max_request_ids_per_caller` stored
+    /// `request_id` outcomes (or claims): a new id would grow the shared
+    /// store without bound.
+    #[error(
+        "this caller already has {limit} request_id outcomes stored; \
+         retry after {}s, when the oldest expires", .retry_after.as_secs().max(1)
+    )]
+    TooManyRequestIds {
+        /// The limit that was reached.
+        limit: u32,
+        /// When the oldest record expires.
+        retry_after: Duration,
+    },
 }
 
 impl Error {
@@ -454,6 +468,7 @@ impl Error {
             Self::UnknownMethod => Reason::UnknownMethod,
             Self::AuditUnavailable => Reason::AuditUnavailable,
             Self::Internal { .. } => Reason::InternalError,
+            Self::TooManyRequestIds { .. } => Reason::TooManyRequestIds,
             Self::Replayed(r) => r.reason,
         }
     }
@@ -481,7 +496,8 @@ impl Error {
     /// The retry delay a client should wait, for outcomes worth retrying.
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::TooManyFailedAttempts { retry_after } => Some(*retry_after),
+            Self::TooManyFailedAttempts { retry_after }
+            | Self::TooManyRequestIds { retry_after, .. } => Some(*retry_after),
             Self::IamThrottled(_)
             | Self::EntityTemporarilyUnmodifiable(_)
             | Self::IamServiceFailure(_)
@@ -603,6 +619,12 @@ impl Rejection {
                 "an IAM quota was exceeded; see awsErrorCode and the IAM quotas page",
             );
         }
+        if self.reason == Reason::TooManyRequestIds {
+            details.add_quota_failure_violation(
+                "request_id",
+                "stored request_id outcomes per caller (state.max_request_ids_per_caller)",
+            );
+        }
         if let Some(ms) = self.retry_after_ms {
             details.set_retry_info(Some(Duration::from_millis(ms)));
         }
@@ -708,6 +730,10 @@ mod tests {
                     code: None,
                     request_id: Some("req-1".into()),
                 }),
+            },
+            Error::TooManyRequestIds {
+                limit: 1000,
+                retry_after: Duration::from_secs(60),
             },
         ]
     }

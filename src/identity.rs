@@ -173,6 +173,11 @@ impl fmt::Display for PeerIdentity {
 pub(crate) struct Caller {
     /// The identity that matched, as configured (for logs and spans).
     pub identity: String,
+    /// The matcher's kind and value together (`spiffe:<id>`, `dns:<name>`,
+    /// `cn:<name>`): what this caller's records in the state store are
+    /// keyed by, so that a DNS-name caller and a CN caller with the same
+    /// value never share a failure counter or a `request_id` record.
+    pub key: String,
     /// The IAM user this caller acts as, as configured.
     pub iam_user: String,
     /// The profile whose access key signs for that user.
@@ -200,6 +205,7 @@ impl Callers {
                 };
                 let caller = Caller {
                     identity,
+                    key: c.matcher.state_key(),
                     iam_user: c.iam_user.clone(),
                     aws_profile: c.aws_profile.clone(),
                     in_flight: Arc::new(Semaphore::new(max_in_flight)),

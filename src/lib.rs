@@ -30,8 +30,9 @@
 //! - [`telemetry`]: the subscriber (logs, audit events, OTLP traces and
 //!   metrics); [`logs`]: the JSON line format and the writer that never
 //!   blocks a runtime thread (and says when stdout stalls).
-//! - [`config`], [`spiffe`], [`cli`], [`devpki`]: configuration, SPIFFE ID
-//!   rules, command line, dev PKI; `fault`: test-only fault points (cargo
+//! - [`config`], [`spiffe`], [`cli`], [`devpki`], [`lockout`]:
+//!   configuration, SPIFFE ID rules, command line, dev PKI, the operator's
+//!   view of a caller's attempt limit; `fault`: test-only fault points (cargo
 //!   feature `fault-injection`, never in a shipped build).
 //! - [`api`]: the generated `credgate.v1` types.
 
@@ -53,6 +54,7 @@ pub(crate) mod error;
 pub(crate) mod fault;
 pub(crate) mod iam;
 pub(crate) mod identity;
+pub(crate) mod lockout;
 pub(crate) mod logs;
 pub(crate) mod password;
 pub(crate) mod policy_cache;

@@ -29,7 +29,7 @@ use crate::{
     principal::Principals,
     rpc_span::{RpcSpan, RpcSpanLayer, SERVICE},
     service::PasswordGate,
-    state::Store,
+    state::{Store, Unfit},
     telemetry,
     tls::ReloadingConfig,
 };
@@ -152,6 +152,19 @@ pub(crate) async fn serve(
         tracing::info!(
             "state in process memory: the attempt limit and request_id replays hold for this replica only"
         );
+    } else {
+        match store.verify().await {
+            Ok(()) => {}
+            // A store that may evict keys would silently reset lockouts and
+            // re-run request_ids: refuse to start on it.
+            Err(e @ Unfit::Evicts(_)) => return Err(ServeError::State(e.to_string())),
+            // Unreachable: start anyway and fail closed until it is back
+            // (its policy is checked again then).
+            Err(e @ Unfit::Unreachable(_)) => tracing::warn!(
+                error = %e,
+                "state store not reachable at start; ChangePassword fails closed until it is"
+            ),
+        }
     }
     let tracker = TaskTracker::new();
     let at_iam = TaskTracker::new();
@@ -190,7 +203,7 @@ pub(crate) async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let password_service = PasswordServiceServer::new(PasswordGate::new(gate))
+    let password_service = PasswordServiceServer::new(PasswordGate::new(gate.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let routes = Routes::new(password_service)
         .add_service(health.clone())
@@ -263,7 +276,18 @@ pub(crate) async fn serve(
     stop.cancel();
     let _ = sink_watcher.await;
     set_serving(&reporter, ServingStatus::NotServing).await;
+    let drain_started = tokio::time::Instant::now();
     drain(&config, &tracker, &at_iam).await;
+    // Attempts the store did not settle at once (it was down) are retried in
+    // the background; give them what is left of the grace.
+    gate.store
+        .drain(
+            config
+                .server
+                .shutdown_grace
+                .saturating_sub(drain_started.elapsed()),
+        )
+        .await;
     // The admin port outlives the drain so probes see NOT_SERVING meanwhile.
     admin_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;

@@ -285,6 +285,10 @@ pub(crate) struct Metrics {
     pub state_duration: Histogram<f64>,
     /// `credgate.state.errors`: failed state store commands.
     pub state_errors: Counter<u64>,
+    /// `credgate.state.lost_records`: outcomes whose `request_id` claim was
+    /// gone from the store (`record`: `missing`, or `replaced` by another
+    /// call that then also reached IAM).
+    pub state_lost_records: Counter<u64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -317,6 +321,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         state_errors: meter
             .u64_counter("credgate.state.errors")
             .with_description("Failed state store (Redis) commands")
+            .build(),
+        state_lost_records: meter
+            .u64_counter("credgate.state.lost_records")
+            .with_description(
+                "request_id outcomes whose claim was gone from the state store (record: missing|replaced)",
+            )
             .build(),
     }
 });

@@ -1,8 +1,10 @@
 //! The in-process state backend: one replica's promises only.
 //!
-//! Bounded: a caller's attempts are at most `failed_attempts` entries (a
-//! reservation beyond the limit is refused), callers are the configured ones,
-//! and `request_id` records expire after a day and are capped per caller.
+//! One lock over every caller's attempts and `request_id` records makes each
+//! [`Backend`] step atomic, as a Lua script is in Redis. Bounded: a caller's
+//! attempts are at most `failed_attempts` entries (a reservation beyond the
+//! limit is refused), its records at most `max_request_ids_per_caller`, and
+//! records expire.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -10,15 +12,16 @@ use std::{
     time::Duration,
 };
 
+use futures_util::{FutureExt, future::BoxFuture};
 use tokio::{sync::Notify, time::Instant};
 
-use super::{Entry, Limit, Verdict};
-use crate::deadline::Deadline;
+use super::{
+    Backend, Began, BeginFailed, BeginOp, EndOp, EndRecord, Ended, Failures, Limit, StoredOutcome,
+    Verdict, still_pending,
+};
+use crate::error::Cause;
 
-/// Most `request_id` records kept per caller; the oldest finished ones go
-/// first. A day of changes from one caller stays far below it.
-const MAX_RECORDS_PER_CALLER: usize = 10_000;
-/// How often expired records are swept, at most.
+/// How often idle callers' expired records are swept, at most.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
@@ -28,23 +31,64 @@ struct Attempt {
     pending: bool,
 }
 
+#[derive(Debug, Clone)]
+enum RecordState {
+    Pending { owner: String, started: Instant },
+    Done(StoredOutcome),
+}
+
 #[derive(Debug)]
 struct Record {
-    entry: Entry,
+    state: RecordState,
     expires: Instant,
 }
 
 #[derive(Debug, Default)]
-struct Records {
-    by_caller: HashMap<String, HashMap<String, Record>>,
+struct CallerState {
+    attempts: VecDeque<Attempt>,
+    records: HashMap<String, Record>,
+    /// Attempts given up before their `begin` was answered, with when that
+    /// is forgotten (see [`EndOp::unanswered`]).
+    released: HashMap<String, Instant>,
+}
+
+impl CallerState {
+    /// Drops what has expired.
+    fn prune(&mut self, now: Instant, window: Duration, reservation_ttl: Duration) {
+        self.attempts.retain(|a| {
+            let ttl = if a.pending { reservation_ttl } else { window };
+            now.duration_since(a.at) < ttl
+        });
+        self.records.retain(|_, r| r.expires > now);
+        self.released.retain(|_, until| *until > now);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.attempts.is_empty() && self.records.is_empty() && self.released.is_empty()
+    }
+
+    fn failures(&self) -> impl Iterator<Item = &Attempt> {
+        self.attempts.iter().filter(|a| !a.pending)
+    }
+
+    fn found(&self, request_id: &str, now: Instant) -> Option<Began> {
+        self.records.get(request_id).map(|r| match &r.state {
+            RecordState::Pending { started, .. } => Began::Pending(now.duration_since(*started)),
+            RecordState::Done(outcome) => Began::Done(outcome.clone()),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Callers {
+    by_key: HashMap<String, CallerState>,
     last_sweep: Option<Instant>,
 }
 
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct Memory {
-    attempts: Mutex<HashMap<String, VecDeque<Attempt>>>,
-    records: Mutex<Records>,
+    callers: Mutex<Callers>,
     /// Woken whenever a record changes, for retries waiting on a claim.
     changed: Notify,
 }
@@ -59,307 +103,268 @@ impl Memory {
         Self::default()
     }
 
-    /// Drops failures older than the window (reservations stay until
-    /// settled, however long their call takes); `None` when nothing is left.
-    fn current<'a>(
-        attempts: &'a mut HashMap<String, VecDeque<Attempt>>,
-        caller: &str,
-        window: Duration,
-    ) -> Option<&'a mut VecDeque<Attempt>> {
-        let now = Instant::now();
-        let list = attempts.get_mut(caller)?;
-        list.retain(|a| a.pending || now.duration_since(a.at) < window);
-        if list.is_empty() {
-            attempts.remove(caller);
-            return None;
-        }
-        attempts.get_mut(caller)
-    }
-
-    /// Whether `list` is at the limit: by failures alone, or (when
-    /// reserving) by failures and calls in flight together.
-    fn over_limit(
-        list: &VecDeque<Attempt>,
-        max: u32,
-        window: Duration,
-        reserving: bool,
-    ) -> Option<Limit> {
-        let failures = list.iter().filter(|a| !a.pending);
-        if failures.clone().count() >= max as usize {
-            let oldest = failures.map(|a| a.at).min()?;
-            return Some(Limit::Failures(window.saturating_sub(oldest.elapsed())));
-        }
-        (reserving && list.len() >= max as usize).then_some(Limit::InFlight)
-    }
-
-    pub(crate) fn reserve(
-        &self,
-        caller: &str,
-        id: &str,
-        max: u32,
-        window: Duration,
-    ) -> Option<Limit> {
-        let mut attempts = lock(&self.attempts);
-        if let Some(list) = Self::current(&mut attempts, caller, window)
-            && let Some(limit) = Self::over_limit(list, max, window, true)
-        {
-            return Some(limit);
-        }
-        attempts
-            .entry(caller.to_owned())
-            .or_default()
-            .push_back(Attempt {
-                id: id.to_owned(),
-                at: Instant::now(),
-                pending: true,
-            });
-        None
-    }
-
-    pub(crate) fn check(&self, caller: &str, max: u32, window: Duration) -> Option<Duration> {
-        let mut attempts = lock(&self.attempts);
-        match Self::current(&mut attempts, caller, window)
-            .and_then(|list| Self::over_limit(list, max, window, false))
-        {
-            Some(Limit::Failures(retry_after)) => Some(retry_after),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn settle(&self, caller: &str, id: &str, verdict: Verdict, window: Duration) {
-        let mut attempts = lock(&self.attempts);
-        let Some(list) = Self::current(&mut attempts, caller, window) else {
-            return;
-        };
-        match verdict {
-            Verdict::Release => list.retain(|a| a.id != id),
-            // Earlier failures are forgotten; other calls still in flight
-            // keep their reservations.
-            Verdict::Success => list.retain(|a| a.pending && a.id != id),
-            Verdict::Failure => {
-                if let Some(a) = list.iter_mut().find(|a| a.id == id) {
-                    a.pending = false;
-                    a.at = Instant::now();
-                }
-            }
-        }
-        if list.is_empty() {
-            attempts.remove(caller);
-        }
-    }
-
-    fn sweep(records: &mut Records) {
-        let now = Instant::now();
-        if records
+    /// Sweeps idle callers' expired records now and then: a caller that
+    /// never comes back must not keep its records for the life of the
+    /// process.
+    fn sweep(callers: &mut Callers, now: Instant) {
+        if callers
             .last_sweep
             .is_some_and(|t| now.duration_since(t) < SWEEP_EVERY)
         {
             return;
         }
-        records.last_sweep = Some(now);
-        records.by_caller.retain(|_, ids| {
-            ids.retain(|_, r| r.expires > now);
-            !ids.is_empty()
+        callers.last_sweep = Some(now);
+        callers.by_key.retain(|_, c| {
+            c.records.retain(|_, r| r.expires > now);
+            c.released.retain(|_, until| *until > now);
+            !c.is_empty()
         });
     }
 
-    fn live<'a>(records: &'a Records, caller: &str, request_id: &str) -> Option<&'a Record> {
-        records
-            .by_caller
-            .get(caller)
-            .and_then(|ids| ids.get(request_id))
-            .filter(|r| r.expires > Instant::now())
-    }
-
-    pub(crate) fn claim(
-        &self,
-        caller: &str,
-        request_id: &str,
-        pending: Entry,
-        ttl: Duration,
-    ) -> Option<Entry> {
-        let mut records = lock(&self.records);
-        Self::sweep(&mut records);
-        if let Some(existing) = Self::live(&records, caller, request_id) {
-            return Some(existing.entry.clone());
+    fn begin_now(&self, op: &BeginOp) -> Began {
+        let now = Instant::now();
+        let mut callers = lock(&self.callers);
+        Self::sweep(&mut callers, now);
+        let caller = callers.by_key.entry(op.caller.clone()).or_default();
+        caller.prune(now, op.window, op.reservation_ttl);
+        if caller.released.contains_key(&op.id) {
+            return Began::Released;
         }
-        let ids = records.by_caller.entry(caller.to_owned()).or_default();
-        if ids.len() >= MAX_RECORDS_PER_CALLER {
-            let oldest = ids
-                .iter()
-                .filter(|(_, r)| matches!(r.entry, Entry::Done(_)))
-                .min_by_key(|(_, r)| r.expires)
-                .map(|(id, _)| id.clone());
-            if let Some(oldest) = oldest {
-                ids.remove(&oldest);
-            }
+        // The same op again: granted already.
+        if caller.attempts.iter().any(|a| a.id == op.id && a.pending) {
+            return Began::Granted;
         }
-        ids.insert(
-            request_id.to_owned(),
-            Record {
-                entry: pending,
-                expires: Instant::now() + ttl,
-            },
-        );
-        None
-    }
-
-    pub(crate) fn complete(&self, caller: &str, request_id: &str, entry: Entry, ttl: Duration) {
-        let mut records = lock(&self.records);
-        if let Some(record) = records
-            .by_caller
-            .get_mut(caller)
-            .and_then(|ids| ids.get_mut(request_id))
+        if let Some(request_id) = &op.request_id
+            && let Some(found) = caller.found(request_id, now)
         {
-            record.entry = entry;
-            record.expires = Instant::now() + ttl;
+            return found;
         }
-        drop(records);
-        self.changed.notify_waiters();
-    }
-
-    pub(crate) fn abandon(&self, caller: &str, request_id: &str, owner: &str) {
-        let mut records = lock(&self.records);
-        if let Some(ids) = records.by_caller.get_mut(caller) {
-            let ours = ids
-                .get(request_id)
-                .is_some_and(|r| matches!(&r.entry, Entry::Pending { owner: o, .. } if o == owner));
-            if ours {
-                ids.remove(request_id);
+        let count = caller.failures().count();
+        if count >= op.max_failures as usize {
+            let oldest = caller.failures().map(|a| a.at).min().unwrap_or(now);
+            let retry = op.window.saturating_sub(now.duration_since(oldest));
+            return Began::Refused(Limit::Failures(retry.max(Duration::from_millis(1))));
+        }
+        if caller.attempts.len() >= op.max_failures as usize {
+            return Began::Refused(Limit::InFlight);
+        }
+        if let Some(request_id) = &op.request_id {
+            if caller.records.len() >= op.max_request_ids as usize {
+                let oldest = caller
+                    .records
+                    .values()
+                    .map(|r| r.expires)
+                    .min()
+                    .unwrap_or(now);
+                let retry = oldest.saturating_duration_since(now);
+                return Began::Refused(Limit::RequestIds(retry.max(Duration::from_millis(1))));
             }
+            caller.records.insert(
+                request_id.clone(),
+                Record {
+                    state: RecordState::Pending {
+                        owner: op.id.clone(),
+                        started: now,
+                    },
+                    expires: now + super::OUTCOME_TTL,
+                },
+            );
         }
-        drop(records);
-        self.changed.notify_waiters();
+        caller.attempts.push_back(Attempt {
+            id: op.id.clone(),
+            at: now,
+            pending: true,
+        });
+        Began::Granted
     }
 
-    /// The record, once it is no longer pending or the deadline passes.
-    pub(crate) async fn wait(
-        &self,
-        caller: &str,
-        request_id: &str,
-        deadline: Deadline,
-    ) -> Option<Entry> {
-        loop {
-            // Registered before looking, so a change in between still wakes us.
-            let changed = self.changed.notified();
-            let entry =
-                Self::live(&lock(&self.records), caller, request_id).map(|r| r.entry.clone());
-            match entry {
-                Some(Entry::Pending { .. }) if !deadline.passed() => {
-                    let _ = tokio::time::timeout_at(deadline.instant(), changed).await;
+    fn end_now(&self, op: &EndOp) -> Ended {
+        let now = Instant::now();
+        let mut callers = lock(&self.callers);
+        let caller = callers.by_key.entry(op.caller.clone()).or_default();
+        let mut verdict = op.verdict;
+        let mut ended = Ended::Settled;
+        if let Some(memory) = op.unanswered {
+            caller.released.insert(op.id.clone(), now + memory);
+        }
+        if let Some(request_id) = &op.request_id {
+            let current = caller.records.get(request_id).map(|r| r.state.clone());
+            let ours = match &current {
+                Some(RecordState::Pending { owner, .. }) => *owner == op.id,
+                Some(RecordState::Done(stored)) => {
+                    matches!(&op.record, EndRecord::Store(outcome, _) if outcome == stored)
                 }
-                other => return other,
+                None => false,
+            };
+            match &op.record {
+                EndRecord::Hold => {}
+                EndRecord::Release => {
+                    if ours {
+                        caller.records.remove(request_id);
+                    }
+                }
+                EndRecord::Store(outcome, ttl) => {
+                    if !ours {
+                        ended = if current.is_some() {
+                            Ended::Replaced
+                        } else {
+                            Ended::Missing
+                        };
+                        // Raced another call for the same id: a wrong old
+                        // password is likely the other call's change.
+                        if current.is_some() && verdict == Verdict::Failure {
+                            verdict = Verdict::Release;
+                        }
+                    }
+                    let theirs_changed = matches!(
+                        current,
+                        Some(RecordState::Done(StoredOutcome::Changed { .. }))
+                    );
+                    let changed = matches!(outcome, StoredOutcome::Changed { .. });
+                    if ours || current.is_none() || (changed && !theirs_changed) {
+                        caller.records.insert(
+                            request_id.clone(),
+                            Record {
+                                state: RecordState::Done(outcome.clone()),
+                                expires: now + *ttl,
+                            },
+                        );
+                    }
+                }
             }
         }
+        match verdict {
+            Verdict::Release => caller.attempts.retain(|a| a.id != op.id),
+            // Earlier failures are forgotten; other calls still in flight
+            // keep their reservations.
+            Verdict::Success => caller.attempts.retain(|a| a.pending && a.id != op.id),
+            Verdict::Failure => match caller.attempts.iter_mut().find(|a| a.id == op.id) {
+                Some(a) => {
+                    a.pending = false;
+                    a.at = now;
+                }
+                None => caller.attempts.push_back(Attempt {
+                    id: op.id.clone(),
+                    at: now,
+                    pending: false,
+                }),
+            },
+        }
+        if caller.is_empty() {
+            callers.by_key.remove(&op.caller);
+        }
+        drop(callers);
+        self.changed.notify_waiters();
+        ended
+    }
+
+    fn failures_now(&self, caller: &str, window: Duration, reservation_ttl: Duration) -> Failures {
+        let now = Instant::now();
+        let mut callers = lock(&self.callers);
+        let Some(state) = callers.by_key.get_mut(caller) else {
+            return Failures {
+                count: 0,
+                oldest_age: None,
+                in_flight: 0,
+            };
+        };
+        state.prune(now, window, reservation_ttl);
+        let count = state.failures().count();
+        let oldest_age = state.failures().map(|a| now.duration_since(a.at)).max();
+        let in_flight = state.attempts.len() - count;
+        if state.is_empty() {
+            callers.by_key.remove(caller);
+        }
+        Failures {
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+            oldest_age,
+            in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn reset_now(&self, caller: &str, window: Duration) -> u32 {
+        let now = Instant::now();
+        let mut callers = lock(&self.callers);
+        let Some(state) = callers.by_key.get_mut(caller) else {
+            return 0;
+        };
+        let before = state.attempts.len();
+        state
+            .attempts
+            .retain(|a| a.pending || now.duration_since(a.at) >= window);
+        let forgotten = before - state.attempts.len();
+        if state.is_empty() {
+            callers.by_key.remove(caller);
+        }
+        u32::try_from(forgotten).unwrap_or(u32::MAX)
+    }
+
+    fn peek(&self, caller: &str, request_id: &str) -> Option<Began> {
+        let now = Instant::now();
+        lock(&self.callers)
+            .by_key
+            .get(caller)
+            .and_then(|c| c.records.get(request_id).filter(|r| r.expires > now))
+            .map(|r| match &r.state {
+                RecordState::Pending { started, .. } => {
+                    Began::Pending(now.duration_since(*started))
+                }
+                RecordState::Done(outcome) => Began::Done(outcome.clone()),
+            })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::StoredOutcome;
+impl Backend for Memory {
+    fn begin<'a>(&'a self, op: &'a BeginOp) -> BoxFuture<'a, Result<Began, BeginFailed>> {
+        std::future::ready(Ok(self.begin_now(op))).boxed()
+    }
 
-    const WINDOW: Duration = Duration::from_secs(60);
+    fn end<'a>(&'a self, op: &'a EndOp) -> BoxFuture<'a, Result<Ended, Cause>> {
+        std::future::ready(Ok(self.end_now(op))).boxed()
+    }
 
-    #[tokio::test(start_paused = true)]
-    async fn reservations_count_before_any_failure_is_known() {
-        let m = Memory::new();
-        for i in 0..3 {
-            assert_eq!(m.reserve("a", &format!("r{i}"), 3, WINDOW), None);
+    fn failures<'a>(
+        &'a self,
+        caller: &'a str,
+        window: Duration,
+        reservation_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Failures, Cause>> {
+        std::future::ready(Ok(self.failures_now(caller, window, reservation_ttl))).boxed()
+    }
+
+    fn reset<'a>(&'a self, caller: &'a str, window: Duration) -> BoxFuture<'a, Result<u32, Cause>> {
+        std::future::ready(Ok(self.reset_now(caller, window))).boxed()
+    }
+
+    fn wait<'a>(
+        &'a self,
+        caller: &'a str,
+        request_id: &'a str,
+        until: Instant,
+        lost_after: Duration,
+    ) -> BoxFuture<'a, Result<Option<Began>, Cause>> {
+        async move {
+            loop {
+                // Registered before looking, so a change in between still
+                // wakes us.
+                let changed = self.changed.notified();
+                let found = self.peek(caller, request_id);
+                if !still_pending(&found, lost_after) || Instant::now() >= until {
+                    return Ok(found);
+                }
+                // A claim turns "lost" by age alone, without a change.
+                let _ =
+                    tokio::time::timeout_at(until.min(Instant::now() + lost_after), changed).await;
+            }
         }
-        // Three guesses in flight: the fourth is refused at once.
-        assert_eq!(m.reserve("a", "r3", 3, WINDOW), Some(Limit::InFlight));
-        assert_eq!(m.check("a", 3, WINDOW), None, "no failure yet");
-        assert_eq!(m.reserve("b", "r0", 3, WINDOW), None, "per caller");
-        m.settle("a", "r0", Verdict::Release, WINDOW);
-        assert_eq!(
-            m.reserve("a", "r4", 3, WINDOW),
-            None,
-            "a release frees a slot"
-        );
+        .boxed()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn failures_expire_with_the_window_and_success_forgets_them() {
-        let m = Memory::new();
-        for i in 0..3 {
-            let id = format!("r{i}");
-            assert_eq!(m.reserve("a", &id, 3, WINDOW), None);
-            m.settle("a", &id, Verdict::Failure, WINDOW);
-        }
-        assert_eq!(m.check("a", 3, WINDOW), Some(WINDOW));
-        assert_eq!(
-            m.reserve("a", "r9", 3, WINDOW),
-            Some(Limit::Failures(WINDOW))
-        );
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(m.check("a", 3, WINDOW), Some(Duration::from_secs(30)));
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(m.check("a", 3, WINDOW), None);
-        assert!(lock(&m.attempts).is_empty(), "idle callers leave no entry");
-
-        assert_eq!(m.reserve("a", "x", 3, WINDOW), None);
-        m.settle("a", "x", Verdict::Failure, WINDOW);
-        assert_eq!(m.reserve("a", "y", 3, WINDOW), None);
-        assert_eq!(m.reserve("a", "z", 3, WINDOW), None);
-        m.settle("a", "z", Verdict::Success, WINDOW);
-        // The failure is forgotten, the other in-flight reservation is not.
-        assert_eq!(lock(&m.attempts)["a"].len(), 1);
+    fn eviction_policies(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, Cause>> {
+        std::future::ready(Ok(None)).boxed()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_claim_replays_and_only_its_owner_can_abandon_it() {
-        let m = Memory::new();
-        let pending = |owner: &str| Entry::Pending {
-            owner: owner.to_owned(),
-            started_ms: 0,
-        };
-        assert_eq!(m.claim("a", "id", pending("o1"), WINDOW), None);
-        assert!(matches!(
-            m.claim("a", "id", pending("o2"), WINDOW),
-            Some(Entry::Pending { .. })
-        ));
-        assert_eq!(
-            m.claim("b", "id", pending("o3"), WINDOW),
-            None,
-            "per caller"
-        );
-        m.abandon("a", "id", "o2");
-        assert!(
-            m.claim("a", "id", pending("o4"), WINDOW).is_some(),
-            "not o2's to abandon"
-        );
-        let done = Entry::Done(StoredOutcome::Changed {
-            iam_user: "u".into(),
-            iam_request_id: "r".into(),
-        });
-        m.complete("a", "id", done.clone(), WINDOW);
-        assert_eq!(m.claim("a", "id", pending("o5"), WINDOW), Some(done));
-        tokio::time::advance(WINDOW).await;
-        assert_eq!(m.claim("a", "id", pending("o6"), WINDOW), None, "expired");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_waiter_wakes_when_the_claim_completes() {
-        let m = std::sync::Arc::new(Memory::new());
-        let pending = Entry::Pending {
-            owner: "o".into(),
-            started_ms: 0,
-        };
-        m.claim("a", "id", pending, WINDOW);
-        let waiter = {
-            let m = m.clone();
-            tokio::spawn(async move {
-                m.wait("a", "id", Deadline::at(Instant::now() + WINDOW))
-                    .await
-            })
-        };
-        tokio::time::advance(Duration::from_secs(1)).await;
-        let done = Entry::Done(StoredOutcome::Changed {
-            iam_user: "u".into(),
-            iam_request_id: "r".into(),
-        });
-        m.complete("a", "id", done.clone(), WINDOW);
-        assert_eq!(waiter.await.expect("join"), Some(done));
+    fn shared(&self) -> bool {
+        false
     }
 }

@@ -1,34 +1,51 @@
 //! Shared state: the wrong-old-password attempt limit and the outcomes of
 //! `ChangePassword` calls by `request_id`, in this process ([`memory`]) or in
-//! Redis/Valkey shared by every replica ([`redis`]).
+//! Redis/Valkey shared by every replica ([`redis`]: one server, Cluster or
+//! Sentinel). Both implement [`Backend`]; [`Store`] holds the rules that do
+//! not depend on where the state lives.
 //!
-//! Attempt limit: an attempt is *reserved* before IAM is called, in the same
-//! atomic step that checks the limit, so concurrent guesses cannot all pass
-//! the check before the first failure is recorded. Pending reservations
-//! count like failures. When the attempt ends, [`Store::settle`] releases
-//! the reservation (the old password was right, or never tested), turns it
-//! into a failure, or — on success — also forgets earlier failures.
+//! A caller is keyed by its matcher's kind and value together
+//! ([`crate::config::Matcher::state_key`]), never by the bare value.
 //!
-//! Outcomes: the first call with a `request_id` claims it; a retry with the
-//! same id finds the claim pending (and waits) or done (and replays the
-//! stored outcome). Nothing stored here is, or is derived from, a password.
+//! An attempt touches the store twice, one atomic step each:
+//! - [`Store::begin`], before IAM: replays a stored outcome of its
+//!   `request_id`, or finds it pending; otherwise checks the limit and
+//!   reserves the attempt (pending reservations count like failures, so
+//!   concurrent guesses cannot all pass the check) and claims the
+//!   `request_id`. What it grants is a [`Ticket`].
+//! - [`Ticket::end`], after: settles the reservation (released, a failure,
+//!   or a success that forgets the caller's failures) and stores the outcome
+//!   under the `request_id`, or gives the claim up.
 //!
-//! Every operation has a time budget; any failure is
-//! [`Error::StateUnavailable`] and the caller fails closed.
+//! A ticket that is dropped without `end` — a cancelled `begin`, a timeout, a
+//! store error, a panic — is ended in the background: released when IAM was
+//! never called, counted as a failure and left pending (so a retry is told
+//! the outcome is unknown) when it may have been. An `end` the store did not
+//! take is retried in the background too. So no claim is left behind whose
+//! IAM call never started.
+//!
+//! Nothing stored here is, or is derived from, a password. Every operation
+//! has a time budget; any failure is [`Error::StateUnavailable`] and the
+//! caller fails closed.
 
 pub(crate) mod memory;
 pub(crate) mod redis;
+#[cfg(test)]
+mod tests;
 
 use std::{
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
+use futures_util::future::BoxFuture;
 use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
+use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::{
@@ -38,10 +55,23 @@ use crate::{
     telemetry,
 };
 
-/// How long an outcome is kept for replay under its `request_id`.
+/// How long the outcome of a change that may have been applied is kept for
+/// replay under its `request_id` (and how long a pending claim lives).
 pub(crate) const OUTCOME_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long the outcome of a call that changed nothing is kept: long enough
+/// for a client's retries, which would otherwise run it again (harmless, as
+/// it changed nothing, but a wrong old password would count twice).
+pub(crate) const UNCHANGED_OUTCOME_TTL: Duration = Duration::from_secs(15 * 60);
 /// How often a retry looks again at a claim still pending in Redis.
 const PENDING_POLL: Duration = Duration::from_millis(50);
+/// How long an `end` the store did not take is retried in the background.
+/// A claim still pending after this tells retries `OUTCOME_UNKNOWN`.
+const END_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
+/// Most background `end`s at once: each is small, but an outage must not
+/// grow them without bound.
+const MAX_BACKGROUND_ENDS: usize = 4096;
+/// How often the store's eviction policy is looked at again.
+const POLICY_RECHECK: Duration = Duration::from_secs(60);
 
 /// What a finished `ChangePassword` answered, as stored for replay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,43 +88,40 @@ pub(crate) enum StoredOutcome {
     Rejected(Rejection),
 }
 
-/// A `request_id` record.
+impl StoredOutcome {
+    /// How long it is kept: a day when the password may have changed, only
+    /// as long as a retry needs it when nothing changed.
+    fn ttl(&self) -> Duration {
+        match self {
+            Self::Rejected(r) if r.reason.guarantees_not_applied() => UNCHANGED_OUTCOME_TTL,
+            _ => OUTCOME_TTL,
+        }
+    }
+}
+
+/// A finished `request_id` record as Redis holds it (JSON). The pending form,
+/// `{"pending":{"owner":..,"started_ms":..}}`, is written by the Lua scripts
+/// on the server's clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Entry {
-    /// A call is (or was, if its replica died) running.
-    Pending {
-        /// Identifies the claiming call, so only it can give the claim up.
-        owner: String,
-        /// When it started, milliseconds since the Unix epoch.
-        started_ms: u64,
-    },
     /// The call finished.
     Done(StoredOutcome),
 }
 
-impl Entry {
-    fn encode(&self) -> String {
-        // Serializing these plain enums cannot fail.
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    fn decode(text: &str) -> Result<Self, Cause> {
-        serde_json::from_str(text).map_err(Cause::new)
-    }
-}
-
-/// The answer to a claim.
+/// The answer to [`Store::begin`].
 #[derive(Debug)]
-pub(crate) enum Claim {
-    /// This call owns the id; it must [`Store::complete`] or
-    /// [`Store::abandon`] it.
-    Fresh(ClaimToken),
-    /// An earlier call finished with this outcome.
+pub(crate) enum Begin {
+    /// The attempt may go ahead; end the ticket when it does.
+    Granted(Ticket),
+    /// The caller is over a limit; nothing was reserved or claimed.
+    Refused(Limit),
+    /// An earlier call with this `request_id` finished with this outcome.
     Done(StoredOutcome),
-    /// An earlier call is still running.
+    /// An earlier call with this `request_id` is still running.
     Pending,
-    /// An earlier call died mid-way; its outcome will never be known.
+    /// An earlier call with this `request_id` died mid-way; its outcome will
+    /// never be known.
     Lost,
 }
 
@@ -103,29 +130,12 @@ pub(crate) enum Claim {
 pub(crate) enum Waited {
     /// The earlier call finished.
     Done(StoredOutcome),
-    /// The earlier call gave its claim up (it changed nothing): claim again.
+    /// The earlier call gave its claim up (it changed nothing): begin again.
     Gone,
     /// Still running at the deadline.
     StillPending,
     /// Its call died mid-way; the outcome will never be known.
     Lost,
-}
-
-/// Proof of a fresh claim.
-#[derive(Debug)]
-pub(crate) struct ClaimToken {
-    caller: String,
-    request_id: String,
-    owner: String,
-}
-
-/// The answer to a reservation.
-#[derive(Debug)]
-pub(crate) enum Reserve {
-    /// The attempt may go ahead; settle it when it ends.
-    Granted(Reservation),
-    /// The caller is over the limit.
-    Refused(Limit),
 }
 
 /// What fills a caller's limit.
@@ -136,39 +146,242 @@ pub(crate) enum Limit {
     /// Failures and attempts still in flight together: the in-flight ones
     /// count because any of them may be a wrong guess. Frees up soon.
     InFlight,
-}
-
-/// One reserved attempt.
-#[derive(Debug)]
-pub(crate) struct Reservation {
-    caller: String,
-    id: String,
+    /// `state.max_request_ids_per_caller` records held: until the oldest
+    /// expires.
+    RequestIds(Duration),
 }
 
 /// How a reserved attempt ended, for the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// The old password was right: forget this caller's failures.
+    /// The password changed: forget this caller's failures.
     Success,
-    /// The old password was never tested: as if the attempt never happened.
+    /// The old password was not shown wrong: as if the attempt never
+    /// happened.
     Release,
     /// The old password was wrong, or may have been tested: a failure.
     Failure,
 }
 
-enum Backend {
-    Memory(memory::Memory),
-    Redis(redis::Redis),
+/// What becomes of the `request_id` claim when an attempt ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// Keep this outcome for retries to replay.
+    Store(StoredOutcome),
+    /// Give the claim up: nothing changed and a retry should run again.
+    Release,
 }
+
+/// Why a store cannot serve ([`Store::verify`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unfit {
+    /// It did not answer.
+    #[error("state store unreachable: {}", crate::error::chain(.0))]
+    Unreachable(Error),
+    /// It may evict credgate's keys.
+    #[error(
+        "the state store's maxmemory-policy is {0:?}; credgate requires noeviction \
+         (its keys all carry TTLs, so every volatile-* policy evicts exactly them, \
+         and an evicted failure counter is a reset lockout)"
+    )]
+    Evicts(String),
+}
+
+/// A caller's standing against the limit (`credgate lockout status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lockout {
+    /// Failures in the window.
+    pub(crate) failures: u32,
+    /// `limits.failed_attempts`.
+    pub(crate) limit: u32,
+    /// Attempts reserved and not yet settled.
+    pub(crate) in_flight: u32,
+    /// When the caller may try again, if it is locked out now.
+    pub(crate) retry_after: Option<Duration>,
+}
+
+// ------------------------------------------------------------------ backend
+
+/// One atomic step before IAM: see [`Backend::begin`].
+#[derive(Debug, Clone)]
+pub(crate) struct BeginOp {
+    /// The caller's state key.
+    pub(crate) caller: String,
+    /// This attempt's id: its reservation, and the owner of its claim.
+    pub(crate) id: String,
+    /// The `request_id` to claim, if the call has one.
+    pub(crate) request_id: Option<String>,
+    /// `limits.failed_attempts`.
+    pub(crate) max_failures: u32,
+    /// `limits.failed_attempts_window`.
+    pub(crate) window: Duration,
+    /// After this long a reservation is taken for the remains of a replica
+    /// that died mid-call: the window plus the longest call, so that it
+    /// counts at least as long as the failure it may stand for.
+    pub(crate) reservation_ttl: Duration,
+    /// `state.max_request_ids_per_caller`.
+    pub(crate) max_request_ids: u32,
+}
+
+/// What [`Backend::begin`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Began {
+    /// Reserved (and claimed).
+    Granted,
+    /// Refused by a limit; nothing written.
+    Refused(Limit),
+    /// The `request_id` has this stored outcome.
+    Done(StoredOutcome),
+    /// The `request_id` is claimed by a call that started this long ago.
+    Pending(Duration),
+    /// This attempt was already given up (its `end` arrived first).
+    Released,
+}
+
+/// One atomic step after IAM: see [`Backend::end`].
+#[derive(Debug, Clone)]
+pub(crate) struct EndOp {
+    /// The caller's state key.
+    pub(crate) caller: String,
+    /// The attempt's id, as in its [`BeginOp`].
+    pub(crate) id: String,
+    /// Its `request_id`, if it claimed one.
+    pub(crate) request_id: Option<String>,
+    /// How the reservation is settled.
+    pub(crate) verdict: Verdict,
+    /// What becomes of the claim.
+    pub(crate) record: EndRecord,
+    /// `limits.failed_attempts_window`.
+    pub(crate) window: Duration,
+    /// Set when the attempt's `begin` was never answered (a timeout, a
+    /// dropped connection): for this long a `begin` of it still on its way
+    /// (a paused server, a resend) is refused, so that it cannot reserve or
+    /// claim after this release.
+    pub(crate) unanswered: Option<Duration>,
+}
+
+/// What [`Backend::end`] does with the claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum EndRecord {
+    /// Store this outcome for this long, in place of the claim.
+    Store(StoredOutcome, Duration),
+    /// Delete the claim (if it is still this attempt's).
+    Release,
+    /// Leave the claim pending: IAM may have been called and its answer is
+    /// unknown, so retries must be told so rather than run again.
+    Hold,
+}
+
+/// What [`Backend::end`] found about the claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// As expected.
+    Settled,
+    /// The claim had vanished (a store restarted without persistence,
+    /// flushed, failed over before replicating it); the outcome was stored
+    /// anew so that retries replay it instead of calling IAM again.
+    Missing,
+    /// Another call had claimed the id after this one's claim vanished:
+    /// IAM was called twice for one `request_id`.
+    Replaced,
+}
+
+/// A [`Backend::begin`] that failed.
+#[derive(Debug)]
+pub(crate) struct BeginFailed {
+    /// Why.
+    pub(crate) cause: Cause,
+    /// Whether the store may have run it (the request was sent, the answer
+    /// lost): then it must be given back.
+    pub(crate) may_have_run: bool,
+}
+
+impl From<Cause> for BeginFailed {
+    fn from(cause: Cause) -> Self {
+        Self {
+            cause,
+            may_have_run: true,
+        }
+    }
+}
+
+/// A caller's failures, as [`Backend::failures`] reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Failures {
+    /// Failures in the window.
+    pub(crate) count: u32,
+    /// How long ago the oldest of them was recorded.
+    pub(crate) oldest_age: Option<Duration>,
+    /// Reservations not yet settled.
+    pub(crate) in_flight: u32,
+}
+
+/// Where the state lives. Each method is one round trip to a shared store,
+/// and atomic: every decision and its write happen in one step.
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// In order: a stored outcome or a pending claim of the `request_id`
+    /// (returned as is; nothing reserved); the limit (refused when
+    /// failures, or failures and reservations together, reach
+    /// `max_failures`, or when the caller holds `max_request_ids` records);
+    /// then the reservation and the claim. Running the same op again (a
+    /// client's resend) grants again without reserving twice; an op whose
+    /// attempt was already ended answers [`Began::Released`].
+    fn begin<'a>(&'a self, op: &'a BeginOp) -> BoxFuture<'a, Result<Began, BeginFailed>>;
+    /// Settles the reservation and applies [`EndRecord`] to the claim.
+    /// Idempotent: running it again changes nothing more.
+    fn end<'a>(&'a self, op: &'a EndOp) -> BoxFuture<'a, Result<Ended, Cause>>;
+    /// The caller's failures in `window`, without reserving.
+    fn failures<'a>(
+        &'a self,
+        caller: &'a str,
+        window: Duration,
+        reservation_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Failures, Cause>>;
+    /// Forgets the caller's failures; returns how many there were.
+    fn reset<'a>(&'a self, caller: &'a str, window: Duration) -> BoxFuture<'a, Result<u32, Cause>>;
+    /// The `request_id` record once it is no longer pending (or pending
+    /// for longer than `lost_after`), or as it is at `until`: `None` when
+    /// there is none.
+    fn wait<'a>(
+        &'a self,
+        caller: &'a str,
+        request_id: &'a str,
+        until: Instant,
+        lost_after: Duration,
+    ) -> BoxFuture<'a, Result<Option<Began>, Cause>>;
+    /// Whether the store keeps every key until its TTL: its eviction
+    /// policies (one per Cluster primary), `None` when it has none.
+    fn eviction_policies(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, Cause>>;
+    /// Shared by every replica.
+    fn shared(&self) -> bool;
+}
+
+// -------------------------------------------------------------------- store
 
 /// The configured store.
 pub(crate) struct Store {
-    backend: Backend,
+    shared: Arc<Shared>,
+}
+
+/// What tickets and background work need of the store.
+struct Shared {
+    backend: Box<dyn Backend>,
     limits: LimitSettings,
+    max_request_ids: u32,
     /// After this long a pending claim's call cannot still be running.
     pending_lifetime: Duration,
     /// Last known reachability, to log and count transitions once.
     up: Arc<AtomicBool>,
+    /// An eviction policy other than `noeviction`, when one was seen.
+    bad_policy: Mutex<Option<String>>,
+    /// When the eviction policy was last looked at (ms since `epoch`).
+    policy_checked_ms: AtomicU64,
+    epoch: Instant,
+    /// Background `end`s.
+    tasks: TaskTracker,
+    background: Arc<Semaphore>,
+    /// The background limit was hit (logged once until it frees up).
+    background_full: AtomicBool,
 }
 
 impl Store {
@@ -179,148 +392,181 @@ impl Store {
         limits: &LimitSettings,
         pending_lifetime: Duration,
     ) -> Result<Self, String> {
-        let backend = match &settings.backend {
-            StateBackend::Memory => Backend::Memory(memory::Memory::new()),
-            StateBackend::Redis(redis) => {
-                Backend::Redis(redis::Redis::new(redis, &settings.key_prefix)?)
-            }
+        let backend: Box<dyn Backend> = match &settings.backend {
+            StateBackend::Memory => Box::new(memory::Memory::new()),
+            StateBackend::Redis(redis) => Box::new(redis::Redis::new(redis, &settings.key_prefix)?),
         };
         let up = Arc::new(AtomicBool::new(true));
-        if matches!(backend, Backend::Redis(_)) {
+        if backend.shared() {
             telemetry::observe_state_up(up.clone());
+            // Exported at 0 from the start, so that an alert on its
+            // increase has a series to compare with.
+            for record in ["missing", "replaced"] {
+                telemetry::metrics()
+                    .state_lost_records
+                    .add(0, &[KeyValue::new("record", record)]);
+            }
         }
         Ok(Self {
-            backend,
-            limits: limits.clone(),
-            pending_lifetime,
-            up,
+            shared: Arc::new(Shared {
+                backend,
+                limits: limits.clone(),
+                max_request_ids: settings.max_request_ids_per_caller,
+                pending_lifetime,
+                up,
+                bad_policy: Mutex::new(None),
+                policy_checked_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+                tasks: TaskTracker::new(),
+                background: Arc::new(Semaphore::new(MAX_BACKGROUND_ENDS)),
+                background_full: AtomicBool::new(false),
+            }),
         })
     }
 
     /// `limits.failed_attempts`: also the most attempts a caller may have
     /// in flight at once, since any of them may be a wrong guess.
     pub(crate) fn failed_attempts(&self) -> usize {
-        self.limits.failed_attempts as usize
+        self.shared.limits.failed_attempts as usize
+    }
+
+    /// `state.max_request_ids_per_caller`.
+    pub(crate) fn max_request_ids(&self) -> u32 {
+        self.shared.max_request_ids
     }
 
     /// Whether the backend is shared by every replica.
     pub(crate) fn is_shared(&self) -> bool {
-        matches!(self.backend, Backend::Redis(_))
+        self.shared.backend.shared()
     }
 
-    /// Reserves one attempt for `caller`, or refuses it over the limit.
-    pub(crate) async fn reserve(&self, caller: &str) -> Result<Reserve, Error> {
-        let id = unique_id();
-        let (max, window) = (
-            self.limits.failed_attempts,
-            self.limits.failed_attempts_window,
-        );
-        let refused = match &self.backend {
-            Backend::Memory(m) => Ok(m.reserve(caller, &id, max, window)),
-            Backend::Redis(r) => {
-                self.track("reserve", r.reserve(caller, &id, max, window))
-                    .await
-            }
-        }?;
-        let decision = if refused.is_some() {
-            "refused"
-        } else {
-            "allowed"
+    /// Before an attempt calls IAM, within `deadline`: see the module docs.
+    /// Whatever happens to this future, a reservation or claim it made is
+    /// either handed over in [`Begin::Granted`] or given back.
+    pub(crate) async fn begin(
+        &self,
+        caller: &str,
+        request_id: Option<&str>,
+        deadline: Deadline,
+    ) -> Result<Begin, Error> {
+        let shared = &self.shared;
+        tokio::time::timeout_at(deadline.instant(), shared.refuse_if_evicting())
+            .await
+            .unwrap_or(Err(Error::DeadlineBeforeSend { stage: "state" }))?;
+        let op = BeginOp {
+            caller: caller.to_owned(),
+            id: unique_id(),
+            request_id: request_id.map(str::to_owned),
+            max_failures: shared.limits.failed_attempts,
+            window: shared.limits.failed_attempts_window,
+            reservation_ttl: shared.reservation_ttl(),
+            max_request_ids: shared.max_request_ids,
         };
-        telemetry::metrics()
-            .limit_decisions
-            .add(1, &[KeyValue::new("decision", decision)]);
-        Ok(match refused {
-            Some(limit) => Reserve::Refused(limit),
-            None => Reserve::Granted(Reservation {
-                caller: caller.to_owned(),
-                id,
-            }),
-        })
+        // Armed before the first byte is sent: from here on, dropping it
+        // gives back whatever the store may have done.
+        let mut ticket = Ticket {
+            shared: shared.clone(),
+            caller: op.caller.clone(),
+            id: op.id.clone(),
+            request_id: op.request_id.clone(),
+            answered: false,
+            sending: false,
+            ended: false,
+        };
+        let mut may_have_run = true;
+        let sent = shared.track("begin", async {
+            shared.backend.begin(&op).await.map_err(|e| {
+                may_have_run = e.may_have_run;
+                e.cause
+            })
+        });
+        let result = tokio::time::timeout_at(deadline.instant(), sent).await;
+        let began = match result {
+            Ok(Ok(began)) => began,
+            Ok(Err(e)) => {
+                // Never sent: nothing to give back.
+                ticket.ended = !may_have_run;
+                return Err(e);
+            }
+            Err(_) => return Err(Error::DeadlineBeforeSend { stage: "state" }),
+        };
+        ticket.answered = true;
+        let begin = match began {
+            Began::Granted => {
+                count_decision("allowed");
+                return Ok(Begin::Granted(ticket));
+            }
+            Began::Refused(limit) => {
+                // The request_id bound is no decision of the attempt limit.
+                if !matches!(limit, Limit::RequestIds(_)) {
+                    count_decision("refused");
+                }
+                Begin::Refused(limit)
+            }
+            Began::Done(outcome) => {
+                count_replay("stored");
+                Begin::Done(outcome)
+            }
+            Began::Pending(age) if age > shared.pending_lifetime => Begin::Lost,
+            Began::Pending(_) => Begin::Pending,
+            Began::Released => {
+                return Err(Error::StateUnavailable(Cause::msg(
+                    "the store answered an attempt that was already given up",
+                )));
+            }
+        };
+        // Nothing was reserved or claimed.
+        ticket.ended = true;
+        Ok(begin)
     }
 
     /// Whether `caller` is over the limit now, without reserving
     /// (`validate_only` calls, which never reach IAM `ChangePassword`).
     pub(crate) async fn check(&self, caller: &str) -> Result<Option<Duration>, Error> {
-        let (max, window) = (
-            self.limits.failed_attempts,
-            self.limits.failed_attempts_window,
-        );
-        match &self.backend {
-            Backend::Memory(m) => Ok(m.check(caller, max, window)),
-            Backend::Redis(r) => self.track("check", r.check(caller, max, window)).await,
-        }
+        self.shared.refuse_if_evicting().await?;
+        let lockout = self.lockout(caller).await?;
+        Ok(lockout.retry_after)
     }
 
-    /// Ends a reservation. A store failure here leaves the reservation in
-    /// place, where it counts as a failure until the window passes: closed.
-    pub(crate) async fn settle(&self, reservation: Reservation, verdict: Verdict) {
-        let Reservation { caller, id } = reservation;
-        let window = self.limits.failed_attempts_window;
-        let result = match &self.backend {
-            Backend::Memory(m) => {
-                m.settle(&caller, &id, verdict, window);
-                Ok(())
+    /// The caller's standing against the limit.
+    pub(crate) async fn lockout(&self, caller: &str) -> Result<Lockout, Error> {
+        let shared = &self.shared;
+        let window = shared.limits.failed_attempts_window;
+        let failures = shared
+            .track(
+                "failures",
+                shared
+                    .backend
+                    .failures(caller, window, shared.reservation_ttl()),
+            )
+            .await?;
+        let limit = shared.limits.failed_attempts;
+        let retry_after = match failures.oldest_age {
+            Some(age) if failures.count >= limit => {
+                Some(window.saturating_sub(age).max(Duration::from_millis(1)))
             }
-            Backend::Redis(r) => {
-                self.track("settle", r.settle(&caller, &id, verdict, window))
-                    .await
-            }
+            _ => None,
         };
-        if let Err(e) = result {
-            tracing::error!(
-                caller,
-                ?verdict,
-                error = %crate::error::chain(&e),
-                "cannot settle an attempt in the state store; it counts as a failure until the window passes"
-            );
-        }
-    }
-
-    /// Claims `request_id` for `caller`, or reports an earlier call's state.
-    pub(crate) async fn claim(&self, caller: &str, request_id: &str) -> Result<Claim, Error> {
-        let owner = unique_id();
-        let pending = Entry::Pending {
-            owner: owner.clone(),
-            started_ms: now_ms(),
-        };
-        let existing = match &self.backend {
-            Backend::Memory(m) => Ok(m.claim(caller, request_id, pending, OUTCOME_TTL)),
-            Backend::Redis(r) => {
-                self.track(
-                    "claim",
-                    r.claim(caller, request_id, &pending.encode(), OUTCOME_TTL),
-                )
-                .await
-            }
-        }?;
-        Ok(match existing {
-            None => Claim::Fresh(ClaimToken {
-                caller: caller.to_owned(),
-                request_id: request_id.to_owned(),
-                owner,
-            }),
-            Some(entry) => self.claim_of(entry),
+        Ok(Lockout {
+            failures: failures.count,
+            limit,
+            in_flight: failures.in_flight,
+            retry_after,
         })
     }
 
-    fn claim_of(&self, entry: Entry) -> Claim {
-        match entry {
-            Entry::Done(outcome) => {
-                telemetry::metrics()
-                    .idempotency_replays
-                    .add(1, &[KeyValue::new("result", "stored")]);
-                Claim::Done(outcome)
-            }
-            Entry::Pending { started_ms, .. } => {
-                let age = Duration::from_millis(now_ms().saturating_sub(started_ms));
-                if self.pending_is_lost(age) {
-                    Claim::Lost
-                } else {
-                    Claim::Pending
-                }
-            }
-        }
+    /// Forgets `caller`'s failures (`credgate lockout reset`); returns how
+    /// many there were. Attempts in flight keep their reservations.
+    pub(crate) async fn reset(&self, caller: &str) -> Result<u32, Error> {
+        let shared = &self.shared;
+        shared
+            .track(
+                "reset",
+                shared
+                    .backend
+                    .reset(caller, shared.limits.failed_attempts_window),
+            )
+            .await
     }
 
     /// Waits, until `deadline`, for a pending claim to finish.
@@ -330,116 +576,147 @@ impl Store {
         request_id: &str,
         deadline: Deadline,
     ) -> Result<Waited, Error> {
-        loop {
-            let entry = match &self.backend {
-                Backend::Memory(m) => m.wait(caller, request_id, deadline).await,
-                Backend::Redis(r) => self.track("get", r.get(caller, request_id)).await?,
-            };
-            let age = match entry {
-                None => return Ok(Waited::Gone),
-                Some(Entry::Done(outcome)) => {
-                    telemetry::metrics()
-                        .idempotency_replays
-                        .add(1, &[KeyValue::new("result", "stored")]);
-                    return Ok(Waited::Done(outcome));
-                }
-                Some(Entry::Pending { started_ms, .. }) => {
-                    Duration::from_millis(now_ms().saturating_sub(started_ms))
-                }
-            };
-            if self.pending_is_lost(age) {
-                return Ok(Waited::Lost);
+        let shared = &self.shared;
+        let found = shared
+            .track(
+                "wait",
+                shared.backend.wait(
+                    caller,
+                    request_id,
+                    deadline.instant(),
+                    shared.pending_lifetime,
+                ),
+            )
+            .await?;
+        Ok(match found {
+            None | Some(Began::Released | Began::Granted | Began::Refused(_)) => Waited::Gone,
+            Some(Began::Done(outcome)) => {
+                count_replay("stored");
+                Waited::Done(outcome)
             }
-            if deadline.passed() {
-                telemetry::metrics()
-                    .idempotency_replays
-                    .add(1, &[KeyValue::new("result", "in_progress")]);
-                return Ok(Waited::StillPending);
+            Some(Began::Pending(age)) if age > shared.pending_lifetime => Waited::Lost,
+            Some(Began::Pending(_)) => {
+                count_replay("in_progress");
+                Waited::StillPending
             }
-            if let Backend::Redis(_) = self.backend {
-                tokio::time::sleep(PENDING_POLL.min(deadline.remaining())).await;
-            }
-        }
+        })
     }
 
-    /// Whether a claim pending for `age` can no longer finish: its call
-    /// would have ended long ago, so its replica died mid-call.
-    fn pending_is_lost(&self, age: Duration) -> bool {
-        age > self.pending_lifetime
+    /// Reachability and configuration (start-up, `check-config --online`):
+    /// whether the store can be reached and keeps every key until its TTL.
+    pub(crate) async fn verify(&self) -> Result<(), Unfit> {
+        self.shared.check_policy().await
     }
 
-    /// Stores the outcome of a claimed call for replay.
-    pub(crate) async fn complete(&self, token: ClaimToken, outcome: StoredOutcome) {
-        let entry = Entry::Done(outcome);
-        let result = match &self.backend {
-            Backend::Memory(m) => {
-                m.complete(&token.caller, &token.request_id, entry, OUTCOME_TTL);
-                Ok(())
-            }
-            Backend::Redis(r) => {
-                self.track(
-                    "complete",
-                    r.complete(
-                        &token.caller,
-                        &token.request_id,
-                        &entry.encode(),
-                        OUTCOME_TTL,
-                    ),
-                )
-                .await
-            }
-        };
-        if let Err(e) = result {
+    /// Waits up to `within` for background `end`s (shutdown).
+    pub(crate) async fn drain(&self, within: Duration) {
+        let tasks = &self.shared.tasks;
+        tasks.close();
+        if tokio::time::timeout(within, tasks.wait()).await.is_err() {
             tracing::error!(
-                caller = token.caller,
-                request_id = token.request_id,
-                error = %crate::error::chain(&e),
-                "cannot store a call's outcome; a retry with its request_id will get OUTCOME_UNKNOWN"
+                still_running = tasks.len(),
+                "shutting down with attempts not yet settled in the state store; \
+                 their request_id claims stay pending and retries get OUTCOME_UNKNOWN"
             );
         }
     }
+}
 
-    /// Gives a claim up: the call ended without changing anything and
-    /// invites a retry, which should then run again rather than replay.
-    pub(crate) async fn abandon(&self, token: ClaimToken) {
-        let result = match &self.backend {
-            Backend::Memory(m) => {
-                m.abandon(&token.caller, &token.request_id, &token.owner);
-                Ok(())
+impl Shared {
+    fn reservation_ttl(&self) -> Duration {
+        self.limits.failed_attempts_window + self.pending_lifetime
+    }
+
+    /// How long a release is remembered: longer than a `begin` can stay in
+    /// the network or a paused server.
+    fn release_memory(&self) -> Duration {
+        self.pending_lifetime.max(Duration::from_secs(60))
+    }
+
+    /// Fails closed while the store is known to evict keys. Its policy is
+    /// read before the first step on a (new) connection — at start, after
+    /// the store was unreachable (a restart, a failover) — and again in the
+    /// background at most every minute (a `CONFIG SET` at run time).
+    async fn refuse_if_evicting(self: &Arc<Self>) -> Result<(), Error> {
+        if !self.backend.shared() {
+            return Ok(());
+        }
+        let now = self.ms_since_epoch().max(1);
+        let last = self.policy_checked_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            if let Err(Unfit::Unreachable(_)) = self.check_policy().await {
+                // Read again once it answers; the step itself fails closed.
+                self.policy_checked_ms.store(0, Ordering::Relaxed);
             }
-            Backend::Redis(r) => {
-                self.track(
-                    "abandon",
-                    r.abandon(&token.caller, &token.request_id, &token.owner),
-                )
-                .await
-            }
-        };
-        if let Err(e) = result {
-            tracing::warn!(
-                caller = token.caller,
-                request_id = token.request_id,
-                error = %crate::error::chain(&e),
-                "cannot release a request_id claim; retries with it will wait for it to expire"
-            );
+        } else if now.saturating_sub(last) >= ms(POLICY_RECHECK)
+            && self
+                .policy_checked_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let shared = self.clone();
+            tokio::spawn(async move {
+                // Logged there; this only refreshes what later calls see.
+                let _ = shared.check_policy().await;
+            });
+        }
+        match lock(&self.bad_policy).as_deref() {
+            None => Ok(()),
+            Some(policy) => Err(Error::StateUnavailable(Cause::msg(format!(
+                "the state store's maxmemory-policy is {policy:?}; credgate requires noeviction"
+            )))),
         }
     }
 
-    /// One round trip to the store (`check-config --online`).
-    pub(crate) async fn ping(&self) -> Result<(), Error> {
-        match &self.backend {
-            Backend::Memory(_) => Ok(()),
-            Backend::Redis(r) => self.track("ping", r.ping()).await,
+    fn ms_since_epoch(&self) -> u64 {
+        ms(self.epoch.elapsed())
+    }
+
+    /// Reads the eviction policy and remembers whether it is acceptable.
+    async fn check_policy(&self) -> Result<(), Unfit> {
+        let policies = self
+            .track("policy", self.backend.eviction_policies())
+            .await
+            .map_err(Unfit::Unreachable)?;
+        self.policy_checked_ms
+            .store(self.ms_since_epoch().max(1), Ordering::Relaxed);
+        let bad = policies
+            .unwrap_or_default()
+            .into_iter()
+            .find(|p| p != "noeviction");
+        let mut current = lock(&self.bad_policy);
+        match (&*current, &bad) {
+            (None, Some(policy)) => tracing::error!(
+                policy,
+                "the state store may evict keys (maxmemory-policy is not noeviction): \
+                 an evicted failure counter resets a lockout and an evicted request_id \
+                 record lets a retry call IAM again; ChangePassword fails closed with \
+                 STATE_UNAVAILABLE until it is noeviction"
+            ),
+            (Some(_), None) => {
+                tracing::info!("the state store's maxmemory-policy is noeviction again")
+            }
+            _ => {}
+        }
+        current.clone_from(&bad);
+        drop(current);
+        match bad {
+            None => Ok(()),
+            Some(policy) => Err(Unfit::Evicts(policy)),
         }
     }
 
-    /// Runs one Redis command under a span and the store metrics, and keeps
-    /// the reachability state (one log line per transition).
+    /// Runs one backend step under a span and the store metrics, and keeps
+    /// the reachability state (one log line per transition). In memory a
+    /// step is a map lookup: no span, no metrics.
     async fn track<T>(
         &self,
         command: &'static str,
         op: impl Future<Output = Result<T, Cause>>,
     ) -> Result<T, Error> {
+        if !self.backend.shared() {
+            return op.await.map_err(Error::StateUnavailable);
+        }
         let span = tracing::info_span!(
             "state",
             otel.name = command,
@@ -458,6 +735,9 @@ impl Store {
             Ok(v) => {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!("state store reachable again");
+                    // It may have come back as another server (a restart,
+                    // a failover): read its eviction policy again first.
+                    self.policy_checked_ms.store(0, Ordering::Relaxed);
                 }
                 Ok(v)
             }
@@ -474,6 +754,210 @@ impl Store {
             }
         }
     }
+
+    /// Runs `op` once; what the store did not take is retried in the
+    /// background.
+    async fn end(self: &Arc<Self>, op: EndOp) {
+        match self.track("end", self.backend.end(&op)).await {
+            Ok(ended) => report(&op, ended),
+            Err(e) => {
+                tracing::warn!(
+                    caller = op.caller,
+                    request_id = op.request_id,
+                    error = %crate::error::chain(&e),
+                    "cannot settle an attempt in the state store; retrying in the background"
+                );
+                self.end_in_background(op, true);
+            }
+        }
+    }
+
+    /// Retries `op` with backoff until the store takes it or
+    /// [`END_RETRY_FOR`] passes.
+    fn end_in_background(self: &Arc<Self>, op: EndOp, after_failure: bool) {
+        let Ok(permit) = self.background.clone().try_acquire_owned() else {
+            // Once per burst: an outage must not also flood the log.
+            if !self.background_full.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    caller = op.caller,
+                    request_id = op.request_id,
+                    limit = MAX_BACKGROUND_ENDS,
+                    "too many attempts waiting to be settled in the state store; those \
+                     beyond the limit keep their reservations (counted as failures until \
+                     they expire) and their request_id claims stay pending"
+                );
+            }
+            return;
+        };
+        self.background_full.store(false, Ordering::Relaxed);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = self.clone();
+        runtime.spawn(self.tasks.track_future(async move {
+            let _permit = permit;
+            let started = Instant::now();
+            let mut delay = Duration::from_millis(50);
+            if after_failure {
+                tokio::time::sleep(delay).await;
+            }
+            loop {
+                match shared.track("end", shared.backend.end(&op)).await {
+                    Ok(ended) => {
+                        report(&op, ended);
+                        if after_failure {
+                            tracing::info!(
+                                caller = op.caller,
+                                request_id = op.request_id,
+                                "attempt settled in the state store after a retry"
+                            );
+                        }
+                        return;
+                    }
+                    Err(e) if started.elapsed() >= END_RETRY_FOR => {
+                        tracing::error!(
+                            caller = op.caller,
+                            request_id = op.request_id,
+                            error = %crate::error::chain(&e),
+                            "gave up settling an attempt in the state store; its reservation \
+                             counts as a failure until it expires, and a retry of its \
+                             request_id gets OUTCOME_UNKNOWN until the claim expires"
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }));
+    }
+}
+
+/// Logs and counts an `end` that found its claim gone.
+fn report(op: &EndOp, ended: Ended) {
+    let record = match ended {
+        Ended::Settled => return,
+        Ended::Missing => "missing",
+        Ended::Replaced => "replaced",
+    };
+    telemetry::metrics()
+        .state_lost_records
+        .add(1, &[KeyValue::new("record", record)]);
+    match ended {
+        Ended::Missing => tracing::error!(
+            caller = op.caller,
+            request_id = op.request_id,
+            "the request_id claim was gone from the state store when its outcome arrived \
+             (restart without persistence, flush, or a failover that lost it); the outcome \
+             was stored again, but a retry in between may have called IAM a second time"
+        ),
+        _ => tracing::error!(
+            caller = op.caller,
+            request_id = op.request_id,
+            "another call claimed this request_id after its claim vanished from the state \
+             store: IAM was called twice for it; the stored outcome says whether the \
+             password changed"
+        ),
+    }
+}
+
+/// One attempt's reservation and (if it has a `request_id`) claim, from a
+/// granted [`Store::begin`] until [`Ticket::end`]. Dropped without `end`,
+/// it is ended in the background: released if IAM was never called, else
+/// counted as a failure with its claim left pending.
+#[must_use = "a ticket must be ended; dropping it gives the attempt up"]
+pub(crate) struct Ticket {
+    shared: Arc<Shared>,
+    caller: String,
+    id: String,
+    request_id: Option<String>,
+    /// The store's answer to the `begin` arrived.
+    answered: bool,
+    /// IAM may be called from now on.
+    sending: bool,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("caller", &self.caller)
+            .field("request_id", &self.request_id)
+            .field("sending", &self.sending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ticket {
+    /// Marks the point after which IAM may have been called: a ticket
+    /// dropped from here on no longer releases its claim.
+    pub(crate) fn sending(&mut self) {
+        self.sending = true;
+    }
+
+    /// Settles the reservation and stores (or gives up) the claim: one
+    /// round trip. A store failure here is retried in the background.
+    pub(crate) async fn end(mut self, verdict: Verdict, record: Record) {
+        self.ended = true;
+        let record = match record {
+            Record::Store(outcome) => {
+                let ttl = outcome.ttl();
+                EndRecord::Store(outcome, ttl)
+            }
+            Record::Release => EndRecord::Release,
+        };
+        let op = self.op(verdict, record);
+        self.shared.end(op).await;
+    }
+
+    fn op(&self, verdict: Verdict, record: EndRecord) -> EndOp {
+        EndOp {
+            caller: self.caller.clone(),
+            id: self.id.clone(),
+            request_id: self.request_id.clone(),
+            verdict,
+            record,
+            window: self.shared.limits.failed_attempts_window,
+            unanswered: (!self.answered).then(|| self.shared.release_memory()),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let op = if self.sending {
+            self.op(Verdict::Failure, EndRecord::Hold)
+        } else {
+            self.op(Verdict::Release, EndRecord::Release)
+        };
+        self.shared.end_in_background(op, false);
+    }
+}
+
+fn count_decision(decision: &'static str) {
+    telemetry::metrics()
+        .limit_decisions
+        .add(1, &[KeyValue::new("decision", decision)]);
+}
+
+fn count_replay(result: &'static str) {
+    telemetry::metrics()
+        .idempotency_replays
+        .add(1, &[KeyValue::new("result", result)]);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whole milliseconds, at least 1 (Redis refuses a TTL of 0).
+pub(crate) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// An id no other attempt of any replica shares: this process's random
@@ -482,12 +966,32 @@ impl Store {
 fn unique_id() -> String {
     static PREFIX: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     format!("{}-{}", *PREFIX, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// Whether a record seen as `found` is worth waiting on: pending, and not
+/// for so long that its call must have died.
+pub(crate) fn still_pending(found: &Option<Began>, lost_after: Duration) -> bool {
+    matches!(found, Some(Began::Pending(age)) if *age <= lost_after)
+}
+
+/// Polls `peek` until the record is no longer pending or `until` passes
+/// (backends without change notifications).
+pub(crate) async fn poll_until<F, Fut>(
+    until: Instant,
+    lost_after: Duration,
+    mut peek: F,
+) -> Result<Option<Began>, Cause>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<Began>, Cause>>,
+{
+    loop {
+        let found = peek().await?;
+        if !still_pending(&found, lost_after) || Instant::now() >= until {
+            return Ok(found);
+        }
+        tokio::time::sleep_until((Instant::now() + PENDING_POLL).min(until)).await;
+    }
 }

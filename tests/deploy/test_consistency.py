@@ -40,7 +40,8 @@ ALLOWED_KEYS = {
     "aws": {"region", "endpoint_url", "sts_endpoint_url"},
     "limits": {"failed_attempts", "failed_attempts_window"},
     "state": {
-        "backend", "url", "key_prefix", "password_file", "ca_file", "client_cert", "client_key",
+        "backend", "url", "cluster_nodes", "sentinels", "sentinel_master", "key_prefix",
+        "max_request_ids_per_caller", "password_file", "ca_file", "client_cert", "client_key",
         "command_timeout",
     },
     "telemetry": {"log_format"},

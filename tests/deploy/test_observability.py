@@ -113,7 +113,8 @@ def test_metrics_json_lists_what_the_brief_names(metrics):
     assert set(otel) == {
         "rpc.server.duration", "credgate.iam.outcomes", "credgate.limit.decisions",
         "credgate.idempotency.replays", "credgate.state.up", "credgate.state.errors",
-        "credgate.state.duration", "credgate.tls.crl.expires_in",
+        "credgate.state.duration", "credgate.state.lost_records",
+        "credgate.tls.crl.expires_in",
     }  # fmt: skip
     assert otel["credgate.tls.crl.expires_in"]["unit"] == "s"
     assert {m for m, spec in otel.items() if spec.get("only_with_crl")} == {"credgate.tls.crl.expires_in"}
@@ -125,6 +126,7 @@ def test_metrics_json_lists_what_the_brief_names(metrics):
     assert set(reasons["values"]) == {r for cls in reasons["classes"].values() for r in cls}
     assert {m for m, spec in otel.items() if spec["only_with_state"]} == {
         "credgate.state.up", "credgate.state.errors", "credgate.state.duration",
+        "credgate.state.lost_records",
     }  # fmt: skip
     assert {e["name"] for e in metrics["external"]} >= {
         "kube_pod_container_status_restarts_total",
@@ -193,6 +195,7 @@ REQUIRED = {
     "CredgateUpstreamCredentialsRejected": 'error_type=~"UPSTREAM_CREDENTIALS_REJECTED|IAM_USER_MISMATCH"',
     "CredgateStateUnavailable": 'error_type="STATE_UNAVAILABLE"',
     "CredgateStateDown": "credgate_state_up == 0",
+    "CredgateStateLostRecords": "credgate_state_lost_records_total",
     "CredgateLatencyHigh": "histogram_quantile(0.99",
     "CredgatePodRestarting": "kube_pod_container_status_restarts_total",
     "CredgateReplicasUnavailable": "kube_deployment_status_replicas_available",

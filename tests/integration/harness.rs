@@ -1008,17 +1008,54 @@ pub fn with_timeout<T>(message: T, grpc_timeout: &str) -> tonic::Request<T> {
 pub struct Redis {
     port: u16,
     child: Option<Child>,
+    /// A config file given first (sentinels need one they can rewrite).
+    config: Option<PathBuf>,
+    /// Extra command-line options (cluster mode, replication).
+    args: Vec<String>,
+}
+
+/// A free 127.0.0.1 port (probed; the OS may hand it out again later).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut redis = Redis { port, child: None };
+        Redis::start_with(None, &[])
+    }
+
+    /// `redis-server [config] --port P ... <args>` on a free port.
+    pub fn start_with(config: Option<PathBuf>, args: &[&str]) -> Redis {
+        Redis::start_on(free_port(), config, args)
+    }
+
+    /// As [`Redis::start_with`], on `port`.
+    pub fn start_on(port: u16, config: Option<PathBuf>, args: &[&str]) -> Redis {
+        let mut redis = Redis {
+            port,
+            child: None,
+            config,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        };
         redis.restart();
         redis
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to this server's process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
     }
 
     pub fn url(&self) -> String {
@@ -1028,9 +1065,14 @@ impl Redis {
     /// Starts (again) on the same port, waiting until it answers.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(config) = &self.config {
+            cmd.arg(config);
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -1041,6 +1083,28 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs one command on this server.
+    pub async fn command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let mut conn = self.connection().await;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
+    /// One `INFO` field of this server.
+    pub async fn info(&self, section: &str, field: &str) -> Option<String> {
+        let text: String = redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut self.connection().await)
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .map(|v| v.trim().to_owned())
     }
 
     /// Kills the server (as a crash or partition would look to credgate).

@@ -13,4 +13,6 @@ mod harness;
 mod integrity;
 mod otlp;
 mod shared_state;
+mod state_integrity;
 mod telemetry;
+mod topologies;

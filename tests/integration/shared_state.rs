@@ -399,10 +399,24 @@ async fn the_store_never_holds_a_password_or_anything_but_ids_and_outcomes() {
                     );
                 }
             }
-            // Only the documented shapes: UUID members with times, or an
-            // outcome record; nothing derived from a password can hide.
+            // Only the documented shapes: attempt ids with times, the
+            // caller's request_ids (UUIDs) with expiry times, a release
+            // mark, or an outcome record; nothing derived from a password
+            // can hide.
             if key.contains(":attempts:") {
                 assert!(value.starts_with("[(\""), "{key} = {value}");
+            } else if key.ends_with(":requests") {
+                let members: Vec<&str> = value
+                    .split("(\"")
+                    .skip(1)
+                    .filter_map(|m| m.split('"').next())
+                    .collect();
+                assert!(!members.is_empty(), "{key} = {value}");
+                for member in members {
+                    assert!(uuid::Uuid::parse_str(member).is_ok(), "{key} = {value}");
+                }
+            } else if key.contains(":released:") {
+                assert_eq!(value, "1", "{key}");
             } else {
                 let record: serde_json::Value = serde_json::from_str(value).expect("JSON");
                 let shape = record
