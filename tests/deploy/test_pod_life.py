@@ -109,7 +109,7 @@ def test_sigterm_drains_in_flight_calls(
     )
 
     argv = [rewrite(a, root) for a in pod_argv(objs, dockerfile)]
-    assert argv[0] == "credgate"  # found on the image PATH, in /usr/local/bin
+    assert argv[0] == "/usr/local/bin/credgate"  # the image's binary; here the host's
     argv[0] = str(credgate_bin)
     credgate = Process(argv, pod_env(objs, root))
     channels: list[grpc.Channel] = []
