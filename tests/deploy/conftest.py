@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,34 @@ def grpc_stubs(tmp_path_factory: pytest.TempPathFactory):
     finally:
         sys.path.remove(str(out))
     return pb2, pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """podman with the checkout's configuration and storage (image_support.Podman)."""
+    from image_support import find_podman
+
+    return find_podman()
+
+
+@pytest.fixture(scope="session")
+def image(engine, dockerfile):
+    """deploy/Dockerfile built on the stand-in base (image_support.build_image)."""
+    from image_support import IMAGE_BIN, build_image
+
+    binary = Path(os.environ.get("CREDGATE_IMAGE_BIN", IMAGE_BIN))
+    if not binary.is_file():
+        unavailable(
+            f"no image binary at {binary}: run `cargo build --locked --profile image --bin credgate`"
+            " (scripts/test does) or set CREDGATE_IMAGE_BIN"
+        )
+    cargo = tomllib.loads((REPO / "Cargo.toml").read_text())
+    return build_image(engine, dockerfile, binary, tag=f"localhost/credgate:{cargo['package']['version']}")
+
+
+@pytest.fixture(scope="session")
+def image_report(engine, image):
+    """What the image is (size, layers, libraries, SBOM), written to target/container/report.*."""
+    from image_support import describe
+
+    return describe(engine, image)

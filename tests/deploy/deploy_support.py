@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import socket
 import subprocess
+import threading
+import time
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -186,11 +191,16 @@ def lay_out_mounts(
     root: Path,
     secrets: dict[str, dict[str, bytes]],
     config_maps: dict[str, dict[str, str]] | None = None,
+    *,
+    fs_group: int | None = None,
 ) -> None:
     """Write every volumeMount of the container under root, as the kubelet would.
 
     secrets: secretName -> {key: content}. config_maps: name -> {key: text};
     defaults to the rendered ConfigMaps, with /etc/credgate paths rewritten.
+    fs_group: lay each volume out as the kubelet's atomic writer does (the
+    files in a timestamped directory behind `..data`, each key a symlink to
+    `..data/KEY`), group-owned by the pod's fsGroup (needs root).
     """
     if config_maps is None:
         config_maps = {
@@ -213,12 +223,22 @@ def lay_out_mounts(
             raise AssertionError(f"unexpected volume type: {volume}")
         target = root / mount["mountPath"].lstrip("/")
         target.mkdir(parents=True, exist_ok=True)
+        files = target
+        if fs_group is not None:
+            files = target / time.strftime("..%Y_%m_%d_%H_%M_%S.0000000001", time.gmtime())
+            files.mkdir()
+            (target / "..data").symlink_to(files.name)
         items = {i["key"]: i["path"] for i in source.get("items", [])} or {k: k for k in data}
         for key, rel in items.items():
-            path = target / rel
+            path = files / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data[key])
             path.chmod(source.get("defaultMode", 0o644))
+            if fs_group is not None:
+                os.chown(path, 0, fs_group)
+                top = rel.split("/", 1)[0]
+                if not (target / top).is_symlink():
+                    (target / top).symlink_to(f"..data/{top}")
 
 
 def volume_secret_name(objs: list[dict[str, Any]], volume: str) -> str:
@@ -336,3 +356,88 @@ def readline_with_timeout(proc: subprocess.Popen, timeout: float) -> str:
         proc.kill()
         pytest.fail(f"no ready line from {proc.args} within {timeout}s")
     return result[0] if result else ""
+
+
+INLINE_POLICY = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["iam:ChangePassword", "iam:GetAccountPasswordPolicy"],
+                "Resource": "*",
+            }
+        ],
+    }
+)
+
+
+
+def log_field(event: dict[str, Any], name: str) -> Any:
+    """A field of a JSON log line, top-level or under tracing's "fields"."""
+    if name in event:
+        return event[name]
+    return event.get("fields", {}).get(name)
+
+
+class Process:
+    """credgate as a child process, its stdout lines collected by a thread."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        self.stderr: list[str] = []
+        self.events: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self.events.put(line)
+
+    def output(self) -> str:
+        return "stdout:\n" + "".join(self.lines) + "\nstderr:\n" + "".join(self.stderr)
+
+    def wait_for_message(self, message: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.events.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"credgate exited with {self.proc.returncode}\n{self.output()}")
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if log_field(event, "message") == message:
+                return event
+        pytest.fail(f"no {message!r} log line within {timeout}s\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def http_json(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, None
+
+
+def create_iam_user(iam, name: str, password: str) -> tuple[str, str]:
+    """An IAM user with a console password, an access key and the right to change its password."""
+    iam.create_user(UserName=name)
+    iam.create_login_profile(UserName=name, Password=password, PasswordResetRequired=False)
+    iam.put_user_policy(UserName=name, PolicyName="credgate-change-own-password", PolicyDocument=INLINE_POLICY)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]

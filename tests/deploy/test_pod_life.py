@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import copy
 import json
-import queue
 import signal
 import subprocess
-import threading
 import time
-import urllib.error
-import urllib.request
-from typing import Any
 
 import pytest
 
 from deploy_support import (
+    Process,
     aws_secret,
     config,
     config_map_for,
+    create_iam_user,
     dev_pki,
     free_port,
+    http_json,
     lay_out_mounts,
+    log_field,
     pod_argv,
     pod_env,
     rewrite,
@@ -47,91 +46,10 @@ OLD_PASSWORD = "Old-Passw0rd!drain"
 IAM_DELAY_SECONDS = 2.0
 # How soon after SIGTERM the admin health must stop saying SERVING.
 HEALTH_FLIP_SECONDS = 2.0
-INLINE_POLICY = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Action": ["iam:ChangePassword", "iam:GetAccountPasswordPolicy"],
-                "Resource": "*",
-            }
-        ],
-    }
-)
 
 
 def new_password(i: int) -> str:
     return f"New-Passw0rd!drain-{i}"
-
-
-def log_field(event: dict[str, Any], name: str) -> Any:
-    """A field of a JSON log line, top-level or under tracing's "fields"."""
-    if name in event:
-        return event[name]
-    return event.get("fields", {}).get(name)
-
-
-class Process:
-    """credgate as a child process, its stdout lines collected by a thread."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self.lines: list[str] = []
-        self.stderr: list[str] = []
-        self.events: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
-
-    def _read_stdout(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self.events.put(line)
-
-    def output(self) -> str:
-        return "stdout:\n" + "".join(self.lines) + "\nstderr:\n" + "".join(self.stderr)
-
-    def wait_for_message(self, message: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.events.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"credgate exited with {self.proc.returncode}\n{self.output()}")
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if log_field(event, "message") == message:
-                return event
-        pytest.fail(f"no {message!r} log line within {timeout}s\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def http_json(method: str, url: str, body: Any = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, None
-
-
-def create_iam_user(iam, name: str) -> tuple[str, str]:
-    iam.create_user(UserName=name)
-    iam.create_login_profile(UserName=name, Password=OLD_PASSWORD, PasswordResetRequired=False)
-    iam.put_user_policy(UserName=name, PolicyName="credgate-change-own-password", PolicyDocument=INLINE_POLICY)
-    key = iam.create_access_key(UserName=name)["AccessKey"]
-    return key["AccessKeyId"], key["SecretAccessKey"]
 
 
 def test_sigterm_drains_in_flight_calls(
@@ -168,7 +86,7 @@ def test_sigterm_drains_in_flight_calls(
         aws_access_key_id=iam_emulator["admin_access_key_id"],
         aws_secret_access_key=iam_emulator["admin_secret_access_key"],
     )
-    profiles = {c["aws_profile"]: create_iam_user(admin, c["iam_user"]) for c in callers}
+    profiles = {c["aws_profile"]: create_iam_user(admin, c["iam_user"], OLD_PASSWORD) for c in callers}
 
     # The config: the ConfigMap's, with only the local differences.
     cfg = copy.deepcopy(shipped)
@@ -191,7 +109,7 @@ def test_sigterm_drains_in_flight_calls(
     )
 
     argv = [rewrite(a, root) for a in pod_argv(objs, dockerfile)]
-    assert argv[0] == "credgate"  # found on the image PATH, in /usr/local/bin
+    assert argv[0] == "/usr/local/bin/credgate"  # the image's binary; here the host's
     argv[0] = str(credgate_bin)
     credgate = Process(argv, pod_env(objs, root))
     channels: list[grpc.Channel] = []
