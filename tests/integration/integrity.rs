@@ -415,10 +415,16 @@ async fn a_hundred_cold_policy_reads_cost_one_iam_call_and_a_denial_is_remembere
             json!({"delay_seconds": 0.5}),
         )
         .await;
-    let client = rig.client().await;
+    // Four connections of 25 calls: each stays under the 32 streams a
+    // connection may open, also before the client has read the server's
+    // SETTINGS (beyond them a stream is refused, REFUSED_STREAM).
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(rig.client().await);
+    }
     let calls: Vec<_> = (0..100)
-        .map(|_| {
-            let mut client = client.clone();
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
             tokio::spawn(async move {
                 client
                     .get_password_policy(credgate::api::GetPasswordPolicyRequest {})
