@@ -6,7 +6,8 @@
 //!   new connections wait in the kernel's backlog, unless some connection
 //!   has not sent its TLS ClientHello yet: the one that has waited longest
 //!   is closed to make room (the way HAProxy's `timeout client-hs` and
-//!   Envoy's overload manager treat handshakes that make no progress);
+//!   Envoy's overload manager treat handshakes that make no progress), a
+//!   connection with no byte at all before one that has sent a first part;
 //! - a connection waits for its ClientHello at most [`HANDSHAKE_TIMEOUT`],
 //!   and one source address (an IPv6 /64) may have at most
 //!   [`MAX_WAITING_PER_SOURCE`] connections waiting: beyond that its oldest
@@ -41,6 +42,7 @@ use std::{
     hash::Hash,
     io,
     net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
@@ -398,11 +400,52 @@ struct Waiting(Mutex<WaitQueue>);
 #[derive(Default)]
 struct WaitQueue {
     next: u64,
-    entries: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    entries: BTreeMap<u64, WaitEntry>,
     by_source: HashMap<IpAddr, BTreeSet<u64>>,
 }
 
+struct WaitEntry {
+    source: IpAddr,
+    evicted: CancellationToken,
+    /// Some of its ClientHello has arrived: it is closed only after every
+    /// connection that has sent nothing.
+    started: bool,
+    /// A duplicate of its socket, to look for bytes without reading them
+    /// when it is a candidate for closing (`None` if it could not be made).
+    /// Under a flood a connection's task may run long after its client's
+    /// ClientHello arrived; the socket, not the task, says whether it is
+    /// silent.
+    socket: Option<OwnedFd>,
+}
+
+impl WaitEntry {
+    fn has_sent_something(&mut self) -> bool {
+        if !self.started && self.socket.as_ref().is_some_and(has_bytes) {
+            self.started = true;
+        }
+        self.started
+    }
+}
+
 impl WaitQueue {
+    /// The oldest connection that has sent nothing, else the oldest.
+    fn victim(&mut self) -> Option<u64> {
+        self.entries
+            .iter_mut()
+            .find_map(|(id, e)| (!e.has_sent_something()).then_some(*id))
+            .or_else(|| self.entries.keys().next().copied())
+    }
+
+    /// The same among the connections from `source`.
+    fn victim_from(&mut self, source: IpAddr) -> Option<u64> {
+        let ids = self.by_source.get(&source)?;
+        let entries = &mut self.entries;
+        ids.iter()
+            .copied()
+            .find(|id| entries.get_mut(id).is_some_and(|e| !e.has_sent_something()))
+            .or_else(|| ids.first().copied())
+    }
+
     /// Removes `id` and closes its connection.
     fn evict(&mut self, id: u64) {
         if let Some(token) = self.remove(id) {
@@ -411,31 +454,44 @@ impl WaitQueue {
     }
 
     fn remove(&mut self, id: u64) -> Option<CancellationToken> {
-        let (source, token) = self.entries.remove(&id)?;
+        let WaitEntry {
+            source, evicted, ..
+        } = self.entries.remove(&id)?;
         if let Some(ids) = self.by_source.get_mut(&source) {
             ids.remove(&id);
             if ids.is_empty() {
                 self.by_source.remove(&source);
             }
         }
-        Some(token)
+        Some(evicted)
     }
 }
 
 impl Waiting {
     /// Registers a connection from `source`; if that source then has more
-    /// than [`MAX_WAITING_PER_SOURCE`] waiting, its oldest is closed.
-    fn enter(self: &Arc<Self>, source: IpAddr) -> (WaitTicket, bool) {
+    /// than [`MAX_WAITING_PER_SOURCE`] waiting, its oldest silent one is
+    /// closed.
+    fn enter(self: &Arc<Self>, source: IpAddr, tcp: &TcpStream) -> (WaitTicket, bool) {
         let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let id = queue.next;
         queue.next += 1;
         let evicted = CancellationToken::new();
-        queue.entries.insert(id, (source, evicted.clone()));
+        queue.entries.insert(
+            id,
+            WaitEntry {
+                source,
+                evicted: evicted.clone(),
+                started: false,
+                socket: rustix::io::dup(tcp).ok(),
+            },
+        );
         let ids = queue.by_source.entry(source).or_default();
         ids.insert(id);
-        let oldest = (ids.len() > MAX_WAITING_PER_SOURCE)
-            .then(|| ids.first().copied())
-            .flatten();
+        let oldest = if ids.len() > MAX_WAITING_PER_SOURCE {
+            queue.victim_from(source)
+        } else {
+            None
+        };
         if let Some(oldest) = oldest {
             queue.evict(oldest);
         }
@@ -447,10 +503,11 @@ impl Waiting {
         (ticket, oldest.is_some())
     }
 
-    /// Closes the connection that has waited longest; whether there was one.
+    /// Closes the silent connection that has waited longest (else the
+    /// oldest that has sent part of its ClientHello); whether there was one.
     fn evict_oldest(&self) -> bool {
         let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match queue.entries.keys().next().copied() {
+        match queue.victim() {
             Some(id) => {
                 queue.evict(id);
                 true
@@ -603,7 +660,7 @@ async fn handshake<M>(
     let _ = tcp.set_nodelay(true);
     let give_up = Instant::now() + HANDSHAKE_TIMEOUT;
     let source = source_of(peer);
-    let (ticket, evicted_another) = shared.waiting.enter(source);
+    let (ticket, evicted_another) = shared.waiting.enter(source, &tcp);
     if evicted_another {
         shared.evicted("max_waiting_per_source");
     }
@@ -705,6 +762,17 @@ async fn refuse_over_budget(mut stream: TlsStream<TcpStream>, limit: usize) {
         stream.shutdown().await
     })
     .await;
+}
+
+/// Whether the client has sent anything yet, without reading it.
+fn has_bytes(socket: impl AsFd) -> bool {
+    let mut byte = [0u8; 1];
+    rustix::net::recv(
+        socket,
+        &mut byte[..],
+        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+    )
+    .is_ok_and(|(n, _)| n > 0)
 }
 
 /// Reads the HTTP/2 preface (to be replayed to hyper), so that a client that
