@@ -34,7 +34,16 @@ from typing import Any
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from deploy_support import DOCKERFILE, NONROOT_ID, REPO, container, pod_spec, unavailable
+from deploy_support import (
+    DOCKERFILE,
+    NONROOT_ID,
+    POD_FIELDS,
+    REPO,
+    container,
+    kubelet_env,
+    pod_spec,
+    unavailable,
+)
 
 WORK = REPO / "target" / "container"
 CONTAINERS_CONF = Path(__file__).resolve().parent / "containers.conf"
@@ -423,12 +432,15 @@ def pod_security(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def pod_run_args(objs: list[dict[str, Any]], image: str, volumes: Path, name: str) -> list[str]:
     """`podman run` arguments that start the image as the rendered Deployment's pod
-    would: its user, groups, securityContext, limits, env, volume mounts (laid out
-    under `volumes` by lay_out_mounts) and command/args. Host networking: the
-    listeners must be on free loopback ports."""
+    would: its user, groups, securityContext, limits, env (resolved as the
+    kubelet resolves it for the pod deploy_support.POD_FIELDS describes), its
+    hostname, volume mounts (laid out under `volumes` by lay_out_mounts) and
+    command/args. Host networking: the listeners must be on free loopback ports."""
     c = container(objs)
     security = pod_security(objs)
     args = ["run", "--rm", "--pull=never", "--name", name, "--network", "host"]
+    # A pod's hostname (and the runtime's HOSTNAME) is its name.
+    args += ["--hostname", POD_FIELDS["metadata.name"]]
     args += ["--user", f"{security['runAsUser']}:{security['runAsGroup']}"]
     if "fsGroup" in security:  # a pod-level field only
         args += ["--group-add", str(security["fsGroup"])]
@@ -449,9 +461,8 @@ def pod_run_args(objs: list[dict[str, Any]], image: str, volumes: Path, name: st
         args += ["--memory", str(int(quantity(limits["memory"])))]
     if "cpu" in limits:
         args += ["--cpus", str(quantity(limits["cpu"]))]
-    for var in c.get("env", []):
-        assert "value" in var, f"env from a reference is not replayed: {var}"
-        args += ["--env", f"{var['name']}={var['value']}"]
+    for key, value in kubelet_env(c).items():
+        args += ["--env", f"{key}={value}"]
     for mount in c.get("volumeMounts", []):
         assert "subPath" not in mount, mount
         mode = "ro" if mount.get("readOnly") else "rw"

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from deploy_support import (
+    POD_FIELDS,
     Process,
     aws_secret,
     config,
@@ -30,6 +31,8 @@ from deploy_support import (
     dev_pki,
     free_port,
     http_json,
+    kubelet_env,
+    kubelet_expand,
     lay_out_mounts,
     log_field,
     pod_spec,
@@ -262,6 +265,15 @@ def test_the_container_serves_and_drains_as_the_pod(
         assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
         assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
         assert "ro" in root_mount_options(pid), "the root filesystem is read-only"
+        # The Deployment's env as the kubelet resolves it: the downward API's pod
+        # name is the exported service.instance.id (two replicas never merge).
+        environ = process_environ(pid)
+        assert environ["HOSTNAME"] == POD_FIELDS["metadata.name"], environ
+        assert environ["POD_NAME"] == POD_FIELDS["metadata.name"], environ
+        assert environ["POD_NAMESPACE"] == POD_FIELDS["metadata.namespace"], environ
+        resource = dict(kv.split("=", 1) for kv in environ["OTEL_RESOURCE_ATTRIBUTES"].split(","))
+        assert resource["service.instance.id"] == POD_FIELDS["metadata.name"], resource
+        assert resource["k8s.namespace.name"] == POD_FIELDS["metadata.namespace"], resource
 
         # Health on the admin port, as the kubelet's gRPC probe asks it.
         admin_channel = grpc.insecure_channel(cfg["server"]["admin_listen"])
@@ -348,6 +360,37 @@ def test_the_container_serves_and_drains_as_the_pod(
         assert password not in everything, "a secret in the container's output"
 
 
+def test_the_env_is_replayed_as_the_kubelet_resolves_it(base_objects):
+    """The replay behind pod_run_args (and test_pod_life): the downward API's
+    fields, $(VAR) expansion with Kubernetes' rules, and a clear refusal of
+    every source it cannot fill as a cluster would."""
+    env = kubelet_env(container(base_objects))
+    pod = POD_FIELDS["metadata.name"]
+    assert env["POD_NAME"] == pod and env["POD_NAMESPACE"] == POD_FIELDS["metadata.namespace"]
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == (
+        f"service.instance.id={pod},k8s.pod.name={pod},k8s.namespace.name={POD_FIELDS['metadata.namespace']}"
+    )
+    defined = {"A": "1"}
+    for written, expanded in [
+        ("a=$(A),b=$(B)", "a=1,b=$(B)"),  # undefined: kept as written
+        ("$$(A)", "$(A)"),  # $$ escapes
+        ("$$$(A)", "$1"),
+        ("$x$(A)$", "$x1$"),  # a lone $ is kept
+        ("$(A", "$(A"),  # never closed
+        ("", ""),
+    ]:
+        assert kubelet_expand(written, defined) == expanded, written
+    for refused in [
+        {"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+        {"env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]},
+        {"env": [{"name": "X", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}}]},
+        {"env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]},
+        {"envFrom": [{"secretRef": {"name": "s"}}]},
+    ]:
+        with pytest.raises(AssertionError, match="not replayed"):
+            kubelet_env(refused)
+
+
 def container_pid(engine, name: str, credgate: Process) -> int:
     pid = int(engine("inspect", "--format", "{{.State.Pid}}", name, check=False).stdout.strip() or 0)
     if pid == 0:
@@ -359,6 +402,12 @@ def process_status(pid: int) -> dict[str, str]:
     """/proc/PID/status of the container's PID 1, read on the host."""
     lines = open(f"/proc/{pid}/status").read().splitlines()
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def process_environ(pid: int) -> dict[str, str]:
+    """/proc/PID/environ of the container's PID 1, read on the host."""
+    entries = open(f"/proc/{pid}/environ", "rb").read().decode().split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
 def root_mount_options(pid: int) -> set[str]:
