@@ -122,6 +122,13 @@ def find_podman() -> Podman:
         unavailable("podman is not installed (scripts/test installs the Debian packages podman and runc)")
     engine = Podman(WORK)
     proc = engine("info", "--format", "json", check=False, timeout=120)
+    if proc.returncode != 0 and "database configuration mismatch" in proc.stderr:
+        # The storage of a checkout copied from another path (target/ with
+        # it): podman's database names the old path. It only caches test
+        # images; start it afresh.
+        for stale in (WORK / "storage", WORK / "run"):
+            shutil.rmtree(stale, ignore_errors=True)
+        proc = engine("info", "--format", "json", check=False, timeout=120)
     if proc.returncode != 0:
         pytest.skip(f"podman cannot run on this machine (`podman info` failed):\n{proc.stderr}")
     return engine
