@@ -52,7 +52,7 @@ def test_runtime_stage_holds_only_the_binary_and_libgcc(dockerfile):
     kinds = {i["instruction"] for i in runtime} - {"COMMENT"}
     assert kinds <= {"FROM", "COPY", "USER", "EXPOSE", "ENTRYPOINT", "CMD", "LABEL"}
     copies = [i["value"] for i in runtime if i["instruction"] == "COPY"]
-    # libgcc-s1 first: its layers are the same from one release to the next.
+    # libgcc-s1 first: its layers change with the builder image only, not with credgate.
     assert copies == [
         "--from=builder /out/lib/ /lib/",
         "--from=builder /out/status.d/ /var/lib/dpkg/status.d/",
