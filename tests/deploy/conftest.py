@@ -159,7 +159,7 @@ def image(engine, dockerfile):
     binary = Path(os.environ.get("CREDGATE_IMAGE_BIN", IMAGE_BIN))
     if not binary.is_file():
         unavailable(
-            f"no image binary at {binary}: run `cargo build --locked --profile image --bin credgate`"
+            f"no image binary at {binary}: run `cargo build --locked --release --bin credgate`"
             " (scripts/test does) or set CREDGATE_IMAGE_BIN"
         )
     cargo = tomllib.loads((REPO / "Cargo.toml").read_text())

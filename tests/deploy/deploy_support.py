@@ -161,8 +161,53 @@ def rewrite(value: str, root: Path) -> str:
     return value.replace(POD_PREFIX, str(root) + POD_PREFIX)
 
 
-# What the downward API gives the test "pod".
-POD_FIELDS = {"metadata.name": "credgate-5d8c7b9f4-test1", "metadata.namespace": "credgate"}
+# What the downward API gives the test "pod", by fieldPath: a name as the
+# Deployment's ReplicaSet would make it (NAME-TEMPLATEHASH-SUFFIX), a namespace.
+POD_FIELDS = {"metadata.name": "credgate-5d8c7b9f4-x7k2q", "metadata.namespace": "credgate"}
+
+
+def kubelet_env(c: dict[str, Any]) -> dict[str, str]:
+    """The container's `env` as the kubelet resolves it: a fieldRef from
+    POD_FIELDS, a `value` with each $(VAR) of a variable defined before it
+    expanded. What this replay cannot fill as a cluster would (Secret or
+    ConfigMap keys, resource fields, other pod fields, envFrom) is refused.
+    Not replayed: the service links the kubelet adds (CREDGATE_SERVICE_HOST, ...),
+    none of which credgate reads."""
+    assert "envFrom" not in c, f"envFrom is not replayed: {c['envFrom']}"
+    env: dict[str, str] = {}
+    for var in c.get("env", []):
+        if "valueFrom" in var:
+            source = var["valueFrom"]
+            assert set(source) == {"fieldRef"}, f"env from a reference is not replayed: {var}"
+            path = source["fieldRef"]["fieldPath"]
+            assert path in POD_FIELDS, f"fieldRef {path} is not replayed (only {sorted(POD_FIELDS)}): {var}"
+            env[var["name"]] = POD_FIELDS[path]
+        else:
+            env[var["name"]] = kubelet_expand(var.get("value", ""), env)
+    return env
+
+
+def kubelet_expand(value: str, defined: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion (k8s.io/kubernetes third_party/forked/golang/expansion):
+    $(NAME) of a defined variable is its value, of an undefined one stays as
+    written; $$ is a literal $; any other $ is kept."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        if value[i] != "$" or i + 1 == len(value):
+            out.append(value[i])
+            i += 1
+        elif value[i + 1] == "$":
+            out.append("$")
+            i += 2
+        elif value[i + 1] == "(" and (close := value.find(")", i + 2)) != -1:
+            name = value[i + 2 : close]
+            out.append(defined.get(name, f"$({name})"))
+            i = close + 1
+        else:  # "$x", or a "$(" never closed: kept as written
+            out.append(value[i : i + 2])
+            i += 2
+    return "".join(out)
 
 
 def pod_env(objs: list[dict[str, Any]], root: Path) -> dict[str, str]:
@@ -175,14 +220,7 @@ def pod_env(objs: list[dict[str, Any]], root: Path) -> dict[str, str]:
     home = root / "home" / "nonroot"
     home.mkdir(parents=True, exist_ok=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
-    for var in container(objs).get("env", []):
-        if "valueFrom" in var:
-            # The downward API, as the kubelet fills it in for this pod.
-            env[var["name"]] = POD_FIELDS[var["valueFrom"]["fieldRef"]["fieldPath"]]
-            continue
-        # $(VAR) names a variable defined before it, as the kubelet expands it.
-        value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
-        env[var["name"]] = rewrite(value, root)
+    env.update((name, rewrite(value, root)) for name, value in kubelet_env(container(objs)).items())
     return env
 
 

@@ -3,15 +3,17 @@
 
 No registry is reachable here, so two inputs of a registry build are replaced,
 and nothing else:
-  - the runtime stage's base, gcr.io/distroless/cc-debian12:nonroot, by a
-    stand-in made the way distroless makes it: the same Debian 12 packages'
-    files extracted without maintainer scripts, its passwd/group/home/tmp
-    entries, a CA bundle built from ca-certificates, and its image config
-    (PATH, SSL_CERT_FILE, user 65532, workdir /home/nonroot), imported under
-    exactly the name the Dockerfile's runtime stage uses;
-  - the builder stage (rust:1.95-bookworm running `cargo build --release`), by
-    the binary the host built with the same toolchain on the same Debian 12,
-    handed to the unchanged Dockerfile as the `builder` build context.
+  - the runtime stage's base, gcr.io/distroless/base-nossl-debian12:nonroot,
+    by a stand-in made the way distroless makes it: the same Debian 12
+    packages' files extracted without maintainer scripts, its
+    passwd/group/home/tmp entries, a CA bundle built from ca-certificates, and
+    its image config (PATH, SSL_CERT_FILE, user 65532, workdir /home/nonroot),
+    imported under exactly the name the Dockerfile's runtime stage uses;
+  - the builder stage (rust:1.95-bookworm running `cargo build --release`, and
+    installing libgcc_s from its libgcc-s1), by what the same commands make on
+    the host, the same toolchain on the same Debian 12: its release binary and
+    its libgcc_s, handed to the unchanged Dockerfile as the `builder` build
+    context.
 podman keeps its images in the checkout (target/container/storage), so a real
 distroless image that a developer pulled is never replaced by the stand-in.
 """
@@ -34,7 +36,16 @@ from typing import Any
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from deploy_support import DOCKERFILE, NONROOT_ID, REPO, container, pod_spec, unavailable
+from deploy_support import (
+    DOCKERFILE,
+    NONROOT_ID,
+    POD_FIELDS,
+    REPO,
+    container,
+    kubelet_env,
+    pod_spec,
+    unavailable,
+)
 
 WORK = REPO / "target" / "container"
 CONTAINERS_CONF = Path(__file__).resolve().parent / "containers.conf"
@@ -43,13 +54,14 @@ CONTAINERS_CONF = Path(__file__).resolve().parent / "containers.conf"
 IMAGE_BIN = REPO / "target" / "release" / "credgate"
 
 # What the stand-in stands in for, and how distroless builds it (its
-# static/static.bzl, base/config.bzl and cc/config.bzl for debian12): these
-# packages' data, unpacked as they are, no maintainer scripts run.
-STANDIN_FOR = "gcr.io/distroless/cc-debian12:nonroot"
+# static/static.bzl with static/config.bzl's STATIC_PACKAGES, and base/base.bzl's
+# base_nossl_image with base/config.bzl's BASE_NOSSL_PACKAGES, for debian12):
+# these packages' data, unpacked as they are, no maintainer scripts run. No
+# libssl3 (that is `base`), no libgcc-s1, libstdc++6, libgomp1 (that is `cc`).
+STANDIN_FOR = "gcr.io/distroless/base-nossl-debian12:nonroot"
 DISTROLESS_PACKAGES = (
     "base-files", "netbase", "tzdata", "media-types",  # static
-    "libc6", "libssl3",  # base
-    "libgomp1", "libstdc++6", "libgcc-s1", "gcc-12-base",  # cc
+    "libc6",  # base-nossl
 )  # fmt: skip
 # Of ca-certificates, distroless keeps only the copyright and the bundle that
 # SSL_CERT_FILE names, concatenated from the package's certificates in path
@@ -113,6 +125,13 @@ def find_podman() -> Podman:
         unavailable("podman is not installed (scripts/test installs the Debian packages podman and runc)")
     engine = Podman(WORK)
     proc = engine("info", "--format", "json", check=False, timeout=120)
+    if proc.returncode != 0 and "database configuration mismatch" in proc.stderr:
+        # The storage of a checkout copied from another path (target/ with
+        # it): podman's database names the old path. It only caches test
+        # images; start it afresh.
+        for stale in (WORK / "storage", WORK / "run"):
+            shutil.rmtree(stale, ignore_errors=True)
+        proc = engine("info", "--format", "json", check=False, timeout=120)
     if proc.returncode != 0:
         pytest.skip(f"podman cannot run on this machine (`podman info` failed):\n{proc.stderr}")
     return engine
@@ -141,19 +160,77 @@ def runtime_base(dockerfile: DockerfileParser) -> str:
     return base
 
 
-def builder_input(dockerfile: DockerfileParser) -> tuple[str, PurePosixPath]:
-    """(stage, source) of the runtime stage's one `COPY --from=STAGE SOURCE DESTINATION`."""
+@dataclass(frozen=True)
+class BuilderFile:
+    """A file the builder stage leaves for the runtime stage, as the same
+    command makes it on the host."""
+
+    stage_path: PurePosixPath
+    data: bytes
+    mode: int
+    # What it is: the Debian package it comes from, or how it is built.
+    origin: str
+
+
+def builder_outputs(binary: Path) -> list[BuilderFile]:
+    """What deploy/Dockerfile's builder stage writes to /out, made as its RUN
+    lines make it, on the host (Debian 12 and the pinned Rust, like the stage):
+      install -D -m 0755 target/release/credgate /out/credgate
+      install -D -m 0644 -t /out/lib/$multiarch /lib/$multiarch/libgcc_s.so.1
+      dpkg-query --status libgcc-s1 > /out/status.d/libgcc-s1"""
+    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True, check=True).stdout.strip()
+    libgcc = Path(f"/lib/{multiarch}/libgcc_s.so.1")
+    status = subprocess.run(["dpkg-query", "--status", "libgcc-s1"], capture_output=True, check=True).stdout
+    fields = dict(line.split(": ", 1) for line in status.decode().splitlines() if ": " in line and line[0] != " ")
+    package = f"{fields['Package']} {fields['Version']}"
+    owner = subprocess.run(["dpkg-query", "--search", str(libgcc)], capture_output=True, text=True, check=True)
+    assert owner.stdout.startswith(f"{fields['Package']}:"), f"{libgcc} is not libgcc-s1's: {owner.stdout}"
+    return [
+        BuilderFile(PurePosixPath("/out/credgate"), binary.read_bytes(), 0o755, "cargo build --release --locked"),
+        BuilderFile(PurePosixPath(f"/out/lib/{multiarch}/{libgcc.name}"), libgcc.read_bytes(), 0o644, package),
+        BuilderFile(PurePosixPath("/out/status.d/libgcc-s1"), status, 0o644, f"{package}, dpkg status"),
+    ]
+
+
+def runtime_copies(dockerfile: DockerfileParser) -> list[tuple[str, str, str]]:
+    """(stage, source, destination) of each `COPY --from=STAGE SOURCE DESTINATION`
+    of the runtime stage, in order."""
     copies = []
     in_runtime = False
     for instr in dockerfile.structure:
         if instr["instruction"] == "FROM":
             in_runtime = instr["value"].split()[0] == dockerfile.parent_images[-1]
         elif in_runtime and instr["instruction"] == "COPY":
-            copies.append(instr["value"].split())
-    assert len(copies) == 1, f"the runtime stage copies one file from the builder: {copies}"
-    flag, source, _ = copies[0]
-    assert flag.startswith("--from="), copies[0]
-    return flag.removeprefix("--from="), PurePosixPath(source)
+            words = instr["value"].split()
+            assert len(words) == 3 and words[0].startswith("--from="), f"COPY {instr['value']}: from the builder only"
+            copies.append((words[0].removeprefix("--from="), words[1], words[2]))
+    return copies
+
+
+def image_paths(copies: list[tuple[str, str, str]], outputs: list[BuilderFile]) -> dict[str, BuilderFile]:
+    """Where each builder output lands in the image ("usr/local/bin/credgate"),
+    by COPY's rules: a directory's contents go under the destination, a file
+    to the destination or, if it ends in "/", into it. Every COPY must take
+    something the host can make, and every output must be taken."""
+    landed: dict[str, BuilderFile] = {}
+    for _, source_text, dest_text in copies:
+        source, dest = PurePosixPath(source_text), PurePosixPath(dest_text)
+        taken = [o for o in outputs if o.stage_path.is_relative_to(source)]
+        assert taken, (
+            f"the runtime stage copies {source}, which image_support.builder_outputs does not make:"
+            " write the recipe for it"
+        )
+        for output in taken:
+            if output.stage_path != source:
+                path = dest / output.stage_path.relative_to(source)
+            elif dest_text.endswith("/"):
+                path = dest / source.name
+            else:
+                path = dest
+            landed[str(path.relative_to("/"))] = output
+    untaken = {str(o.stage_path) for o in outputs} - {str(o.stage_path) for o in landed.values()}
+    assert not untaken, f"the runtime stage copies none of {sorted(untaken)}"
+    return landed
 
 
 def _deb_members(deb: Path) -> tarfile.TarFile:
@@ -242,6 +319,8 @@ class Image:
     passwd_text: str
     base_files: set[str]
     binary: Path
+    # What the runtime stage adds: image path -> the builder's file.
+    added: dict[str, BuilderFile]
     elf: dict[str, Any]
     build_argv: list[str]
     base_packages: dict[str, str]
@@ -271,14 +350,18 @@ def build_image(engine: Podman, dockerfile: DockerfileParser, binary: Path, tag:
     engine("import", *(arg for change in DISTROLESS_CHANGES for arg in ("--change", change)), str(rootfs), base_name)
     can_run(engine, base_name)
 
-    stage, source = builder_input(dockerfile)
+    copies = runtime_copies(dockerfile)
+    outputs = builder_outputs(binary)
+    added = image_paths(copies, outputs)
+    (stage,) = {stage for stage, _, _ in copies}
     context = WORK / "builder"
     if context.exists():
         shutil.rmtree(context)
-    target = context / source.relative_to("/")
-    target.parent.mkdir(parents=True)
-    shutil.copyfile(binary, target)
-    target.chmod(0o755)  # the builder's `install -m 0755`
+    for output in outputs:
+        target = context / output.stage_path.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)  # `install -D`: 0755 directories
+        target.write_bytes(output.data)
+        target.chmod(output.mode)
 
     build_argv = [
         "build", "--pull=never", "--build-context", f"{stage}={context}",
@@ -298,6 +381,7 @@ def build_image(engine: Podman, dockerfile: DockerfileParser, binary: Path, tag:
         passwd_text=texts["etc/passwd"],
         base_files={path for path, info in base_files.items() if not info.isdir()},
         binary=binary,
+        added=added,
         elf=elf_facts(binary),
         build_argv=["podman", *build_argv],
         base_packages=packages,
@@ -423,12 +507,15 @@ def pod_security(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def pod_run_args(objs: list[dict[str, Any]], image: str, volumes: Path, name: str) -> list[str]:
     """`podman run` arguments that start the image as the rendered Deployment's pod
-    would: its user, groups, securityContext, limits, env, volume mounts (laid out
-    under `volumes` by lay_out_mounts) and command/args. Host networking: the
-    listeners must be on free loopback ports."""
+    would: its user, groups, securityContext, limits, env (resolved as the
+    kubelet resolves it for the pod deploy_support.POD_FIELDS describes), its
+    hostname, volume mounts (laid out under `volumes` by lay_out_mounts) and
+    command/args. Host networking: the listeners must be on free loopback ports."""
     c = container(objs)
     security = pod_security(objs)
     args = ["run", "--rm", "--pull=never", "--name", name, "--network", "host"]
+    # A pod's hostname (and the runtime's HOSTNAME) is its name.
+    args += ["--hostname", POD_FIELDS["metadata.name"]]
     args += ["--user", f"{security['runAsUser']}:{security['runAsGroup']}"]
     if "fsGroup" in security:  # a pod-level field only
         args += ["--group-add", str(security["fsGroup"])]
@@ -449,9 +536,8 @@ def pod_run_args(objs: list[dict[str, Any]], image: str, volumes: Path, name: st
         args += ["--memory", str(int(quantity(limits["memory"])))]
     if "cpu" in limits:
         args += ["--cpus", str(quantity(limits["cpu"]))]
-    for var in c.get("env", []):
-        assert "value" in var, f"env from a reference is not replayed: {var}"
-        args += ["--env", f"{var['name']}={var['value']}"]
+    for key, value in kubelet_env(c).items():
+        args += ["--env", f"{key}={value}"]
     for mount in c.get("volumeMounts", []):
         assert "subPath" not in mount, mount
         mode = "ro" if mount.get("readOnly") else "rw"
@@ -506,6 +592,12 @@ def describe(engine: Podman, image: Image) -> dict[str, Any]:
             "compressed": compressed_size(engine, image.ref),
             "base": image.base["Size"],
             "binary": image.binary.stat().st_size,
+            # Everything the runtime stage adds, the binary included.
+            "added": sum(len(output.data) for output in image.added.values()),
+        },
+        "added": {
+            f"/{path}": {"size": len(output.data), "from": output.origin}
+            for path, output in image.added.items()
         },
         "layers": [
             {"created_by": h["CreatedBy"].removeprefix("/bin/sh -c #(nop) "), "size": h["size"]}
@@ -555,7 +647,9 @@ def report_text(report: dict[str, Any]) -> str:
         + ", ".join(f"{p} {v}" for p, v in sorted(report["base"]["debian_packages"].items()))
         + ")",
         f"size       {mb(size['uncompressed'])} uncompressed, {mb(size['compressed'])} compressed"
-        f" (base {mb(size['base'])}, binary {mb(size['binary'])})",
+        f" (base {mb(size['base'])}, binary {mb(size['binary'])}, all added {mb(size['added'])})",
+        "added",
+        *(f"  {mb(a['size']):>9}  {path} ({a['from']})" for path, a in report["added"].items()),
         "layers",
         *(f"  {mb(layer['size']):>9}  {layer['created_by']}" for layer in report["layers"]),
         f"config     entrypoint {report['config']['Entrypoint']} cmd {report['config']['Cmd']}"

@@ -26,7 +26,8 @@ def stages(parser) -> list[list[dict]]:
 def test_two_stages(dockerfile):
     builder, runtime = dockerfile.parent_images
     assert re.fullmatch(r"rust:1\.\d+-bookworm", builder), builder
-    assert runtime == "gcr.io/distroless/cc-debian12:nonroot"
+    # glibc, CA roots, tzdata, user 65532; no libssl (rustls + aws-lc are linked in).
+    assert runtime == "gcr.io/distroless/base-nossl-debian12:nonroot"
     froms = [s[0]["value"] for s in stages(dockerfile)]
     assert froms[0].endswith(" AS builder")
 
@@ -46,12 +47,32 @@ def test_builder_builds_locked_release(dockerfile):
     assert "--release" in build[0] and "--locked" in build[0]
 
 
-def test_runtime_stage_holds_only_the_binary(dockerfile):
+def test_runtime_stage_holds_only_the_binary_and_libgcc(dockerfile):
     runtime = stages(dockerfile)[-1]
     kinds = {i["instruction"] for i in runtime} - {"COMMENT"}
     assert kinds <= {"FROM", "COPY", "USER", "EXPOSE", "ENTRYPOINT", "CMD", "LABEL"}
     copies = [i["value"] for i in runtime if i["instruction"] == "COPY"]
-    assert copies == ["--from=builder /out/credgate /usr/local/bin/credgate"]
+    # libgcc-s1 first: its layers change with the builder image only, not with credgate.
+    assert copies == [
+        "--from=builder /out/lib/ /lib/",
+        "--from=builder /out/status.d/ /var/lib/dpkg/status.d/",
+        "--from=builder /out/credgate /usr/local/bin/credgate",
+    ]
+
+
+def test_builder_takes_libgcc_from_its_own_debian(dockerfile):
+    """/out/lib/ holds libgcc_s alone, from the builder's Debian 12 libgcc-s1
+    at its multiarch path (base-nossl has glibc, not libgcc_s), and
+    /out/status.d/ that package's dpkg status, as distroless records its own."""
+    runs = [i["value"] for i in stages(dockerfile)[0] if i["instruction"] == "RUN"]
+    libgcc = [r for r in runs if "libgcc" in r]
+    assert len(libgcc) == 1, runs
+    for command in (
+        'multiarch="$(gcc -print-multiarch)"',
+        'install -D -m 0644 -t "/out/lib/${multiarch}" "/lib/${multiarch}/libgcc_s.so.1"',
+        "dpkg-query --status libgcc-s1 > /out/status.d/libgcc-s1",
+    ):
+        assert command in libgcc[0], f"{command!r} not in {libgcc[0]!r}"
 
 
 def test_runs_as_numeric_non_root(dockerfile):

@@ -2,8 +2,9 @@
 small, and serves as the pod would run it.
 
 The image is built by podman from the shipped Dockerfile itself, on a local
-stand-in for its distroless base and with the host's binary as the builder
-stage's output (image_support.py says what differs from a registry build).
+stand-in for its distroless base and with the host's binary and libgcc_s as
+the builder stage's output (image_support.py says what differs from a
+registry build).
 What the image is — size, layers, files, linked libraries, SBOM — is written
 to target/container/report.txt (scripts/test prints it) and asserted here.
 """
@@ -11,6 +12,7 @@ to target/container/report.txt (scripts/test prints it) and asserted here.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 import subprocess
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 
 from deploy_support import (
+    POD_FIELDS,
     Process,
     aws_secret,
     config,
@@ -30,6 +33,8 @@ from deploy_support import (
     dev_pki,
     free_port,
     http_json,
+    kubelet_env,
+    kubelet_expand,
     lay_out_mounts,
     log_field,
     pod_spec,
@@ -42,8 +47,8 @@ from image_support import Image, pod_run_args, pod_security
 
 # Uncompressed: what `podman images` / `docker images` show and a node's disk holds.
 SIZE_LIMIT = 40_000_000
-# What the dynamic loader may resolve for the binary: glibc and libgcc_s,
-# nothing a distroless cc image would lack.
+# What the dynamic loader may resolve for the binary: glibc (in the
+# distroless base-nossl image) and libgcc_s (added by the Dockerfile).
 ALLOWED_LIBRARIES = {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "ld-linux-x86-64.so.2"}
 SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh", "mksh", "busybox", "toybox"}
 INTERPRETERS = {"perl", "python", "python3", "lua", "ruby", "node"}
@@ -57,27 +62,38 @@ IAM_DELAY_SECONDS = 2.0
 
 
 def test_the_shipped_dockerfile_builds_on_the_stand_in_base(image: Image, dockerfile):
-    """One layer on top of the base, holding the host's binary and nothing else,
-    built by the Rust the builder stage would use."""
+    """One layer per COPY on top of the base, holding the host's binary and
+    libgcc-s1's library and dpkg status, nothing else; the binary built by the
+    Rust the builder stage would use."""
     (pinned,) = re.findall(r"^ARG RUST_VERSION=(\S+)$", dockerfile.content, re.MULTILINE)
     host = subprocess.run(["rustc", "--version"], capture_output=True, text=True, check=True).stdout.split()[1]
     assert host == pinned or host.startswith(f"{pinned}."), f"the host builds with rustc {host}, the Dockerfile {pinned}"
     base_layers = image.base["RootFS"]["Layers"]
     layers = image.inspect["RootFS"]["Layers"]
     assert layers[: len(base_layers)] == base_layers, "built FROM the stand-in base"
-    assert len(layers) == len(base_layers) + 1, f"the runtime stage adds one layer: {layers}"
+    assert len(layers) == len(base_layers) + 3, f"one layer per COPY: {layers}"
     added = {path for path, info in image.files.items() if not info.isdir()} - image.base_files
-    assert added == {"usr/local/bin/credgate"}, added
+    assert added == {
+        "usr/local/bin/credgate",
+        "lib/x86_64-linux-gnu/libgcc_s.so.1",
+        "var/lib/dpkg/status.d/libgcc-s1",
+    } == set(image.added), added
     assert image.digests["usr/local/bin/credgate"] == image.elf["sha256"], "the host's binary, unchanged"
-    assert image.files["usr/local/bin/credgate"].mode & 0o777 == 0o755
+    for path, output in image.added.items():
+        assert image.digests[path] == hashlib.sha256(output.data).hexdigest(), f"{path} is not the builder's"
+        assert image.files[path].mode & 0o777 == output.mode, (path, oct(image.files[path].mode))
+    assert image.added["usr/local/bin/credgate"].mode == 0o755
+    # A scanner reading distroless's status.d sees the package libgcc_s comes from.
+    status = image.added["var/lib/dpkg/status.d/libgcc-s1"].data.decode()
+    assert status.startswith("Package: libgcc-s1\n") and "\nVersion: 12." in status, status
 
 
 def test_the_image_is_small(image_report: dict[str, Any]):
     size = image_report["size"]
     assert size["uncompressed"] < SIZE_LIMIT, f"{size['uncompressed']:,} bytes (limit {SIZE_LIMIT:,})\n{size}"
     assert size["compressed"] < size["uncompressed"]
-    # The runtime stage's layer is the binary and a few tar headers.
-    assert 0 <= size["uncompressed"] - size["base"] - size["binary"] < 64 * 1024, size
+    # The runtime stage's layers are the binary, libgcc-s1 and a few tar headers.
+    assert 0 <= size["uncompressed"] - size["base"] - size["added"] < 64 * 1024, size
 
 
 def test_the_image_has_no_shell_and_no_package_manager(image: Image, engine):
@@ -105,6 +121,11 @@ def test_the_binary_links_only_glibc_and_libgcc(image: Image, image_report: dict
         if "=>" in line:
             path = line.split("=>", 1)[1].split("(", 1)[0].strip()
             assert image.has_file(path), f"{needed} resolves to {path}, which the image lacks"
+            if needed == "libgcc_s.so.1":
+                assert path.lstrip("/") in image.added, f"libgcc_s resolves to {path}, not the Dockerfile's copy"
+    # base-nossl has no libgcc_s (nor libssl, libstdc++): without the
+    # Dockerfile's COPY the binary would not start.
+    assert not [path for path in image.base_files if "libgcc_s" in path or "libssl" in path or "libstdc++" in path]
 
 
 def test_the_sbom_lists_what_the_binary_is_built_from(image_report: dict[str, Any]):
@@ -262,6 +283,15 @@ def test_the_container_serves_and_drains_as_the_pod(
         assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
         assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
         assert "ro" in root_mount_options(pid), "the root filesystem is read-only"
+        # The Deployment's env as the kubelet resolves it: the downward API's pod
+        # name is the exported service.instance.id (two replicas never merge).
+        environ = process_environ(pid)
+        assert environ["HOSTNAME"] == POD_FIELDS["metadata.name"], environ
+        assert environ["POD_NAME"] == POD_FIELDS["metadata.name"], environ
+        assert environ["POD_NAMESPACE"] == POD_FIELDS["metadata.namespace"], environ
+        resource = dict(kv.split("=", 1) for kv in environ["OTEL_RESOURCE_ATTRIBUTES"].split(","))
+        assert resource["service.instance.id"] == POD_FIELDS["metadata.name"], resource
+        assert resource["k8s.namespace.name"] == POD_FIELDS["metadata.namespace"], resource
 
         # Health on the admin port, as the kubelet's gRPC probe asks it.
         admin_channel = grpc.insecure_channel(cfg["server"]["admin_listen"])
@@ -348,6 +378,37 @@ def test_the_container_serves_and_drains_as_the_pod(
         assert password not in everything, "a secret in the container's output"
 
 
+def test_the_env_is_replayed_as_the_kubelet_resolves_it(base_objects):
+    """The replay behind pod_run_args (and test_pod_life): the downward API's
+    fields, $(VAR) expansion with Kubernetes' rules, and a clear refusal of
+    every source it cannot fill as a cluster would."""
+    env = kubelet_env(container(base_objects))
+    pod = POD_FIELDS["metadata.name"]
+    assert env["POD_NAME"] == pod and env["POD_NAMESPACE"] == POD_FIELDS["metadata.namespace"]
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == (
+        f"service.instance.id={pod},k8s.pod.name={pod},k8s.namespace.name={POD_FIELDS['metadata.namespace']}"
+    )
+    defined = {"A": "1"}
+    for written, expanded in [
+        ("a=$(A),b=$(B)", "a=1,b=$(B)"),  # undefined: kept as written
+        ("$$(A)", "$(A)"),  # $$ escapes
+        ("$$$(A)", "$1"),
+        ("$x$(A)$", "$x1$"),  # a lone $ is kept
+        ("$(A", "$(A"),  # never closed
+        ("", ""),
+    ]:
+        assert kubelet_expand(written, defined) == expanded, written
+    for refused in [
+        {"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+        {"env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]},
+        {"env": [{"name": "X", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}}]},
+        {"env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]},
+        {"envFrom": [{"secretRef": {"name": "s"}}]},
+    ]:
+        with pytest.raises(AssertionError, match="not replayed"):
+            kubelet_env(refused)
+
+
 def container_pid(engine, name: str, credgate: Process) -> int:
     pid = int(engine("inspect", "--format", "{{.State.Pid}}", name, check=False).stdout.strip() or 0)
     if pid == 0:
@@ -359,6 +420,12 @@ def process_status(pid: int) -> dict[str, str]:
     """/proc/PID/status of the container's PID 1, read on the host."""
     lines = open(f"/proc/{pid}/status").read().splitlines()
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def process_environ(pid: int) -> dict[str, str]:
+    """/proc/PID/environ of the container's PID 1, read on the host."""
+    entries = open(f"/proc/{pid}/environ", "rb").read().decode().split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
 def root_mount_options(pid: int) -> set[str]:
