@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::password::Violation;
+use crate::aws::password::Violation;
 
 /// ErrorInfo domain of every credgate error.
 pub(crate) const DOMAIN: &str = "credgate";

@@ -3,7 +3,7 @@
 //! Two ports: the mTLS port serves PasswordService, health and reflection;
 //! the plaintext admin port serves only health, for Kubernetes probes, which
 //! cannot present a client certificate. Health on both is NOT_SERVING while
-//! the log sink is stalled ([`crate::logs`]) and once shutdown begins.
+//! the log sink is stalled ([`crate::telemetry::logs`]) and once shutdown begins.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -16,22 +16,22 @@ use tower::Layer;
 
 use crate::{
     api::{self, password_service_server::PasswordServiceServer},
-    attempt::{Gate, UPSTREAM_TIMEOUT},
-    audit,
+    aws::credentials::{self, AwsClients},
+    aws::iam::Iam,
+    change::attempt::{Gate, UPSTREAM_TIMEOUT},
+    change::audit,
+    change::policy_cache::PolicyCache,
+    change::principal::Principals,
     config::Config,
-    connections::{self, MakeService},
-    credentials::{self, AwsClients},
-    edge::{Connection, Edge, Limits, MAX_REQUEST_BYTES},
-    iam::Iam,
-    identity::Callers,
-    logs::{Output, STALL},
-    policy_cache::PolicyCache,
-    principal::Principals,
-    rpc_span::{RpcSpan, RpcSpanLayer, SERVICE},
-    service::PasswordGate,
+    net::connections::{self, MakeService},
+    net::identity::Callers,
+    net::tls::ReloadingConfig,
+    rpc::edge::{Connection, Edge, Limits, MAX_REQUEST_BYTES},
+    rpc::service::PasswordGate,
+    rpc::span::{RpcSpan, RpcSpanLayer, SERVICE},
     state::{Store, Unfit},
     telemetry,
-    tls::ReloadingConfig,
+    telemetry::logs::{Output, STALL},
 };
 
 /// Failures that stop the server from starting or running.

@@ -28,6 +28,7 @@
 //! has a time budget; any failure is [`Error::StateUnavailable`] and the
 //! caller fails closed.
 
+pub(crate) mod lockout;
 pub(crate) mod memory;
 pub(crate) mod redis;
 #[cfg(test)]

@@ -26,7 +26,7 @@ use tracing_subscriber::{
     registry::LookupSpan,
 };
 
-use crate::audit;
+use crate::change::audit;
 
 /// How long lines collect before the writer thread writes them out.
 const BATCH: Duration = Duration::from_millis(5);

@@ -1,5 +1,5 @@
 //! The mTLS listener: accepts TCP, completes the handshake with
-//! [`crate::tls`]'s config, resolves the caller once per connection, and
+//! [`crate::net::tls`]'s config, resolves the caller once per connection, and
 //! serves HTTP/2 with bounds on everything a client controls.
 //!
 //! - at most `max_connections` connections, handshakes included; beyond it
@@ -63,10 +63,10 @@ use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    edge::Connection,
     error::Error,
-    identity::{Callers, PeerIdentity},
-    tls::ReloadingConfig,
+    net::identity::{Callers, PeerIdentity},
+    net::tls::ReloadingConfig,
+    rpc::edge::Connection,
 };
 
 /// Handshakes past their ClientHello at once: each costs credgate a key
@@ -101,7 +101,7 @@ const REFUSED_LINGER: Duration = Duration::from_millis(500);
 /// SETTINGS). A caller needs a few; hundreds only serve to starve others.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 32;
 /// Per-stream receive window: a request is at most 4 KiB
-/// ([`crate::edge::MAX_REQUEST_BYTES`]) plus its 5-byte gRPC prefix.
+/// ([`crate::rpc::edge::MAX_REQUEST_BYTES`]) plus its 5-byte gRPC prefix.
 pub(crate) const STREAM_WINDOW: u32 = 8 * 1024;
 /// Per-connection receive window: HTTP/2's initial 65,535 bytes, never
 /// enlarged. With [`STREAM_WINDOW`] × [`MAX_CONCURRENT_STREAMS`] above it,
@@ -739,7 +739,7 @@ async fn read_preface(
 fn caller_of(
     stream: &TlsStream<TcpStream>,
     callers: &Callers,
-) -> Result<Arc<crate::identity::Caller>, Error> {
+) -> Result<Arc<crate::net::identity::Caller>, Error> {
     let leaf = stream
         .get_ref()
         .1

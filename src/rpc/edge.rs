@@ -44,14 +44,14 @@ use tower::Service;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::{
-    audit::{AuditSlot, Outcome},
+    aws::password,
+    change::audit::{AuditSlot, Outcome},
     deadline::Deadline,
     error::{Error, Reason, reason_of, reject},
-    identity::Caller,
-    logs::Output,
-    password,
-    rpc_span::Method,
+    net::identity::Caller,
+    rpc::span::Method,
     telemetry,
+    telemetry::logs::Output,
 };
 
 /// Largest request accepted. Two 128-character passwords and a UUID fit many
@@ -648,7 +648,7 @@ impl http_body::Body for Tracked {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc_span::SERVICE;
+    use crate::rpc::span::SERVICE;
 
     fn path(method: &str) -> String {
         format!("/{SERVICE}/{method}")

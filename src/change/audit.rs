@@ -34,7 +34,7 @@ pub(crate) const TARGET: &str = "credgate::audit";
 pub(crate) const CANCELLED: &str = "CANCELLED";
 
 /// Event name of the audit events of calls refused with AUDIT_UNAVAILABLE:
-/// the log writer keeps those only while it has room ([`crate::logs`]).
+/// the log writer keeps those only while it has room ([`crate::telemetry::logs`]).
 pub(crate) const REFUSED_EVENT: &str = "audit_unavailable";
 
 /// How an attempt ended.

@@ -891,10 +891,10 @@ fn parse_callers(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
                 p.push(format!("{path}: identity must not be empty"));
                 continue;
             }
-            if v.len() > crate::identity::MAX_NAME_LEN {
+            if v.len() > crate::net::identity::MAX_NAME_LEN {
                 p.push(format!(
                     "{path}: identity longer than {} bytes can never match a certificate",
-                    crate::identity::MAX_NAME_LEN
+                    crate::net::identity::MAX_NAME_LEN
                 ));
                 continue;
             }

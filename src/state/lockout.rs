@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::{
-    audit,
+    change::audit,
     config::{Config, Matcher, StateBackend},
     spiffe,
     state::{Lockout, Store},

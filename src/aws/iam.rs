@@ -29,11 +29,11 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    change_body::{FillPasswords, NEW_PLACEHOLDER, OLD_PLACEHOLDER},
-    credentials::{AwsClients, CONNECT_TIMEOUT, ProfileClient, TRANSMITTED},
+    aws::change_body::{FillPasswords, NEW_PLACEHOLDER, OLD_PLACEHOLDER},
+    aws::credentials::{AwsClients, CONNECT_TIMEOUT, ProfileClient, TRANSMITTED},
+    aws::password::{Password, Policy, Violation},
     deadline::Deadline,
     error::{AwsContext, Cause, Error, IamCode},
-    password::{Password, Policy, Violation},
     telemetry,
 };
 

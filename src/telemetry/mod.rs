@@ -12,6 +12,8 @@
 //! - Audit events (`credgate::audit`) have a layer and filter of their own:
 //!   they are written whatever `RUST_LOG` says, even `off`.
 
+pub(crate) mod logs;
+
 use std::{
     sync::{
         Arc, LazyLock, OnceLock,
@@ -41,9 +43,9 @@ use tracing_subscriber::{
 };
 
 use crate::{
-    audit,
+    change::audit,
     config::LogFormat,
-    logs::{JsonLines, Output},
+    telemetry::logs::{JsonLines, Output},
 };
 
 /// Flushes and stops the exporters when dropped.
