@@ -15,9 +15,9 @@ use std::{
 use futures_util::{FutureExt, future::BoxFuture};
 use tokio::{sync::Notify, time::Instant};
 
-use super::{
-    Backend, Began, BeginFailed, BeginOp, EndOp, EndRecord, Ended, Failures, Limit, StoredOutcome,
-    Verdict, still_pending,
+use super::backend::{
+    Backend, Began, BeginFailed, BeginOp, EndOp, EndRecord, Ended, Failures, Limit, OUTCOME_TTL,
+    StoredOutcome, Verdict, still_pending,
 };
 use crate::error::Cause;
 
@@ -166,7 +166,7 @@ impl Memory {
                         owner: op.id.clone(),
                         started: now,
                     },
-                    expires: now + super::OUTCOME_TTL,
+                    expires: now + OUTCOME_TTL,
                 },
             );
         }

@@ -34,9 +34,9 @@ use redis::{
 };
 use tokio::{sync::Mutex, time::Instant};
 
-use super::{
+use super::backend::{
     Backend, Began, BeginFailed, BeginOp, EndOp, EndRecord, Ended, Entry, Failures, Limit,
-    OUTCOME_TTL, Verdict, ms, poll_until,
+    OUTCOME_TTL, StoredOutcome, Verdict, ms, poll_until,
 };
 use crate::{
     config::{REDIS_PASSWORD_ENV, RedisSettings, Topology},
@@ -534,7 +534,7 @@ impl Redis {
                     sent: false,
                 })?,
                 *ttl,
-                matches!(outcome, super::StoredOutcome::Changed { .. }),
+                matches!(outcome, StoredOutcome::Changed { .. }),
             ),
             EndRecord::Release => ("release", String::new(), Duration::ZERO, false),
             EndRecord::Hold => ("hold", String::new(), Duration::ZERO, false),
