@@ -15,8 +15,6 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::aws::password::Violation;
-
 /// ErrorInfo domain of every credgate error.
 pub(crate) const DOMAIN: &str = "credgate";
 
@@ -119,6 +117,20 @@ impl<'de> Deserialize<'de> for Reason {
         Reason::parse(&name)
             .ok_or_else(|| serde::de::Error::custom(format!("unknown reason {name:?}")))
     }
+}
+
+/// One unmet rule, for a `google.rpc.BadRequest` field violation.
+///
+/// Descriptions are logged and stored (a `request_id`'s outcome, in Redis
+/// for 24 hours), so they say which rule is unmet and nothing about the
+/// password itself: not its characters, not its length, not where in it a
+/// bad character sits (a position is a lower bound on the length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The request field, e.g. `new_password`.
+    pub field: &'static str,
+    /// The unmet rule, in words.
+    pub description: String,
 }
 
 /// Attached to every status credgate builds (as its source) so that the

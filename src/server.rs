@@ -19,14 +19,13 @@ use crate::{
     aws::credentials::{self, AwsClients},
     aws::iam::Iam,
     change::attempt::{Gate, UPSTREAM_TIMEOUT},
-    change::audit,
     change::policy_cache::PolicyCache,
     change::principal::Principals,
     config::Config,
-    net::connections::{self, MakeService},
+    net::connections::{self, Connection, MakeService},
     net::identity::Callers,
     net::tls::ReloadingConfig,
-    rpc::edge::{Connection, Edge, Limits, MAX_REQUEST_BYTES},
+    rpc::edge::{Edge, Limits, MAX_REQUEST_BYTES},
     rpc::service::PasswordGate,
     rpc::span::{RpcSpan, RpcSpanLayer, SERVICE},
     state::{Store, Unfit},
@@ -369,7 +368,7 @@ fn report_dropped(sink: &Output) {
     }
     if dropped.refusals > 0 {
         tracing::info!(
-            target: audit::TARGET,
+            target: telemetry::AUDIT_TARGET,
             outcome = crate::error::Reason::AuditUnavailable.as_str(),
             unrecorded = dropped.refusals,
             "password change attempts refused with AUDIT_UNAVAILABLE while the log sink was stalled, beyond those recorded one by one"

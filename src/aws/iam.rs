@@ -31,9 +31,9 @@ use tracing::Instrument;
 use crate::{
     aws::change_body::{FillPasswords, NEW_PLACEHOLDER, OLD_PLACEHOLDER},
     aws::credentials::{AwsClients, CONNECT_TIMEOUT, ProfileClient, TRANSMITTED},
-    aws::password::{Password, Policy, Violation},
+    aws::password::{Password, Policy},
     deadline::Deadline,
-    error::{AwsContext, Cause, Error, IamCode},
+    error::{AwsContext, Cause, Error, IamCode, Violation},
     telemetry,
 };
 

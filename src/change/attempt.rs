@@ -613,7 +613,7 @@ mod tests {
     /// success; IAM's own policy violation is released, never a success.
     #[test]
     fn the_verdict_of_every_reason_follows_the_table() {
-        use crate::aws::password::Violation;
+        use crate::error::Violation;
         let violation = || Violation {
             field: "new_password",
             description: "x".into(),

@@ -248,6 +248,11 @@ pub(crate) struct CallerSettings {
     pub aws_profile: String,
 }
 
+/// Longest DNS SAN or CN a certificate may present (a DNS name is at most
+/// 253 bytes): a `dns_name` or `common_name` longer than this could never
+/// match, and a certificate with one is refused at the handshake.
+pub(crate) const MAX_NAME_LEN: usize = 255;
+
 /// The one certificate attribute a caller is recognised by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Matcher {
@@ -891,10 +896,10 @@ fn parse_callers(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
                 p.push(format!("{path}: identity must not be empty"));
                 continue;
             }
-            if v.len() > crate::net::identity::MAX_NAME_LEN {
+            if v.len() > MAX_NAME_LEN {
                 p.push(format!(
                     "{path}: identity longer than {} bytes can never match a certificate",
-                    crate::net::identity::MAX_NAME_LEN
+                    MAX_NAME_LEN
                 ));
                 continue;
             }

@@ -42,7 +42,10 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -64,9 +67,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     error::Error,
-    net::identity::{Callers, PeerIdentity},
+    net::identity::{Caller, Callers, PeerIdentity},
     net::tls::ReloadingConfig,
-    rpc::edge::Connection,
 };
 
 /// Handshakes past their ClientHello at once: each costs credgate a key
@@ -151,6 +153,74 @@ pub(crate) trait MakeService: Send + Sync + 'static {
 
     /// The service for `conn`.
     fn make(&self, conn: Arc<Connection>) -> Self::Service;
+}
+
+/// One established connection, as the RPC layer sees it: who the caller
+/// is, and whether requests are in flight (for the idle timeout).
+pub(crate) struct Connection {
+    /// The TCP peer.
+    pub(crate) peer: SocketAddr,
+    /// The caller its certificate maps to, resolved once after the handshake.
+    pub(crate) caller: Result<Arc<Caller>, Error>,
+    /// Requests in flight and the time of the last one, for the idle timeout.
+    active: AtomicUsize,
+    last_active_ms: AtomicU64,
+    opened: Instant,
+    /// Cancelled once an unmapped caller was refused: the connection is
+    /// then closed (it has nothing more to ask for).
+    refused: CancellationToken,
+}
+
+impl Connection {
+    pub(crate) fn new(peer: SocketAddr, caller: Result<Arc<Caller>, Error>) -> Self {
+        Self {
+            peer,
+            caller,
+            active: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+            refused: CancellationToken::new(),
+        }
+    }
+
+    /// Resolves once an unmapped caller was refused on this connection.
+    pub(crate) async fn refused(&self) {
+        self.refused.cancelled().await;
+    }
+
+    /// An unmapped caller was refused: the connection goes once this
+    /// answer is out (it has nothing more to ask for).
+    pub(crate) fn refuse(&self) {
+        self.refused.cancel();
+    }
+
+    /// A request begins; it counts as activity until the guard is dropped.
+    pub(crate) fn begin_request(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.clone())
+    }
+
+    /// When the connection went idle (no request in flight), `None` while
+    /// busy.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ms = self.last_active_ms.load(Ordering::Acquire);
+        Some(self.opened + Duration::from_millis(ms))
+    }
+}
+
+/// A request in flight on its connection.
+pub(crate) struct ActiveGuard(Arc<Connection>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let c = &self.0;
+        let ms = u64::try_from(c.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        c.last_active_ms.store(ms, Ordering::Release);
+        c.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit, as Go's runtime
@@ -736,10 +806,7 @@ async fn read_preface(
 }
 
 /// The caller the verified client certificate maps to.
-fn caller_of(
-    stream: &TlsStream<TcpStream>,
-    callers: &Callers,
-) -> Result<Arc<crate::net::identity::Caller>, Error> {
+fn caller_of(stream: &TlsStream<TcpStream>, callers: &Callers) -> Result<Arc<Caller>, Error> {
     let leaf = stream
         .get_ref()
         .1

@@ -25,11 +25,10 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -38,7 +37,6 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::{sync::Semaphore, time::Instant};
-use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tower::Service;
 use zeroize::{Zeroize as _, Zeroizing};
@@ -48,7 +46,10 @@ use crate::{
     change::audit::{AuditSlot, Outcome},
     deadline::Deadline,
     error::{Error, Reason, reason_of, reject},
-    net::identity::Caller,
+    net::{
+        connections::{ActiveGuard, Connection},
+        identity::Caller,
+    },
     rpc::span::Method,
     telemetry,
     telemetry::logs::Output,
@@ -75,66 +76,6 @@ pub(crate) struct Admitted {
     pub(crate) deadline: Deadline,
     /// The audit slot of a `ChangePassword`.
     pub(crate) audit: Option<Arc<AuditSlot>>,
-}
-
-/// One established connection, as the edge sees it.
-pub(crate) struct Connection {
-    /// The TCP peer.
-    pub(crate) peer: SocketAddr,
-    /// The caller its certificate maps to, resolved once after the handshake.
-    pub(crate) caller: Result<Arc<Caller>, Error>,
-    /// Requests in flight and the time of the last one, for the idle timeout.
-    active: AtomicUsize,
-    last_active_ms: AtomicU64,
-    opened: Instant,
-    /// Cancelled once an unmapped caller was refused: the connection is
-    /// then closed (it has nothing more to ask for).
-    refused: CancellationToken,
-}
-
-impl Connection {
-    pub(crate) fn new(peer: SocketAddr, caller: Result<Arc<Caller>, Error>) -> Self {
-        Self {
-            peer,
-            caller,
-            active: AtomicUsize::new(0),
-            last_active_ms: AtomicU64::new(0),
-            opened: Instant::now(),
-            refused: CancellationToken::new(),
-        }
-    }
-
-    /// Resolves once an unmapped caller was refused on this connection.
-    pub(crate) async fn refused(&self) {
-        self.refused.cancelled().await;
-    }
-
-    fn begin(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        ActiveGuard(self.clone())
-    }
-
-    /// When the connection went idle (no request in flight), `None` while
-    /// busy.
-    pub(crate) fn idle_since(&self) -> Option<Instant> {
-        if self.active.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let ms = self.last_active_ms.load(Ordering::Acquire);
-        Some(self.opened + Duration::from_millis(ms))
-    }
-}
-
-/// A request in flight on its connection.
-struct ActiveGuard(Arc<Connection>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        let c = &self.0;
-        let ms = u64::try_from(c.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        c.last_active_ms.store(ms, Ordering::Release);
-        c.active.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// Limits shared by every connection.
@@ -196,7 +137,7 @@ where
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok()),
         );
-        let active = self.conn.begin();
+        let active = self.conn.begin_request();
         // Take the service that was driven ready, leave a fresh clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -206,7 +147,7 @@ where
         {
             // Refused below (a ChangePassword with its audit event); the
             // connection goes once this answer is out.
-            self.conn.refused.cancel();
+            self.conn.refuse();
             if method.is_none() {
                 let refusal = reject(not_mapped.clone()).into_http();
                 return Box::pin(async move {

@@ -12,28 +12,22 @@
 //! - Audit events (`credgate::audit`) have a layer and filter of their own:
 //!   they are written whatever `RUST_LOG` says, even `off`.
 
+mod context;
 pub(crate) mod logs;
+mod metrics;
 
-use std::{
-    sync::{
-        Arc, LazyLock, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+pub(crate) use context::{current_ids, extract_parent};
+pub(crate) use logs::{AUDIT_REFUSED_EVENT, AUDIT_TARGET};
+pub(crate) use metrics::{count_iam_outcome, metrics, observe_crl_expiry, observe_state_up};
 
-use opentelemetry::{
-    KeyValue, global,
-    metrics::{Counter, Histogram, ObservableGauge},
-    propagation::Extractor,
-    trace::{TraceContextExt, TracerProvider as _},
-};
+use std::time::Duration;
+
+use opentelemetry::{KeyValue, global, trace::TracerProvider as _};
 use opentelemetry_sdk::{
     Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
     trace::SdkTracerProvider,
 };
 use tracing::Subscriber;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::{FilterExt, LevelFilter, Targets, dynamic_filter_fn, filter_fn},
@@ -42,11 +36,8 @@ use tracing_subscriber::{
     util::SubscriberInitExt,
 };
 
-use crate::{
-    change::audit,
-    config::LogFormat,
-    telemetry::logs::{JsonLines, Output},
-};
+use crate::config::LogFormat;
+use logs::{JsonLines, Output};
 
 /// Flushes and stops the exporters when dropped.
 pub(crate) struct Telemetry {
@@ -165,11 +156,11 @@ pub(crate) fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     // formatted.
     let log_filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
-        .and(filter_fn(|meta| meta.target() != audit::TARGET))
+        .and(filter_fn(|meta| meta.target() != AUDIT_TARGET))
         .and(filter_fn(|meta| {
             !(meta.target().starts_with("aws_") && *meta.level() > tracing::Level::DEBUG)
         }));
-    let audit_filter = Targets::new().with_target(audit::TARGET, LevelFilter::INFO);
+    let audit_filter = Targets::new().with_target(AUDIT_TARGET, LevelFilter::INFO);
 
     // Our spans; and, when traces are exported, the AWS SDK's own spans
     // (debug level) nested under the IAM span — never its debug events,
@@ -225,161 +216,4 @@ where
             .with_writer(output.clone())
             .boxed(),
     }
-}
-
-/// Calls `f` with the current span's trace and span ids (hex when shown),
-/// `None` when there is no valid span context. Allocates nothing.
-pub(crate) fn with_current_ids<R>(
-    f: impl FnOnce(opentelemetry::trace::TraceId, opentelemetry::trace::SpanId) -> R,
-) -> Option<R> {
-    let context = tracing::Span::current().context();
-    let span = context.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| f(sc.trace_id(), sc.span_id()))
-}
-
-/// The trace and span id of the current span, hex-encoded; empty strings when
-/// there is no valid span context.
-pub(crate) fn current_ids() -> (String, String) {
-    let context = tracing::Span::current().context();
-    let span = context.span();
-    let sc = span.span_context();
-    if sc.is_valid() {
-        (sc.trace_id().to_string(), sc.span_id().to_string())
-    } else {
-        (String::new(), String::new())
-    }
-}
-
-/// Reads W3C `traceparent`/`tracestate` from gRPC metadata (HTTP/2 headers).
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
-/// The caller's trace context from request headers; a new root when absent.
-pub(crate) fn extract_parent(headers: &http::HeaderMap) -> opentelemetry::Context {
-    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
-}
-
-/// The service's metric instruments, created from the global meter provider
-/// on first use (after [`init`]). Names and attributes are the contract of
-/// `deploy/observability` (its `metrics.json`).
-pub(crate) struct Metrics {
-    /// `rpc.server.duration`, milliseconds, by method, status code and
-    /// `error.type` (the ErrorInfo reason).
-    pub rpc_server_duration: Histogram<f64>,
-    /// `credgate.iam.outcomes`: IAM calls by method and error code.
-    pub iam_outcomes: Counter<u64>,
-    /// `credgate.limit.decisions`: attempt reservations, `allowed`/`refused`.
-    pub limit_decisions: Counter<u64>,
-    /// `credgate.idempotency.replays`: retries answered from a stored
-    /// outcome (`stored`) or still waiting at their deadline (`in_progress`).
-    pub idempotency_replays: Counter<u64>,
-    /// `credgate.state.duration`: state store commands, milliseconds.
-    pub state_duration: Histogram<f64>,
-    /// `credgate.state.errors`: failed state store commands.
-    pub state_errors: Counter<u64>,
-    /// `credgate.state.lost_records`: outcomes whose `request_id` claim was
-    /// gone from the store (`record`: `missing`, or `replaced` by another
-    /// call that then also reached IAM).
-    pub state_lost_records: Counter<u64>,
-}
-
-static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let meter = global::meter("credgate");
-    Metrics {
-        rpc_server_duration: meter
-            .f64_histogram("rpc.server.duration")
-            .with_unit("ms")
-            .with_description("Duration of inbound RPCs")
-            .build(),
-        iam_outcomes: meter
-            .u64_counter("credgate.iam.outcomes")
-            .with_description("IAM calls by outcome (aws.error_code, OK on success)")
-            .build(),
-        limit_decisions: meter
-            .u64_counter("credgate.limit.decisions")
-            .with_description("Wrong-old-password limit decisions (decision: allowed|refused)")
-            .build(),
-        idempotency_replays: meter
-            .u64_counter("credgate.idempotency.replays")
-            .with_description(
-                "Retries with a known request_id (result: stored|in_progress); IAM not called",
-            )
-            .build(),
-        state_duration: meter
-            .f64_histogram("credgate.state.duration")
-            .with_unit("ms")
-            .with_description("State store (Redis) command latency")
-            .build(),
-        state_errors: meter
-            .u64_counter("credgate.state.errors")
-            .with_description("Failed state store (Redis) commands")
-            .build(),
-        state_lost_records: meter
-            .u64_counter("credgate.state.lost_records")
-            .with_description(
-                "request_id outcomes whose claim was gone from the state store (record: missing|replaced)",
-            )
-            .build(),
-    }
-});
-
-/// Exports `credgate.state.up` (1 reachable, 0 not) from `up`.
-pub(crate) fn observe_state_up(up: Arc<AtomicBool>) {
-    static GAUGE: OnceLock<ObservableGauge<u64>> = OnceLock::new();
-    GAUGE.get_or_init(|| {
-        global::meter("credgate")
-            .u64_observable_gauge("credgate.state.up")
-            .with_description("Whether the shared state store answered its last command")
-            .with_callback(move |observer| {
-                observer.observe(u64::from(up.load(Ordering::Relaxed)), &[]);
-            })
-            .build()
-    });
-}
-
-/// Exports `credgate.tls.crl.expires_in`: seconds until the first loaded
-/// CRL passes its nextUpdate, negative once it has (handshakes of the
-/// certificates it covers are then refused).
-pub(crate) fn observe_crl_expiry(expires_in: impl Fn() -> Option<i64> + Send + Sync + 'static) {
-    static GAUGE: OnceLock<ObservableGauge<i64>> = OnceLock::new();
-    GAUGE.get_or_init(|| {
-        global::meter("credgate")
-            .i64_observable_gauge("credgate.tls.crl.expires_in")
-            .with_unit("s")
-            .with_description(
-                "Seconds until the first loaded CRL passes its nextUpdate (negative: expired)",
-            )
-            .with_callback(move |observer| {
-                if let Some(seconds) = expires_in() {
-                    observer.observe(seconds, &[]);
-                }
-            })
-            .build()
-    });
-}
-
-/// The global instruments.
-pub(crate) fn metrics() -> &'static Metrics {
-    &METRICS
-}
-
-/// Records one IAM call's outcome.
-pub(crate) fn count_iam_outcome(method: &'static str, code: &str) {
-    metrics().iam_outcomes.add(
-        1,
-        &[
-            KeyValue::new("rpc.method", method),
-            KeyValue::new("aws.error_code", code.to_owned()),
-        ],
-    );
 }
