@@ -29,6 +29,23 @@
 //! [`spiffe`] are the vocabulary every layer shares: the one error enum and
 //! its mapping to `tonic::Status`, the one deadline of a call, the SPIFFE
 //! ID rules.
+//!
+//! # Layers
+//!
+//! A module imports only from the layers below its own, never from another
+//! module of its own layer, and no two modules import each other, not even
+//! round a cycle. `layers.rs` checks it against every path in `src/` (test
+//! code aside), reading this list:
+//!
+//! 1. [`error`], [`deadline`], [`spiffe`], [`api`]: the shared vocabulary.
+//! 2. [`config`]: the validated configuration.
+//! 3. [`telemetry`]: logs, audit events, traces and metrics.
+//! 4. [`net`], [`state`], [`aws`]: the connections, the shared state and
+//!    AWS, each knowing nothing of the other two.
+//! 5. [`change`]: one password change, over the three below it.
+//! 6. [`rpc`]: each call, from its span to its handler.
+//! 7. [`server`], [`devpki`]: what the commands run.
+//! 8. [`cli`]: the commands.
 
 #![forbid(unsafe_code)]
 
@@ -40,6 +57,8 @@ pub(crate) mod config;
 pub(crate) mod deadline;
 pub mod devpki;
 pub(crate) mod error;
+#[cfg(test)]
+mod layers;
 pub mod net;
 pub(crate) mod rpc;
 pub(crate) mod server;
