@@ -107,8 +107,8 @@ pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 32;
 pub(crate) const STREAM_WINDOW: u32 = 8 * 1024;
 /// Per-connection receive window: HTTP/2's initial 65,535 bytes, never
 /// enlarged. With [`STREAM_WINDOW`] × [`MAX_CONCURRENT_STREAMS`] above it,
-/// this is what one connection can make credgate buffer (README, "Memory
-/// and connections").
+/// this is what one connection can make credgate buffer
+/// (docs/operations.md, "Memory and connections").
 pub(crate) const CONNECTION_WINDOW: u32 = 65_535;
 /// Largest header block accepted.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
