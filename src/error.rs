@@ -892,4 +892,57 @@ mod tests {
             "{cut}"
         );
     }
+
+    /// A gRPC code as the docs write it: `PERMISSION_DENIED`.
+    fn screaming(code: Code) -> String {
+        let mut out = String::new();
+        for (i, c) in format!("{code:?}").chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
+
+    /// `docs/errors.md`'s table names every reason of the table above, no
+    /// other, each with its gRPC code and its "applied?" answer (no: IAM
+    /// changed nothing; maybe: it may have).
+    #[test]
+    fn the_error_reference_lists_every_reason_with_its_code_and_applied_answer() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/errors.md");
+        let text = std::fs::read_to_string(path).expect("docs/errors.md");
+        let mut documented = Vec::new();
+        for line in text.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells[1].trim_matches('`');
+            let reason = Reason::parse(name)
+                .unwrap_or_else(|| panic!("docs/errors.md names {name}, which is no reason"));
+            assert!(
+                cells[2].starts_with(&screaming(reason.code())),
+                "docs/errors.md gives {name} the code {:?}; it is {}",
+                cells[2],
+                screaming(reason.code())
+            );
+            let applied = cells[5];
+            let documented_not_applied = applied.starts_with("no");
+            assert!(
+                documented_not_applied || applied.contains("maybe"),
+                "{name}: applied? is {applied:?}"
+            );
+            assert_eq!(
+                documented_not_applied,
+                reason.guarantees_not_applied(),
+                "{name}: docs/errors.md says applied? {applied:?}"
+            );
+            documented.push(reason);
+        }
+        for reason in Reason::ALL {
+            assert!(
+                documented.contains(reason),
+                "docs/errors.md has no row for {reason}"
+            );
+        }
+        assert_eq!(documented.len(), Reason::ALL.len(), "one row per reason");
+    }
 }
