@@ -62,7 +62,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError},
     time::Instant,
 };
-use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -663,7 +663,8 @@ impl Accepted {
 }
 
 /// The TLS handshake in two stages: waiting for the ClientHello (evictable,
-/// see [`Waiting`]), then the rest with a handshake slot.
+/// see [`Waiting`]), then the rest with a handshake slot, within what is
+/// left of [`HANDSHAKE_TIMEOUT`].
 async fn handshake<M>(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -673,6 +674,43 @@ async fn handshake<M>(
     let _ = tcp.set_nodelay(true);
     let give_up = Instant::now() + HANDSHAKE_TIMEOUT;
     let source = source_of(peer);
+    let start = client_hello(tcp, peer, source, give_up, shared).await?;
+    let Some(_source_slot) = shared.handshakes_by_source.try_take(source) else {
+        tracing::debug!(peer.address = %peer, "too many handshakes in progress from this source; connection closed");
+        return None;
+    };
+    let handshakes = &shared.handshakes;
+    let slot = handshake_slot(handshakes, peer).await?;
+    let budget = if handshakes.available_permits() < MAX_HANDSHAKES / 2 {
+        HANDSHAKE_TIMEOUT_UNDER_LOAD
+    } else {
+        HANDSHAKE_TIMEOUT
+    };
+    let budget = budget.min(give_up.saturating_duration_since(Instant::now()));
+    let result = tokio::time::timeout(budget, start.into_stream(shared.tls.current())).await;
+    drop(slot);
+    match result {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::info!(peer.address = %peer, error = %e, "TLS handshake rejected");
+            None
+        }
+        Err(_) => {
+            tracing::info!(peer.address = %peer, budget_ms = u64::try_from(budget.as_millis()).unwrap_or(0), "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Stage one: waits for the ClientHello without a handshake slot, in the
+/// queue a newer connection may evict it from ([`Waiting`]).
+async fn client_hello<M>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    source: IpAddr,
+    give_up: Instant,
+    shared: &Shared<M>,
+) -> Option<StartHandshake<TcpStream>> {
     let (ticket, evicted_another) = shared.waiting.enter(source);
     if evicted_another {
         shared.evicted("max_waiting_per_source");
@@ -700,41 +738,22 @@ async fn handshake<M>(
         }
     };
     drop(ticket);
-    let Some(_source_slot) = shared.handshakes_by_source.try_take(source) else {
-        tracing::debug!(peer.address = %peer, "too many handshakes in progress from this source; connection closed");
-        return None;
-    };
-    let handshakes = &shared.handshakes;
-    let slot = match handshakes.clone().try_acquire_owned() {
-        Ok(slot) => slot,
-        Err(_) => {
-            match tokio::time::timeout(HANDSHAKE_SLOT_WAIT, handshakes.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(slot)) => slot,
-                _ => {
-                    tracing::debug!(peer.address = %peer, "too many handshakes in progress; connection closed");
-                    return None;
-                }
-            }
-        }
-    };
-    let budget = if handshakes.available_permits() < MAX_HANDSHAKES / 2 {
-        HANDSHAKE_TIMEOUT_UNDER_LOAD
-    } else {
-        HANDSHAKE_TIMEOUT
-    };
-    let budget = budget.min(give_up.saturating_duration_since(Instant::now()));
-    let result = tokio::time::timeout(budget, start.into_stream(shared.tls.current())).await;
-    drop(slot);
-    match result {
-        Ok(Ok(stream)) => Some(stream),
-        Ok(Err(e)) => {
-            tracing::info!(peer.address = %peer, error = %e, "TLS handshake rejected");
-            None
-        }
-        Err(_) => {
-            tracing::info!(peer.address = %peer, budget_ms = u64::try_from(budget.as_millis()).unwrap_or(0), "TLS handshake timed out");
+    Some(start)
+}
+
+/// One of the [`MAX_HANDSHAKES`] slots, waiting at most
+/// [`HANDSHAKE_SLOT_WAIT`] for one.
+async fn handshake_slot(
+    handshakes: &Arc<Semaphore>,
+    peer: SocketAddr,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(slot) = handshakes.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    match tokio::time::timeout(HANDSHAKE_SLOT_WAIT, handshakes.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => Some(slot),
+        _ => {
+            tracing::debug!(peer.address = %peer, "too many handshakes in progress; connection closed");
             None
         }
     }

@@ -228,71 +228,13 @@ impl Store {
         tokio::time::timeout_at(deadline.instant(), shared.refuse_if_evicting())
             .await
             .unwrap_or(Err(Error::DeadlineBeforeSend { stage: "state" }))?;
-        let op = BeginOp {
-            caller: caller.to_owned(),
-            id: unique_id(),
-            request_id: request_id.map(str::to_owned),
-            max_failures: shared.limits.failed_attempts,
-            window: shared.limits.failed_attempts_window,
-            reservation_ttl: shared.reservation_ttl(),
-            max_request_ids: shared.max_request_ids,
-        };
+        let op = shared.begin_op(caller, request_id);
         // Armed before the first byte is sent: from here on, dropping it
         // gives back whatever the store may have done.
-        let mut ticket = Ticket {
-            shared: shared.clone(),
-            caller: op.caller.clone(),
-            id: op.id.clone(),
-            request_id: op.request_id.clone(),
-            answered: false,
-            sending: false,
-            ended: false,
-        };
-        let mut may_have_run = true;
-        let sent = shared.track("begin", async {
-            shared.backend.begin(&op).await.map_err(|e| {
-                may_have_run = e.may_have_run;
-                e.cause
-            })
-        });
-        let result = tokio::time::timeout_at(deadline.instant(), sent).await;
-        let began = match result {
-            Ok(Ok(began)) => began,
-            Ok(Err(e)) => {
-                // Never sent: nothing to give back.
-                ticket.ended = !may_have_run;
-                return Err(e);
-            }
-            Err(_) => return Err(Error::DeadlineBeforeSend { stage: "state" }),
-        };
+        let mut ticket = Ticket::armed(shared, &op);
+        let began = shared.send_begin(&op, &mut ticket, deadline).await?;
         ticket.answered = true;
-        let begin = match began {
-            Began::Granted => {
-                count_decision("allowed");
-                return Ok(Begin::Granted(ticket));
-            }
-            Began::Refused(limit) => {
-                // The request_id bound is no decision of the attempt limit.
-                if !matches!(limit, Limit::RequestIds(_)) {
-                    count_decision("refused");
-                }
-                Begin::Refused(limit)
-            }
-            Began::Done(outcome) => {
-                count_replay("stored");
-                Begin::Done(outcome)
-            }
-            Began::Pending(age) if age > shared.pending_lifetime => Begin::Lost,
-            Began::Pending(_) => Begin::Pending,
-            Began::Released => {
-                return Err(Error::StateUnavailable(Cause::msg(
-                    "the store answered an attempt that was already given up",
-                )));
-            }
-        };
-        // Nothing was reserved or claimed.
-        ticket.ended = true;
-        Ok(begin)
+        shared.decide(began, ticket)
     }
 
     /// Whether `caller` is over the limit now, without reserving
@@ -398,6 +340,76 @@ impl Store {
 }
 
 impl Shared {
+    fn begin_op(&self, caller: &str, request_id: Option<&str>) -> BeginOp {
+        BeginOp {
+            caller: caller.to_owned(),
+            id: unique_id(),
+            request_id: request_id.map(str::to_owned),
+            max_failures: self.limits.failed_attempts,
+            window: self.limits.failed_attempts_window,
+            reservation_ttl: self.reservation_ttl(),
+            max_request_ids: self.max_request_ids,
+        }
+    }
+
+    /// Sends `op` within `deadline`. A failure the store cannot have run
+    /// (never sent) ends `ticket`: there is nothing to give back.
+    async fn send_begin(
+        &self,
+        op: &BeginOp,
+        ticket: &mut Ticket,
+        deadline: Deadline,
+    ) -> Result<Began, Error> {
+        let mut may_have_run = true;
+        let sent = self.track("begin", async {
+            self.backend.begin(op).await.map_err(|e| {
+                may_have_run = e.may_have_run;
+                e.cause
+            })
+        });
+        match tokio::time::timeout_at(deadline.instant(), sent).await {
+            Ok(Ok(began)) => Ok(began),
+            Ok(Err(e)) => {
+                ticket.ended = !may_have_run;
+                Err(e)
+            }
+            Err(_) => Err(Error::DeadlineBeforeSend { stage: "state" }),
+        }
+    }
+
+    /// What the store's answer means for the attempt. Only a grant keeps the
+    /// ticket; otherwise nothing was reserved or claimed, and the ticket is
+    /// done — but for an answer to an attempt already given up, which the
+    /// dropped ticket gives back once more.
+    fn decide(&self, began: Began, mut ticket: Ticket) -> Result<Begin, Error> {
+        let begin = match began {
+            Began::Granted => {
+                count_decision("allowed");
+                return Ok(Begin::Granted(ticket));
+            }
+            Began::Refused(limit) => {
+                // The request_id bound is no decision of the attempt limit.
+                if !matches!(limit, Limit::RequestIds(_)) {
+                    count_decision("refused");
+                }
+                Begin::Refused(limit)
+            }
+            Began::Done(outcome) => {
+                count_replay("stored");
+                Begin::Done(outcome)
+            }
+            Began::Pending(age) if age > self.pending_lifetime => Begin::Lost,
+            Began::Pending(_) => Begin::Pending,
+            Began::Released => {
+                return Err(Error::StateUnavailable(Cause::msg(
+                    "the store answered an attempt that was already given up",
+                )));
+            }
+        };
+        ticket.ended = true;
+        Ok(begin)
+    }
+
     fn reservation_ttl(&self) -> Duration {
         self.limits.failed_attempts_window + self.pending_lifetime
     }
@@ -666,6 +678,19 @@ impl std::fmt::Debug for Ticket {
 }
 
 impl Ticket {
+    /// The ticket of `op`, before it is sent.
+    fn armed(shared: &Arc<Shared>, op: &BeginOp) -> Self {
+        Self {
+            shared: shared.clone(),
+            caller: op.caller.clone(),
+            id: op.id.clone(),
+            request_id: op.request_id.clone(),
+            answered: false,
+            sending: false,
+            ended: false,
+        }
+    }
+
     /// Marks the point after which IAM may have been called: a ticket
     /// dropped from here on no longer releases its claim.
     pub(crate) fn sending(&mut self) {

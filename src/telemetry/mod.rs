@@ -31,7 +31,7 @@ use tracing::Subscriber;
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::{FilterExt, LevelFilter, Targets, dynamic_filter_fn, filter_fn},
-    layer::SubscriberExt,
+    layer::{Filter, SubscriberExt},
     registry::LookupSpan,
     util::SubscriberInitExt,
 };
@@ -124,7 +124,25 @@ fn resource(instance_id: &str) -> Resource {
 pub(crate) fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let output = Output::stdout().map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
-    // One id for both providers: spans and metrics of this process join.
+    let (tracer_provider, meter_provider) = providers()?;
+    let audit_filter = Targets::new().with_target(AUDIT_TARGET, LevelFilter::INFO);
+    tracing_subscriber::registry()
+        .with(lines(format, &output).with_filter(log_filter()))
+        .with(lines(format, &output).with_filter(audit_filter))
+        .with(otel_layer(tracer_provider.tracer("credgate")))
+        .try_init()
+        .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
+    Ok(Telemetry {
+        tracer_provider,
+        meter_provider,
+        output,
+    })
+}
+
+/// The global tracer provider, exporting over OTLP when configured, and the
+/// meter provider when exporting. One instance id for both: spans and
+/// metrics of this process join.
+fn providers() -> Result<(SdkTracerProvider, Option<SdkMeterProvider>), TelemetryError> {
     let instance_id = uuid::Uuid::new_v4().to_string();
     let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource(&instance_id));
     let mut meter_provider = None;
@@ -146,27 +164,37 @@ pub(crate) fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         meter_provider = Some(meters);
     }
     let tracer_provider = tracer_builder.build();
-    let tracer = tracer_provider.tracer("credgate");
     global::set_tracer_provider(tracer_provider.clone());
+    Ok((tracer_provider, meter_provider))
+}
 
-    // The AWS SDK formats whole requests and responses, bodies included
-    // (aws_sigv4 the signed request, aws_smithy_runtime both, aws_runtime
-    // profile values), at trace level: whatever RUST_LOG asks, every aws_*
-    // target stops at debug, so a body, and the passwords in it, is never
-    // formatted.
-    let log_filter = EnvFilter::try_from_default_env()
+/// What reaches the log lines: `RUST_LOG` (default `info`), without the
+/// audit events (they have a layer of their own). The AWS SDK formats whole
+/// requests and responses, bodies included (aws_sigv4 the signed request,
+/// aws_smithy_runtime both, aws_runtime profile values), at trace level:
+/// whatever RUST_LOG asks, every aws_* target stops at debug, so a body,
+/// and the passwords in it, is never formatted.
+fn log_filter<S>() -> impl Filter<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
         .and(filter_fn(|meta| meta.target() != AUDIT_TARGET))
         .and(filter_fn(|meta| {
             !(meta.target().starts_with("aws_") && *meta.level() > tracing::Level::DEBUG)
-        }));
-    let audit_filter = Targets::new().with_target(AUDIT_TARGET, LevelFilter::INFO);
+        }))
+}
 
-    // Our spans; and, when traces are exported, the AWS SDK's own spans
-    // (debug level) nested under the IAM span — never its debug events,
-    // which cost more than the IAM call itself and say little. Without an
-    // exporter the SDK's spans would only be built to be thrown away.
-    // Everything else, notably the exporter's own transport, stays out.
+/// The OpenTelemetry layer: our spans; and, when traces are exported, the
+/// AWS SDK's own spans (debug level) nested under the IAM span — never its
+/// debug events, which cost more than the IAM call itself and say little.
+/// Without an exporter the SDK's spans would only be built to be thrown
+/// away. Everything else, notably the exporter's own transport, stays out.
+fn otel_layer<S>(tracer: opentelemetry_sdk::trace::Tracer) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
     let sdk_level = if exporting() {
         LevelFilter::DEBUG
     } else {
@@ -186,20 +214,9 @@ pub(crate) fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
     let in_a_trace = dynamic_filter_fn(|meta, cx| {
         !meta.is_span() || meta.name() == "rpc" || cx.lookup_current().is_some()
     });
-    let otel_layer = tracing_opentelemetry::layer()
+    tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_filter(otel_filter.and(in_a_trace));
-    tracing_subscriber::registry()
-        .with(lines(format, &output).with_filter(log_filter))
-        .with(lines(format, &output).with_filter(audit_filter))
-        .with(otel_layer)
-        .try_init()
-        .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
-    Ok(Telemetry {
-        tracer_provider,
-        meter_provider,
-        output,
-    })
+        .with_filter(otel_filter.and(in_a_trace))
 }
 
 /// A layer writing log lines in `format` to `output`.
