@@ -20,6 +20,7 @@ use std::{
     time::Duration,
 };
 
+use aws_config::timeout::TimeoutConfig;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_iam::{
     error::{ProvideErrorMetadata, SdkError},
@@ -82,7 +83,7 @@ pub(crate) enum Failure {
 impl Failure {
     fn of<E>(err: SdkError<E>) -> Self
     where
-        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+        E: AwsError,
     {
         if find_in_chain::<CredentialsError>(&err).is_some() {
             return Self::NoCredentials(sdk_cause(&err));
@@ -326,14 +327,11 @@ impl Iam {
         profile: &str,
         deadline: Deadline,
     ) -> Result<CallerIdentity, (Error, Error)> {
-        let span = client_span("GetCallerIdentity", self.clients.region());
         let sts = self
-            .read(profile, deadline, |client, connect| {
+            .read_traced("GetCallerIdentity", profile, deadline, |client, connect| {
                 sts_connect(client.sts.get_caller_identity().customize(), connect).send()
             })
-            .instrument(span.clone())
             .await;
-        record_outcome(&span, "GetCallerIdentity", &sts);
         let sts_err = match sts {
             Ok((out, _)) if out.arn().is_some() => {
                 return Ok(CallerIdentity {
@@ -343,14 +341,11 @@ impl Iam {
             Ok(_) => Error::IamError(AwsContext::default()),
             Err(e) => e,
         };
-        let span = client_span("GetUser", self.clients.region());
         let user = self
-            .read(profile, deadline, |client, connect| {
+            .read_traced("GetUser", profile, deadline, |client, connect| {
                 iam_connect(client.iam.get_user().customize(), connect).send()
             })
-            .instrument(span.clone())
             .await;
-        record_outcome(&span, "GetUser", &user);
         match user {
             Ok((out, _)) => match out.user() {
                 Some(user) => Ok(CallerIdentity {
@@ -362,8 +357,30 @@ impl Iam {
         }
     }
 
+    /// A read in a CLIENT span named for `method`, its outcome recorded.
+    async fn read_traced<T, E, F>(
+        &self,
+        method: &'static str,
+        profile: &str,
+        deadline: Deadline,
+        op: F,
+    ) -> Result<(T, String), Error>
+    where
+        T: RequestId,
+        E: AwsError,
+        F: SdkCall<T, E>,
+    {
+        let span = client_span(method, self.clients.region());
+        let result = self
+            .read(profile, deadline, op)
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, method, &result);
+        result
+    }
+
     /// A read, bounded by the deadline as a whole.
-    async fn read<T, E, F, Fut>(
+    async fn read<T, E, F>(
         &self,
         profile: &str,
         deadline: Deadline,
@@ -371,9 +388,8 @@ impl Iam {
     ) -> Result<(T, String), Error>
     where
         T: RequestId,
-        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
-        F: Fn(&ProfileClient, Option<aws_config::timeout::TimeoutConfig>) -> Fut,
-        Fut: Future<Output = Result<T, SdkError<E>>>,
+        E: AwsError,
+        F: SdkCall<T, E>,
     {
         let transmitted = Arc::default();
         let call = TRANSMITTED.scope(
@@ -387,7 +403,7 @@ impl Iam {
         }
     }
 
-    async fn call<T, E, F, Fut>(
+    async fn call<T, E, F>(
         &self,
         profile: &str,
         deadline: Deadline,
@@ -396,9 +412,8 @@ impl Iam {
     ) -> Result<(T, String), Error>
     where
         T: RequestId,
-        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
-        F: Fn(&ProfileClient, Option<aws_config::timeout::TimeoutConfig>) -> Fut,
-        Fut: Future<Output = Result<T, SdkError<E>>>,
+        E: AwsError,
+        F: SdkCall<T, E>,
     {
         let mut refreshed = false;
         let mut attempt = 1;
@@ -450,6 +465,25 @@ impl Iam {
         }
     }
 }
+
+/// One SDK call as [`Iam`] runs it: given a profile's client and the
+/// connect timeout left, the call's future.
+trait SdkCall<T, E>: Fn(&ProfileClient, Option<TimeoutConfig>) -> Self::Call {
+    type Call: Future<Output = Result<T, SdkError<E>>>;
+}
+
+impl<T, E, F, Fut> SdkCall<T, E> for F
+where
+    F: Fn(&ProfileClient, Option<TimeoutConfig>) -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E>>>,
+{
+    type Call = Fut;
+}
+
+/// An operation's error, carrying AWS's error code.
+trait AwsError: ProvideErrorMetadata + StdError + Send + Sync + 'static {}
+
+impl<E: ProvideErrorMetadata + StdError + Send + Sync + 'static> AwsError for E {}
 
 /// An IAM operation with its connect timeout shortened to `connect`.
 fn iam_connect<T, E, B>(
