@@ -415,7 +415,15 @@ async fn a_hundred_cold_policy_reads_cost_one_iam_call_and_a_denial_is_remembere
             json!({"delay_seconds": 0.5}),
         )
         .await;
-    let client = rig.client().await;
+    let mut client = rig.client().await;
+    // One call that reaches neither IAM nor the policy (an empty password)
+    // first: until the client has read the server's SETTINGS it may open
+    // more than MAX_CONCURRENT_STREAMS (32) streams at once, and the
+    // server refuses those (REFUSED_STREAM) before any of this is tested.
+    client
+        .change_password(credgate::api::ChangePasswordRequest::default())
+        .await
+        .expect_err("an empty password is refused");
     let calls: Vec<_> = (0..100)
         .map(|_| {
             let mut client = client.clone();
