@@ -7,16 +7,8 @@
 //!   has not sent its TLS ClientHello yet: the one that has waited longest
 //!   is closed to make room (the way HAProxy's `timeout client-hs` and
 //!   Envoy's overload manager treat handshakes that make no progress);
-//! - a connection waits for its ClientHello at most [`HANDSHAKE_TIMEOUT`],
-//!   and one source address (an IPv6 /64) may have at most
-//!   [`MAX_WAITING_PER_SOURCE`] connections waiting: beyond that its oldest
-//!   is closed, so that a flood of connections that never start TLS cannot
-//!   crowd out the handshakes of anyone else, nor of its own source for long;
-//! - once its ClientHello is in, a handshake needs one of [`MAX_HANDSHAKES`]
-//!   slots (at most [`MAX_HANDSHAKES_PER_SOURCE`] per source) and finishes
-//!   within what is left of [`HANDSHAKE_TIMEOUT`] (a second when half the
-//!   slots are taken: a legitimate mTLS handshake takes milliseconds); a
-//!   connection that finds no slot soon is closed;
+//! - the handshake itself is bounded in time, in slots and per source
+//!   address ([`super::handshake`]);
 //! - accept errors (file descriptors exhausted) back off instead of
 //!   spinning; [`raise_fd_limit`] lifts the soft descriptor limit first;
 //! - the HTTP/2 preface must arrive within [`PREFACE_TIMEOUT`] of the
@@ -37,13 +29,11 @@
 //!   so that CA, CRL and caller changes reach long-lived channels too.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    hash::Hash,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -62,30 +52,19 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError},
     time::Instant,
 };
-use tokio_rustls::{LazyConfigAcceptor, StartHandshake, server::TlsStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use super::{
+    budget::{Budgets, LogThrottle},
+    handshake::Handshakes,
+};
 use crate::{
     error::Error,
     net::identity::{Caller, Callers, PeerIdentity},
     net::tls::ReloadingConfig,
 };
 
-/// Handshakes past their ClientHello at once: each costs credgate a key
-/// exchange and a signature, so this bounds the CPU a burst can take.
-pub(crate) const MAX_HANDSHAKES: usize = 256;
-/// Of those, from one source address: a single host cannot take them all.
-pub(crate) const MAX_HANDSHAKES_PER_SOURCE: usize = MAX_HANDSHAKES / 4;
-/// Connections of one source address waiting for their ClientHello; a
-/// newer one closes that source's oldest. A real client sends its
-/// ClientHello right after connecting, so only a flood ever waits here.
-pub(crate) const MAX_WAITING_PER_SOURCE: usize = 256;
-/// How long a client may take to finish the handshake, ClientHello included.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The handshake budget while more than half the handshake slots are taken.
-const HANDSHAKE_TIMEOUT_UNDER_LOAD: Duration = Duration::from_secs(1);
-/// How long a handshake waits for a slot before its connection is closed.
-const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_millis(100);
 /// How long after the handshake the HTTP/2 preface must have arrived.
 pub(crate) const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection refused for its identity's budget may take to
@@ -117,9 +96,6 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Accept errors, evictions and refused identities are logged at most this
-/// often (with a count of what was not logged).
-const LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// File descriptors credgate needs besides its mTLS connections: listeners,
 /// the admin port's connections, IAM/STS/Redis/OTLP pools, files.
 const SPARE_FDS: u64 = 256;
@@ -260,21 +236,14 @@ pub(crate) fn raise_fd_limit(max_connections: usize) {
 
 /// What every connection task shares.
 struct Shared<M> {
-    tls: Arc<ReloadingConfig>,
+    handshakes: Handshakes,
     callers: Arc<Callers>,
     settings: Settings,
     builder: http2::Builder<StreamExecutor>,
     make: Arc<M>,
     shutdown: CancellationToken,
-    /// Connections whose ClientHello has not arrived yet.
-    waiting: Arc<Waiting>,
-    /// [`MAX_HANDSHAKES`] slots.
-    handshakes: Arc<Semaphore>,
-    /// [`MAX_HANDSHAKES_PER_SOURCE`] per source.
-    handshakes_by_source: Arc<Budgets<IpAddr>>,
     /// `max_connections_per_caller` per identity (`None`: every unmapped one).
     by_identity: Arc<Budgets<Option<String>>>,
-    evictions: LogThrottle,
     over_budget: LogThrottle,
 }
 
@@ -291,17 +260,13 @@ pub(crate) async fn serve<M: MakeService>(
 ) {
     let connections = Arc::new(Semaphore::new(settings.max_connections));
     let shared = Arc::new(Shared {
-        tls,
+        handshakes: Handshakes::new(tls),
         callers,
         builder: http2_builder(settings.request_timeout),
         by_identity: Budgets::new(settings.max_connections_per_caller),
         settings,
         make,
         shutdown: shutdown.clone(),
-        waiting: Arc::default(),
-        handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
-        handshakes_by_source: Budgets::new(MAX_HANDSHAKES_PER_SOURCE),
-        evictions: LogThrottle::default(),
         over_budget: LogThrottle::default(),
     });
     let mut backoff = AcceptBackoff::default();
@@ -312,9 +277,7 @@ pub(crate) async fn serve<M: MakeService>(
             Err(TryAcquireError::NoPermits) => {
                 // Full. A connection that has not even sent its ClientHello
                 // is the one to give way; without one, wait (backlog).
-                if shared.waiting.evict_oldest() {
-                    shared.evicted("max_connections");
-                }
+                shared.handshakes.make_room();
                 tokio::select! {
                     permit = connections.clone().acquire_owned() => match permit {
                         Ok(permit) => permit,
@@ -417,189 +380,6 @@ impl AcceptBackoff {
     }
 }
 
-/// Lets one log line through per [`LOG_INTERVAL`], counting the rest.
-#[derive(Default)]
-struct LogThrottle(Mutex<(Option<Instant>, u64)>);
-
-impl LogThrottle {
-    /// How many lines were held back since the last one, when a line may be
-    /// written now.
-    fn ready(&self) -> Option<u64> {
-        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let (last, suppressed) = &mut *state;
-        if last.is_some_and(|t| t.elapsed() < LOG_INTERVAL) {
-            *suppressed += 1;
-            return None;
-        }
-        *last = Some(Instant::now());
-        Some(std::mem::take(suppressed))
-    }
-}
-
-impl<M> Shared<M> {
-    fn evicted(&self, why: &'static str) {
-        if let Some(suppressed) = self.evictions.ready() {
-            tracing::warn!(
-                why,
-                suppressed,
-                "closing connections that have not sent a TLS ClientHello, to make room"
-            );
-        }
-    }
-}
-
-/// The source a budget is kept for: the IPv4 address, or the /64 of an
-/// IPv6 one (one host usually holds a whole /64).
-fn source_of(peer: SocketAddr) -> IpAddr {
-    match peer.ip().to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(bits.into())
-        }
-        v4 => v4,
-    }
-}
-
-/// Connections waiting for their ClientHello, oldest first: the ones a
-/// newer connection may close.
-#[derive(Default)]
-struct Waiting(Mutex<WaitQueue>);
-
-#[derive(Default)]
-struct WaitQueue {
-    next: u64,
-    entries: BTreeMap<u64, (IpAddr, CancellationToken)>,
-    by_source: HashMap<IpAddr, BTreeSet<u64>>,
-}
-
-impl WaitQueue {
-    /// Removes `id` and closes its connection.
-    fn evict(&mut self, id: u64) {
-        if let Some(token) = self.remove(id) {
-            token.cancel();
-        }
-    }
-
-    fn remove(&mut self, id: u64) -> Option<CancellationToken> {
-        let (source, token) = self.entries.remove(&id)?;
-        if let Some(ids) = self.by_source.get_mut(&source) {
-            ids.remove(&id);
-            if ids.is_empty() {
-                self.by_source.remove(&source);
-            }
-        }
-        Some(token)
-    }
-}
-
-impl Waiting {
-    /// Registers a connection from `source`; if that source then has more
-    /// than [`MAX_WAITING_PER_SOURCE`] waiting, its oldest is closed.
-    fn enter(self: &Arc<Self>, source: IpAddr) -> (WaitTicket, bool) {
-        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let id = queue.next;
-        queue.next += 1;
-        let evicted = CancellationToken::new();
-        queue.entries.insert(id, (source, evicted.clone()));
-        let ids = queue.by_source.entry(source).or_default();
-        ids.insert(id);
-        let oldest = (ids.len() > MAX_WAITING_PER_SOURCE)
-            .then(|| ids.first().copied())
-            .flatten();
-        if let Some(oldest) = oldest {
-            queue.evict(oldest);
-        }
-        let ticket = WaitTicket {
-            id,
-            evicted,
-            waiting: self.clone(),
-        };
-        (ticket, oldest.is_some())
-    }
-
-    /// Closes the connection that has waited longest; whether there was one.
-    fn evict_oldest(&self) -> bool {
-        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match queue.entries.keys().next().copied() {
-            Some(id) => {
-                queue.evict(id);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// A connection's place in [`Waiting`], left when dropped.
-#[must_use]
-struct WaitTicket {
-    id: u64,
-    evicted: CancellationToken,
-    waiting: Arc<Waiting>,
-}
-
-impl Drop for WaitTicket {
-    fn drop(&mut self) {
-        self.waiting
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(self.id);
-    }
-}
-
-/// Slots per key (a source address, an identity), at most `limit` each.
-struct Budgets<K> {
-    limit: usize,
-    held: Mutex<HashMap<K, usize>>,
-}
-
-impl<K: Hash + Eq + Clone> Budgets<K> {
-    fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self {
-            limit,
-            held: Mutex::default(),
-        })
-    }
-
-    /// A slot of `key`'s budget, if one is free.
-    fn try_take(self: &Arc<Self>, key: K) -> Option<BudgetSlot<K>> {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = held.entry(key.clone()).or_insert(0);
-        if *count >= self.limit {
-            return None;
-        }
-        *count += 1;
-        Some(BudgetSlot {
-            budgets: self.clone(),
-            key,
-        })
-    }
-}
-
-/// One slot of a [`Budgets`] key, given back when dropped.
-#[must_use]
-struct BudgetSlot<K: Hash + Eq> {
-    budgets: Arc<Budgets<K>>,
-    key: K,
-}
-
-impl<K: Hash + Eq> Drop for BudgetSlot<K> {
-    fn drop(&mut self) {
-        let mut held = self
-            .budgets
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = held.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&self.key);
-            }
-        }
-    }
-}
-
 struct Accepted {
     tcp: TcpStream,
     peer: SocketAddr,
@@ -610,7 +390,7 @@ struct Accepted {
 impl Accepted {
     async fn run<M: MakeService>(self, shared: Arc<Shared<M>>) {
         let peer = self.peer;
-        let Some(stream) = handshake(self.tcp, peer, &shared).await else {
+        let Some(stream) = shared.handshakes.handshake(self.tcp, peer).await else {
             return;
         };
         // The identity's budget is taken before anything else: a connection
@@ -658,103 +438,6 @@ impl Accepted {
         served.as_mut().graceful_shutdown();
         if tokio::time::timeout(settings.grace, served).await.is_err() {
             tracing::debug!(peer.address = %peer, "GOAWAY grace expired; connection dropped");
-        }
-    }
-}
-
-/// The TLS handshake in two stages: waiting for the ClientHello (evictable,
-/// see [`Waiting`]), then the rest with a handshake slot, within what is
-/// left of [`HANDSHAKE_TIMEOUT`].
-async fn handshake<M>(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    shared: &Shared<M>,
-) -> Option<TlsStream<TcpStream>> {
-    // gRPC is latency-sensitive and small-message: don't wait to coalesce.
-    let _ = tcp.set_nodelay(true);
-    let give_up = Instant::now() + HANDSHAKE_TIMEOUT;
-    let source = source_of(peer);
-    let start = client_hello(tcp, peer, source, give_up, shared).await?;
-    let Some(_source_slot) = shared.handshakes_by_source.try_take(source) else {
-        tracing::debug!(peer.address = %peer, "too many handshakes in progress from this source; connection closed");
-        return None;
-    };
-    let handshakes = &shared.handshakes;
-    let slot = handshake_slot(handshakes, peer).await?;
-    let budget = if handshakes.available_permits() < MAX_HANDSHAKES / 2 {
-        HANDSHAKE_TIMEOUT_UNDER_LOAD
-    } else {
-        HANDSHAKE_TIMEOUT
-    };
-    let budget = budget.min(give_up.saturating_duration_since(Instant::now()));
-    let result = tokio::time::timeout(budget, start.into_stream(shared.tls.current())).await;
-    drop(slot);
-    match result {
-        Ok(Ok(stream)) => Some(stream),
-        Ok(Err(e)) => {
-            tracing::info!(peer.address = %peer, error = %e, "TLS handshake rejected");
-            None
-        }
-        Err(_) => {
-            tracing::info!(peer.address = %peer, budget_ms = u64::try_from(budget.as_millis()).unwrap_or(0), "TLS handshake timed out");
-            None
-        }
-    }
-}
-
-/// Stage one: waits for the ClientHello without a handshake slot, in the
-/// queue a newer connection may evict it from ([`Waiting`]).
-async fn client_hello<M>(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    source: IpAddr,
-    give_up: Instant,
-    shared: &Shared<M>,
-) -> Option<StartHandshake<TcpStream>> {
-    let (ticket, evicted_another) = shared.waiting.enter(source);
-    if evicted_another {
-        shared.evicted("max_waiting_per_source");
-    }
-    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    tokio::pin!(hello);
-    let start = tokio::select! {
-        // A ClientHello that has arrived wins over an eviction decided
-        // before this task could read it.
-        biased;
-        hello = &mut hello => match hello {
-            Ok(start) => start,
-            Err(e) => {
-                tracing::debug!(peer.address = %peer, error = %e, "no TLS ClientHello; connection closed");
-                return None;
-            }
-        },
-        () = ticket.evicted.cancelled() => {
-            tracing::debug!(peer.address = %peer, "no TLS ClientHello yet; closed to make room");
-            return None;
-        }
-        () = tokio::time::sleep_until(give_up) => {
-            tracing::debug!(peer.address = %peer, "no TLS ClientHello within the handshake timeout; connection closed");
-            return None;
-        }
-    };
-    drop(ticket);
-    Some(start)
-}
-
-/// One of the [`MAX_HANDSHAKES`] slots, waiting at most
-/// [`HANDSHAKE_SLOT_WAIT`] for one.
-async fn handshake_slot(
-    handshakes: &Arc<Semaphore>,
-    peer: SocketAddr,
-) -> Option<OwnedSemaphorePermit> {
-    if let Ok(slot) = handshakes.clone().try_acquire_owned() {
-        return Some(slot);
-    }
-    match tokio::time::timeout(HANDSHAKE_SLOT_WAIT, handshakes.clone().acquire_owned()).await {
-        Ok(Ok(slot)) => Some(slot),
-        _ => {
-            tracing::debug!(peer.address = %peer, "too many handshakes in progress; connection closed");
-            None
         }
     }
 }
