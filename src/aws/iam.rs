@@ -295,28 +295,24 @@ impl Iam {
         profile: &str,
         deadline: Deadline,
     ) -> Result<Option<Policy>, Error> {
-        let span = client_span("GetAccountPasswordPolicy", self.clients.region());
         let result = self
-            .read(profile, deadline, |client, connect| {
-                iam_connect(
-                    client.iam.get_account_password_policy().customize(),
-                    connect,
-                )
-                .send()
-            })
-            .instrument(span.clone())
+            .read(
+                "GetAccountPasswordPolicy",
+                profile,
+                deadline,
+                |client, connect| {
+                    iam_connect(
+                        client.iam.get_account_password_policy().customize(),
+                        connect,
+                    )
+                    .send()
+                },
+            )
             .await;
         match result {
-            // IAM's way of saying "this account has no password policy"
-            // (classified as a missing entity, which it is).
-            Err(Error::LoginProfileMissing(_)) => {
-                telemetry::count_iam_outcome("GetAccountPasswordPolicy", "NoSuchEntity");
-                Ok(None)
-            }
-            result => {
-                record_outcome(&span, "GetAccountPasswordPolicy", &result);
-                result.map(|(out, _)| out.password_policy().map(policy_from_iam))
-            }
+            // No password policy (see `record_outcome`).
+            Err(Error::LoginProfileMissing(_)) => Ok(None),
+            result => result.map(|(out, _)| out.password_policy().map(policy_from_iam)),
         }
     }
 
@@ -328,7 +324,7 @@ impl Iam {
         deadline: Deadline,
     ) -> Result<CallerIdentity, (Error, Error)> {
         let sts = self
-            .read_traced("GetCallerIdentity", profile, deadline, |client, connect| {
+            .read("GetCallerIdentity", profile, deadline, |client, connect| {
                 sts_connect(client.sts.get_caller_identity().customize(), connect).send()
             })
             .await;
@@ -342,7 +338,7 @@ impl Iam {
             Err(e) => e,
         };
         let user = self
-            .read_traced("GetUser", profile, deadline, |client, connect| {
+            .read("GetUser", profile, deadline, |client, connect| {
                 iam_connect(client.iam.get_user().customize(), connect).send()
             })
             .await;
@@ -357,8 +353,9 @@ impl Iam {
         }
     }
 
-    /// A read in a CLIENT span named for `method`, its outcome recorded.
-    async fn read_traced<T, E, F>(
+    /// A read in a CLIENT span named for `method`, bounded by the deadline
+    /// as a whole; its outcome is recorded on the span and in the metrics.
+    async fn read<T, E, F>(
         &self,
         method: &'static str,
         profile: &str,
@@ -371,36 +368,23 @@ impl Iam {
         F: SdkCall<T, E>,
     {
         let span = client_span(method, self.clients.region());
-        let result = self
-            .read(profile, deadline, op)
-            .instrument(span.clone())
-            .await;
-        record_outcome(&span, method, &result);
-        result
-    }
-
-    /// A read, bounded by the deadline as a whole.
-    async fn read<T, E, F>(
-        &self,
-        profile: &str,
-        deadline: Deadline,
-        op: F,
-    ) -> Result<(T, String), Error>
-    where
-        T: RequestId,
-        E: AwsError,
-        F: SdkCall<T, E>,
-    {
         let transmitted = Arc::default();
         let call = TRANSMITTED.scope(
             Arc::clone(&transmitted),
             self.call(profile, deadline, Some(true), op),
         );
-        match tokio::time::timeout_at(deadline.instant(), call).await {
+        let result = match tokio::time::timeout_at(
+            deadline.instant(),
+            call.instrument(span.clone()),
+        )
+        .await
+        {
             Ok(result) => result.map_err(for_read),
             Err(_) if transmitted.load(Ordering::Acquire) => Err(Error::IamTimeout),
             Err(_) => Err(Error::DeadlineBeforeSend { stage: "iam" }),
-        }
+        };
+        record_outcome(&span, method, &result);
+        result
     }
 
     async fn call<T, E, F>(
@@ -569,6 +553,11 @@ fn record_outcome<T>(
         Ok((_, request_id)) => {
             span.record("aws.request_id", request_id.as_str());
             telemetry::count_iam_outcome(method, "OK");
+        }
+        // IAM's way of saying "this account has no password policy": an
+        // answer, not a failed call.
+        Err(Error::LoginProfileMissing(_)) if method == "GetAccountPasswordPolicy" => {
+            telemetry::count_iam_outcome(method, "NoSuchEntity");
         }
         Err(err) => {
             if let Some(id) = err.aws().and_then(|a| a.request_id.as_deref()) {
