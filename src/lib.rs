@@ -5,30 +5,44 @@
 //!
 //! A request flows through the folders in this order:
 //!
-//! - [`net`]: accepts TCP within bounds, completes the mTLS handshake with
-//!   [`net::tls`]'s config, resolves the caller once per connection
-//!   ([`net::identity`]) and serves HTTP/2 with bounded streams.
-//! - [`rpc`]: the SERVER span of each call, admission at the edge (the
-//!   [`deadline`] from arrival, the audit slot, the limits, the body read
-//!   within bounds), then the `PasswordService` handlers.
-//! - [`change`]: one `ChangePassword` attempt in its own task: the
-//!   `request_id` claim and the attempt limit in [`state`], the profile's
-//!   identity, the account policy, then IAM through [`aws`]; its outcome
-//!   settles the limit, is stored for replay and closes the audit slot.
-//! - [`aws`]: IAM and STS behind one seam, credentials per profile, and
-//!   passwords as IAM defines them.
+//! - [`net`]: accepts TCP within bounds, completes the mTLS handshake
+//!   (a connection that has not sent its ClientHello gives way first) with
+//!   [`net::tls`]'s config (client certificate required and checked, CRLs
+//!   and their expiry, hot reload), resolves the caller once per connection
+//!   ([`net::identity`]) within its identity's connection budget, and
+//!   serves HTTP/2 with bounded streams, idle timeout and connection age.
+//! - [`rpc`]: the SERVER span and `rpc.server.duration` of each call, then
+//!   admission at the edge — the [`deadline`] from arrival, the audit slot,
+//!   an unmapped caller refused, the per-caller and global limits, the body
+//!   read within bounds — then the `PasswordService` handlers, which check
+//!   the input and hand the attempt over.
+//! - [`change`]: one `ChangePassword` attempt, which ends the same way
+//!   whatever the caller does: the `request_id` claim and the attempt limit
+//!   in [`state`], the profile's identity and the account policy, then IAM
+//!   through [`aws`]; its outcome settles the limit, is stored for replay
+//!   and closes the audit slot.
+//! - [`aws`]: IAM and STS behind one seam (each failure classified to one
+//!   error), one SDK client per profile over a shared HTTP pool, the body
+//!   the passwords are written into, and passwords as IAM defines them.
+//!   Key custody (a Secrets Manager key source, rotation, key age) and
+//!   per-user clients belong here.
 //! - [`state`]: the attempt limit and the `request_id` outcomes, in memory
-//!   or Redis/Valkey; the operator's view of a caller's lockout.
+//!   or Redis/Valkey behind one backend trait; the operator's view of a
+//!   caller's lockout.
 //! - [`telemetry`]: the subscriber (logs, audit events, OTLP traces and
-//!   metrics) and the log writer that never blocks a runtime thread.
+//!   metrics), the trace context, the instruments, and the log writer that
+//!   never blocks a runtime thread (and says when stdout stalls).
 //!
 //! Around them: [`server`] wires it all (health on both ports, reflection,
 //! shutdown), [`cli`] is the command line, [`config`] loads and validates
-//! the configuration, [`devpki`] writes a dev PKI, [`api`] holds the
-//! generated `credgate.v1` types, and [`error`], [`deadline`] and
-//! [`spiffe`] are the vocabulary every layer shares: the one error enum and
-//! its mapping to `tonic::Status`, the one deadline of a call, the SPIFFE
-//! ID rules.
+//! the configuration (one file per section; caller templates will be
+//! parsed in its `callers`, and resolved in [`net::identity`]), [`devpki`]
+//! writes a dev PKI, [`api`] holds the generated `credgate.v1` types, and
+//! [`error`], [`deadline`] and [`spiffe`] are the vocabulary every layer
+//! shares: the one error enum, its reason table and its one mapping to
+//! `tonic::Status`; the one deadline of a call; the SPIFFE ID rules.
+//! `change::fault` holds test-only fault points (cargo feature
+//! `fault-injection`, never in a shipped build).
 //!
 //! # Layers
 //!
