@@ -5,16 +5,17 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
+    aws::credentials::{self, AwsClients},
+    aws::iam::Iam,
+    change::principal::Principals,
     config::{CONFIG_ENV, Config, ConfigError},
-    credentials::{self, AwsClients},
     devpki,
-    iam::Iam,
-    lockout::{self, LockoutError},
-    logs::Output,
-    principal::Principals,
+    net::tls,
     server::{self, Listeners},
     state::Store,
-    telemetry, tls,
+    state::lockout::{self, LockoutError},
+    telemetry,
+    telemetry::logs::Output,
 };
 
 /// Exit code for bad configuration or usage (EX_USAGE from sysexits.h).

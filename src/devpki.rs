@@ -9,9 +9,9 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, Certificate, CertificateParams, CertificateRevocationListParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -134,6 +134,18 @@ fn ca_params(name: &str) -> CertificateParams {
     params
 }
 
+/// Makes `params` a leaf's — a fresh serial, digital signatures only, not
+/// a CA, valid for 90 days — and returns its new key and serial.
+fn leaf(params: &mut CertificateParams) -> Result<(KeyPair, SerialNumber), rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let serial = serial();
+    params.serial_number = Some(serial.clone());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.is_ca = IsCa::ExplicitNoCa;
+    validity(params, 90);
+    Ok((key, serial))
+}
+
 fn validity(params: &mut CertificateParams, days: i64) {
     let now = OffsetDateTime::now_utc();
     // Backdated a little: clocks in a cluster disagree.
@@ -160,23 +172,29 @@ impl Authority {
     pub fn intermediate(&self, name: &str) -> Result<Self, DevPkiError> {
         let key = KeyPair::generate()?;
         let params = ca_params(name);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let cert_pem = cert.pem();
+        let (cert, chain_pem) = self.signed(&params, &key)?;
         Ok(Self {
-            chain_pem: format!("{cert_pem}{}", self.chain_pem),
-            cert_pem,
+            chain_pem,
+            cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         })
     }
 
+    /// `params` for `key`, signed by this CA, and the chain the new
+    /// certificate presents: itself, then this CA's own chain.
+    fn signed(
+        &self,
+        params: &CertificateParams,
+        key: &KeyPair,
+    ) -> Result<(Certificate, String), rcgen::Error> {
+        let cert = params.signed_by(key, &self.issuer)?;
+        let chain_pem = format!("{}{}", cert.pem(), self.chain_pem);
+        Ok((cert, chain_pem))
+    }
+
     fn issue(&self, mut params: CertificateParams) -> Result<Issued, DevPkiError> {
-        let key = KeyPair::generate()?;
-        let serial = serial();
-        params.serial_number = Some(serial.clone());
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.is_ca = IsCa::ExplicitNoCa;
-        validity(&mut params, 90);
+        let (key, serial) = leaf(&mut params)?;
         Ok(self.sign(params, key, serial)?)
     }
 
@@ -186,11 +204,10 @@ impl Authority {
         key: KeyPair,
         serial: SerialNumber,
     ) -> Result<Issued, rcgen::Error> {
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let cert_pem = cert.pem();
+        let (cert, chain_pem) = self.signed(&params, &key)?;
         Ok(Issued {
-            chain_pem: format!("{cert_pem}{}", self.chain_pem),
-            cert_pem,
+            chain_pem,
+            cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             der: cert.der().to_vec(),
             serial,
@@ -231,12 +248,7 @@ impl Authority {
                 .push(DnType::CommonName, cn.as_str());
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate()?;
-        let serial = serial();
-        params.serial_number = Some(serial.clone());
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.is_ca = IsCa::ExplicitNoCa;
-        validity(&mut params, 90);
+        let (key, serial) = leaf(&mut params)?;
         let defects = spec.defects;
         if defects.no_extended_key_usage {
             params.extended_key_usages.clear();

@@ -15,8 +15,6 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::password::Violation;
-
 /// ErrorInfo domain of every credgate error.
 pub(crate) const DOMAIN: &str = "credgate";
 
@@ -119,6 +117,20 @@ impl<'de> Deserialize<'de> for Reason {
         Reason::parse(&name)
             .ok_or_else(|| serde::de::Error::custom(format!("unknown reason {name:?}")))
     }
+}
+
+/// One unmet rule, for a `google.rpc.BadRequest` field violation.
+///
+/// Descriptions are logged and stored (a `request_id`'s outcome, in Redis
+/// for 24 hours), so they say which rule is unmet and nothing about the
+/// password itself: not its characters, not its length, not where in it a
+/// bad character sits (a position is a lower bound on the length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The request field, e.g. `new_password`.
+    pub field: &'static str,
+    /// The unmet rule, in words.
+    pub description: String,
 }
 
 /// Attached to every status credgate builds (as its source) so that the
@@ -879,5 +891,58 @@ mod tests {
             cut.starts_with('é') && cut.ends_with("(truncated)"),
             "{cut}"
         );
+    }
+
+    /// A gRPC code as the docs write it: `PERMISSION_DENIED`.
+    fn screaming(code: Code) -> String {
+        let mut out = String::new();
+        for (i, c) in format!("{code:?}").chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
+
+    /// `docs/errors.md`'s table names every reason of the table above, no
+    /// other, each with its gRPC code and its "applied?" answer (no: IAM
+    /// changed nothing; maybe: it may have).
+    #[test]
+    fn the_error_reference_lists_every_reason_with_its_code_and_applied_answer() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/errors.md");
+        let text = std::fs::read_to_string(path).expect("docs/errors.md");
+        let mut documented = Vec::new();
+        for line in text.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells[1].trim_matches('`');
+            let reason = Reason::parse(name)
+                .unwrap_or_else(|| panic!("docs/errors.md names {name}, which is no reason"));
+            assert!(
+                cells[2].starts_with(&screaming(reason.code())),
+                "docs/errors.md gives {name} the code {:?}; it is {}",
+                cells[2],
+                screaming(reason.code())
+            );
+            let applied = cells[5];
+            let documented_not_applied = applied.starts_with("no");
+            assert!(
+                documented_not_applied || applied.contains("maybe"),
+                "{name}: applied? is {applied:?}"
+            );
+            assert_eq!(
+                documented_not_applied,
+                reason.guarantees_not_applied(),
+                "{name}: docs/errors.md says applied? {applied:?}"
+            );
+            documented.push(reason);
+        }
+        for reason in Reason::ALL {
+            assert!(
+                documented.contains(reason),
+                "docs/errors.md has no row for {reason}"
+            );
+        }
+        assert_eq!(documented.len(), Reason::ALL.len(), "one row per reason");
     }
 }

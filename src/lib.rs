@@ -3,66 +3,79 @@
 //!
 //! # Layout
 //!
-//! A request flows through the modules in this order:
+//! A request flows through the folders in this order:
 //!
-//! - [`connections`]: accepts TCP within bounds (a connection that has not
-//!   sent its ClientHello gives way first), completes the mTLS handshake
-//!   with [`tls`]'s config (client certificate required and checked, CRLs
+//! - [`net`]: accepts TCP within bounds, completes the mTLS handshake
+//!   (a connection that has not sent its ClientHello gives way first) with
+//!   [`net::tls`]'s config (client certificate required and checked, CRLs
 //!   and their expiry, hot reload), resolves the caller once per connection
-//!   ([`identity`]) within its identity's connection budget, and serves
-//!   HTTP/2 with bounded streams (each reset at `request_timeout`), idle
-//!   timeout and connection age.
-//! - [`rpc_span`]: the SERVER span and `rpc.server.duration` of each call.
-//! - [`edge`]: admission — the [`deadline`] from arrival, the [`audit`]
-//!   slot, an unmapped caller refused, the per-caller and global limits, the
-//!   body read within bounds.
-//! - [`service`]: the `PasswordService` handlers: check the input, hand the
-//!   attempt over.
-//! - [`attempt`]: one `ChangePassword` in its own task: the `request_id`
-//!   claim and the attempt limit in [`state`], the profile's identity
-//!   ([`principal`]), the account policy ([`policy_cache`], [`password`]),
-//!   then [`iam`] over [`credentials`] (the passwords go into the request
-//!   body through [`change_body`]); its outcome settles the limit, is
-//!   stored for replay and closes the audit slot.
-//! - [`error`]: the single error enum, the reason table and the one mapping
-//!   to `tonic::Status`.
-//! - [`server`]: wires it all, health on both ports, reflection, shutdown.
+//!   ([`net::identity`]) within its identity's connection budget, and
+//!   serves HTTP/2 with bounded streams, idle timeout and connection age.
+//! - [`rpc`]: the SERVER span and `rpc.server.duration` of each call, then
+//!   admission at the edge — the [`deadline`] from arrival, the audit slot,
+//!   an unmapped caller refused, the per-caller and global limits, the body
+//!   read within bounds — then the `PasswordService` handlers, which check
+//!   the input and hand the attempt over.
+//! - [`change`]: one `ChangePassword` attempt, which ends the same way
+//!   whatever the caller does: the `request_id` claim and the attempt limit
+//!   in [`state`], the profile's identity and the account policy, then IAM
+//!   through [`aws`]; its outcome settles the limit, is stored for replay
+//!   and closes the audit slot.
+//! - [`aws`]: IAM and STS behind one seam (each failure classified to one
+//!   error), one SDK client per profile over a shared HTTP pool, the body
+//!   the passwords are written into, and passwords as IAM defines them.
+//!   Key custody (a Secrets Manager key source, rotation, key age) and
+//!   per-user clients belong here.
+//! - [`state`]: the attempt limit and the `request_id` outcomes, in memory
+//!   or Redis/Valkey behind one backend trait; the operator's view of a
+//!   caller's lockout.
 //! - [`telemetry`]: the subscriber (logs, audit events, OTLP traces and
-//!   metrics); [`logs`]: the JSON line format and the writer that never
-//!   blocks a runtime thread (and says when stdout stalls).
-//! - [`config`], [`spiffe`], [`cli`], [`devpki`], [`lockout`]:
-//!   configuration, SPIFFE ID rules, command line, dev PKI, the operator's
-//!   view of a caller's attempt limit; `fault`: test-only fault points (cargo
-//!   feature `fault-injection`, never in a shipped build).
-//! - [`api`]: the generated `credgate.v1` types.
+//!   metrics), the trace context, the instruments, and the log writer that
+//!   never blocks a runtime thread (and says when stdout stalls).
+//!
+//! Around them: [`server`] wires it all (health on both ports, reflection,
+//! shutdown), [`cli`] is the command line, [`config`] loads and validates
+//! the configuration (one file per section; caller templates will be
+//! parsed in its `callers`, and resolved in [`net::identity`]), [`devpki`]
+//! writes a dev PKI, [`api`] holds the generated `credgate.v1` types, and
+//! [`error`], [`deadline`] and [`spiffe`] are the vocabulary every layer
+//! shares: the one error enum, its reason table and its one mapping to
+//! `tonic::Status`; the one deadline of a call; the SPIFFE ID rules.
+//! `change::fault` holds test-only fault points (cargo feature
+//! `fault-injection`, never in a shipped build).
+//!
+//! # Layers
+//!
+//! A module imports only from the layers below its own, never from another
+//! module of its own layer, and no two modules import each other, not even
+//! round a cycle. `layers.rs` checks it against every path in `src/` (test
+//! code aside), reading this list:
+//!
+//! 1. [`error`], [`deadline`], [`spiffe`], [`api`]: the shared vocabulary.
+//! 2. [`config`]: the validated configuration.
+//! 3. [`telemetry`]: logs, audit events, traces and metrics.
+//! 4. [`net`], [`state`], [`aws`]: the connections, the shared state and
+//!    AWS, each knowing nothing of the other two.
+//! 5. [`change`]: one password change, over the three below it.
+//! 6. [`rpc`]: each call, from its span to its handler.
+//! 7. [`server`], [`devpki`]: what the commands run.
+//! 8. [`cli`]: the commands.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub(crate) mod attempt;
-pub(crate) mod audit;
-pub(crate) mod change_body;
+pub(crate) mod aws;
+pub(crate) mod change;
 pub mod cli;
 pub(crate) mod config;
-pub(crate) mod connections;
-pub(crate) mod credentials;
 pub(crate) mod deadline;
 pub mod devpki;
-pub(crate) mod edge;
 pub(crate) mod error;
-#[cfg(feature = "fault-injection")]
-pub(crate) mod fault;
-pub(crate) mod iam;
-pub(crate) mod identity;
-pub(crate) mod lockout;
-pub(crate) mod logs;
-pub(crate) mod password;
-pub(crate) mod policy_cache;
-pub(crate) mod principal;
-pub(crate) mod rpc_span;
+#[cfg(test)]
+mod layers;
+pub mod net;
+pub(crate) mod rpc;
 pub(crate) mod server;
-pub(crate) mod service;
 pub(crate) mod spiffe;
 pub(crate) mod state;
 pub(crate) mod telemetry;
-pub mod tls;

@@ -3,7 +3,7 @@
 //! Two ports: the mTLS port serves PasswordService, health and reflection;
 //! the plaintext admin port serves only health, for Kubernetes probes, which
 //! cannot present a client certificate. Health on both is NOT_SERVING while
-//! the log sink is stalled ([`crate::logs`]) and once shutdown begins.
+//! the log sink is stalled ([`crate::telemetry::logs`]) and once shutdown begins.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -11,27 +11,30 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{service::Routes, transport::Server};
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::{Health, HealthServer},
+    server::HealthReporter,
+};
 use tower::Layer;
 
 use crate::{
     api::{self, password_service_server::PasswordServiceServer},
-    attempt::{Gate, UPSTREAM_TIMEOUT},
-    audit,
+    aws::credentials::{self, AwsClients},
+    aws::iam::Iam,
+    change::attempt::{Gate, UPSTREAM_TIMEOUT},
+    change::policy_cache::PolicyCache,
+    change::principal::Principals,
     config::Config,
-    connections::{self, MakeService},
-    credentials::{self, AwsClients},
-    edge::{Connection, Edge, Limits, MAX_REQUEST_BYTES},
-    iam::Iam,
-    identity::Callers,
-    logs::{Output, STALL},
-    policy_cache::PolicyCache,
-    principal::Principals,
-    rpc_span::{RpcSpan, RpcSpanLayer, SERVICE},
-    service::PasswordGate,
+    net::connections::{self, Connection, MakeService},
+    net::identity::Callers,
+    net::tls::ReloadingConfig,
+    rpc::edge::{Edge, Limits, MAX_REQUEST_BYTES},
+    rpc::service::PasswordGate,
+    rpc::span::{RpcSpan, RpcSpanLayer, SERVICE},
     state::{Store, Unfit},
     telemetry,
-    tls::ReloadingConfig,
+    telemetry::logs::{Output, STALL},
 };
 
 /// Failures that stop the server from starting or running.
@@ -129,97 +132,21 @@ pub(crate) async fn serve(
     sink: Output,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let tls_config = Arc::new(ReloadingConfig::load(&config.tls).map_err(ServeError::Tls)?);
+    let tls = load_tls(&config)?;
     connections::raise_fd_limit(config.server.max_connections);
-    if !config.tls.crl.is_empty() {
-        let tls = tls_config.clone();
-        telemetry::observe_crl_expiry(move || tls.crl_expires_in());
-    }
-    // Not fatal: the other callers can still be served, and the file may be
-    // fixed (Secret update) without a restart. Their calls fail with
-    // UPSTREAM_CREDENTIALS_REJECTED meanwhile.
-    for problem in credentials::missing_profiles(&config.callers).await {
-        tracing::warn!(problem, "caller cannot be served until its profile exists");
-    }
-    let profiles = || config.callers.iter().map(|c| c.aws_profile.as_str());
-    let clients = AwsClients::new(&config.aws, profiles()).await;
-    // A claim still pending after this long belongs to a replica that died.
-    let pending_lifetime =
-        config.server.request_timeout + UPSTREAM_TIMEOUT + Duration::from_secs(60);
-    let store =
-        Store::new(&config.state, &config.limits, pending_lifetime).map_err(ServeError::State)?;
-    if !store.is_shared() {
-        tracing::info!(
-            "state in process memory: the attempt limit and request_id replays hold for this replica only"
-        );
-    } else {
-        match store.verify().await {
-            Ok(()) => {}
-            // A store that may evict keys would silently reset lockouts and
-            // re-run request_ids: refuse to start on it.
-            Err(e @ Unfit::Evicts(_)) => return Err(ServeError::State(e.to_string())),
-            // Unreachable: start anyway and fail closed until it is back
-            // (its policy is checked again then).
-            Err(e @ Unfit::Unreachable(_)) => tracing::warn!(
-                error = %e,
-                "state store not reachable at start; ChangePassword fails closed until it is"
-            ),
-        }
-    }
-    let tracker = TaskTracker::new();
-    let at_iam = TaskTracker::new();
-    let gate = Arc::new(Gate {
-        iam: Iam::new(clients),
-        store,
-        principals: Principals::new(&config.callers),
-        policies: PolicyCache::new(profiles()),
-        tracker: tracker.clone(),
-        at_iam: at_iam.clone(),
-        sink: sink.clone(),
-    });
+    let gate = Arc::new(gate(&config, sink.clone()).await?);
     // Whose key each profile holds, learnt in the background: SERVING does
     // not wait for AWS, and a profile not verified yet is verified on use.
     tokio::spawn({
         let gate = gate.clone();
         async move { gate.principals.verify_all(&gate.iam).await }
     });
-
     let (reporter, health) = tonic_health::server::health_reporter();
     let health = health.max_decoding_message_size(MAX_REQUEST_BYTES);
     set_serving(&reporter, ServingStatus::Serving).await;
-    // Both versions: grpcurl before 1.9 only speaks v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // google.rpc.ErrorInfo & co., so grpcurl can decode error details.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let password_service = PasswordServiceServer::new(PasswordGate::new(gate.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let routes = Routes::new(password_service)
-        .add_service(health.clone())
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .prepare();
     let stack = Arc::new(Stack {
-        routes,
-        limits: Arc::new(Limits {
-            request_timeout: config.server.request_timeout,
-            concurrent: Arc::new(tokio::sync::Semaphore::new(
-                config.server.max_concurrent_requests,
-            )),
-            per_caller: config.server.max_requests_per_caller,
-            sink: sink.clone(),
-        }),
+        routes: routes(&gate, health.clone())?,
+        limits: Arc::new(limits(&config, sink.clone())),
     });
     let callers = Arc::new(Callers::new(
         &config.callers,
@@ -227,34 +154,19 @@ pub(crate) async fn serve(
     ));
 
     let stop = CancellationToken::new();
-    tokio::spawn(tls_config.clone().watch(stop.clone()));
+    tokio::spawn(tls.clone().watch(stop.clone()));
     let sink_watcher = tokio::spawn(watch_sink(sink, reporter.clone(), stop.clone()));
-    let settings = connections::Settings {
-        max_connections: config.server.max_connections,
-        max_connections_per_caller: config.server.max_connections_per_caller,
-        idle_timeout: config.server.idle_timeout,
-        max_connection_age: config.server.max_connection_age,
-        request_timeout: config.server.request_timeout,
-        grace: config.server.request_timeout + Duration::from_secs(1),
-    };
     let mut tls_task = tokio::spawn(connections::serve(
         listeners.tls,
-        tls_config,
+        tls,
         callers,
-        settings,
+        connection_settings(&config),
         stack,
         stop.clone(),
-        tracker.clone(),
+        gate.tracker.clone(),
     ));
-
     let admin_stop = CancellationToken::new();
-    let admin_server = Server::builder()
-        .add_service(health)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.admin),
-            admin_stop.clone().cancelled_owned(),
-        );
-    let admin_task = tokio::spawn(admin_server);
+    let admin_task = tokio::spawn(serve_admin(listeners.admin, health, admin_stop.clone()));
 
     tokio::select! {
         () = shutdown => {}
@@ -276,8 +188,143 @@ pub(crate) async fn serve(
     stop.cancel();
     let _ = sink_watcher.await;
     set_serving(&reporter, ServingStatus::NotServing).await;
-    let drain_started = tokio::time::Instant::now();
-    drain(&config, &tracker, &at_iam).await;
+    drain(&config, &gate).await;
+    // The admin port outlives the drain, so probes see NOT_SERVING meanwhile.
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    Ok(())
+}
+
+/// The plaintext admin port: health only, until `stop`.
+async fn serve_admin<H: Health>(
+    listener: TcpListener,
+    health: HealthServer<H>,
+    stop: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+        .await
+}
+
+/// The TLS files, loaded and checked; with CRLs, their expiry is exported.
+fn load_tls(config: &Config) -> Result<Arc<ReloadingConfig>, ServeError> {
+    let tls = Arc::new(ReloadingConfig::load(&config.tls).map_err(ServeError::Tls)?);
+    if !config.tls.crl.is_empty() {
+        let tls = tls.clone();
+        telemetry::observe_crl_expiry(move || tls.crl_expires_in());
+    }
+    Ok(tls)
+}
+
+/// Everything an attempt needs: IAM over one client per profile, the state
+/// store, the profiles' identities and policies, the trackers shutdown
+/// waits on, and the log sink.
+async fn gate(config: &Config, sink: Output) -> Result<Gate, ServeError> {
+    // Not fatal: the other callers can still be served, and the file may be
+    // fixed (Secret update) without a restart. Their calls fail with
+    // UPSTREAM_CREDENTIALS_REJECTED meanwhile.
+    for problem in credentials::missing_profiles(&config.callers).await {
+        tracing::warn!(problem, "caller cannot be served until its profile exists");
+    }
+    let profiles = || config.callers.iter().map(|c| c.aws_profile.as_str());
+    let clients = AwsClients::new(&config.aws, profiles()).await;
+    Ok(Gate {
+        iam: Iam::new(clients),
+        store: open_store(config).await?,
+        principals: Principals::new(&config.callers),
+        policies: PolicyCache::new(profiles()),
+        tracker: TaskTracker::new(),
+        at_iam: TaskTracker::new(),
+        sink,
+    })
+}
+
+/// The configured state store. A shared one that may evict keys would
+/// silently reset lockouts and re-run request_ids: credgate refuses to
+/// start on it. One that does not answer yet is served anyway, failing
+/// closed until it does (its policy is checked again then).
+async fn open_store(config: &Config) -> Result<Store, ServeError> {
+    // A claim still pending after this long belongs to a replica that died.
+    let pending_lifetime =
+        config.server.request_timeout + UPSTREAM_TIMEOUT + Duration::from_secs(60);
+    let store =
+        Store::new(&config.state, &config.limits, pending_lifetime).map_err(ServeError::State)?;
+    if !store.is_shared() {
+        tracing::info!(
+            "state in process memory: the attempt limit and request_id replays hold for this replica only"
+        );
+        return Ok(store);
+    }
+    match store.verify().await {
+        Ok(()) => {}
+        Err(e @ Unfit::Evicts(_)) => return Err(ServeError::State(e.to_string())),
+        Err(e @ Unfit::Unreachable(_)) => tracing::warn!(
+            error = %e,
+            "state store not reachable at start; ChangePassword fails closed until it is"
+        ),
+    }
+    Ok(store)
+}
+
+/// The services of the mTLS port: PasswordService, health, and reflection
+/// (both versions: grpcurl before 1.9 only speaks v1alpha).
+fn routes<H: Health>(gate: &Arc<Gate>, health: HealthServer<H>) -> Result<Routes, ServeError> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.ErrorInfo & co., so grpcurl can decode error details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let password_service = PasswordServiceServer::new(PasswordGate::new(gate.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    Ok(Routes::new(password_service)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .prepare())
+}
+
+/// The edge's limits, shared by every connection.
+fn limits(config: &Config, sink: Output) -> Limits {
+    Limits {
+        request_timeout: config.server.request_timeout,
+        concurrent: Arc::new(tokio::sync::Semaphore::new(
+            config.server.max_concurrent_requests,
+        )),
+        per_caller: config.server.max_requests_per_caller,
+        sink,
+    }
+}
+
+/// The connection limits of `[server]`.
+fn connection_settings(config: &Config) -> connections::Settings {
+    connections::Settings {
+        max_connections: config.server.max_connections,
+        max_connections_per_caller: config.server.max_connections_per_caller,
+        idle_timeout: config.server.idle_timeout,
+        max_connection_age: config.server.max_connection_age,
+        request_timeout: config.server.request_timeout,
+        grace: config.server.request_timeout + Duration::from_secs(1),
+    }
+}
+
+/// Waits for calls and attempts: all of them within `shutdown_grace`, and
+/// beyond it the attempts that went to IAM, until each has written its
+/// audit event (they end by themselves within [`AFTER_DEADLINE`] of their
+/// deadline, so [`longest_drain`] is only a backstop).
+async fn drain(config: &Config, gate: &Gate) {
+    let started = tokio::time::Instant::now();
+    wait_for_attempts(config, &gate.tracker, &gate.at_iam).await;
     // Attempts the store did not settle at once (it was down) are retried in
     // the background; give them what is left of the grace.
     gate.store
@@ -285,20 +332,13 @@ pub(crate) async fn serve(
             config
                 .server
                 .shutdown_grace
-                .saturating_sub(drain_started.elapsed()),
+                .saturating_sub(started.elapsed()),
         )
         .await;
-    // The admin port outlives the drain so probes see NOT_SERVING meanwhile.
-    admin_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
-    Ok(())
 }
 
-/// Waits for calls and attempts: all of them within `shutdown_grace`, and
-/// beyond it the attempts that went to IAM, until each has written its
-/// audit event (they end by themselves within [`AFTER_DEADLINE`] of their
-/// deadline, so [`longest_drain`] is only a backstop).
-async fn drain(config: &Config, tracker: &TaskTracker, at_iam: &TaskTracker) {
+/// The calls and attempts part of [`drain`].
+async fn wait_for_attempts(config: &Config, tracker: &TaskTracker, at_iam: &TaskTracker) {
     let started = tokio::time::Instant::now();
     tracker.close();
     at_iam.close();
@@ -369,7 +409,7 @@ fn report_dropped(sink: &Output) {
     }
     if dropped.refusals > 0 {
         tracing::info!(
-            target: audit::TARGET,
+            target: telemetry::AUDIT_TARGET,
             outcome = crate::error::Reason::AuditUnavailable.as_str(),
             unrecorded = dropped.refusals,
             "password change attempts refused with AUDIT_UNAVAILABLE while the log sink was stalled, beyond those recorded one by one"

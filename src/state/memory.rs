@@ -15,9 +15,9 @@ use std::{
 use futures_util::{FutureExt, future::BoxFuture};
 use tokio::{sync::Notify, time::Instant};
 
-use super::{
-    Backend, Began, BeginFailed, BeginOp, EndOp, EndRecord, Ended, Failures, Limit, StoredOutcome,
-    Verdict, still_pending,
+use super::backend::{
+    Backend, Began, BeginFailed, BeginOp, EndOp, EndRecord, Ended, Failures, Limit, OUTCOME_TTL,
+    StoredOutcome, Verdict, still_pending,
 };
 use crate::error::Cause;
 
@@ -69,6 +69,79 @@ impl CallerState {
 
     fn failures(&self) -> impl Iterator<Item = &Attempt> {
         self.attempts.iter().filter(|a| !a.pending)
+    }
+
+    /// Applies `op.record` to the `request_id` record; returns what it found
+    /// and the verdict the reservation is to be settled with.
+    fn settle_record(&mut self, request_id: &str, op: &EndOp, now: Instant) -> (Ended, Verdict) {
+        let mut verdict = op.verdict;
+        let mut ended = Ended::Settled;
+        let current = self.records.get(request_id).map(|r| r.state.clone());
+        let ours = match &current {
+            Some(RecordState::Pending { owner, .. }) => *owner == op.id,
+            Some(RecordState::Done(stored)) => {
+                matches!(&op.record, EndRecord::Store(outcome, _) if outcome == stored)
+            }
+            None => false,
+        };
+        match &op.record {
+            EndRecord::Hold => {}
+            EndRecord::Release => {
+                if ours {
+                    self.records.remove(request_id);
+                }
+            }
+            EndRecord::Store(outcome, ttl) => {
+                if !ours {
+                    ended = if current.is_some() {
+                        Ended::Replaced
+                    } else {
+                        Ended::Missing
+                    };
+                    // Raced another call for the same id: a wrong old
+                    // password is likely the other call's change.
+                    if current.is_some() && verdict == Verdict::Failure {
+                        verdict = Verdict::Release;
+                    }
+                }
+                let theirs_changed = matches!(
+                    current,
+                    Some(RecordState::Done(StoredOutcome::Changed { .. }))
+                );
+                let changed = matches!(outcome, StoredOutcome::Changed { .. });
+                if ours || current.is_none() || (changed && !theirs_changed) {
+                    self.records.insert(
+                        request_id.to_owned(),
+                        Record {
+                            state: RecordState::Done(outcome.clone()),
+                            expires: now + *ttl,
+                        },
+                    );
+                }
+            }
+        }
+        (ended, verdict)
+    }
+
+    /// Settles attempt `id`'s reservation.
+    fn settle_attempt(&mut self, id: &str, verdict: Verdict, now: Instant) {
+        match verdict {
+            Verdict::Release => self.attempts.retain(|a| a.id != id),
+            // Earlier failures are forgotten; other calls still in flight
+            // keep their reservations.
+            Verdict::Success => self.attempts.retain(|a| a.pending && a.id != id),
+            Verdict::Failure => match self.attempts.iter_mut().find(|a| a.id == id) {
+                Some(a) => {
+                    a.pending = false;
+                    a.at = now;
+                }
+                None => self.attempts.push_back(Attempt {
+                    id: id.to_owned(),
+                    at: now,
+                    pending: false,
+                }),
+            },
+        }
     }
 
     fn found(&self, request_id: &str, now: Instant) -> Option<Began> {
@@ -166,7 +239,7 @@ impl Memory {
                         owner: op.id.clone(),
                         started: now,
                     },
-                    expires: now + super::OUTCOME_TTL,
+                    expires: now + OUTCOME_TTL,
                 },
             );
         }
@@ -182,74 +255,14 @@ impl Memory {
         let now = Instant::now();
         let mut callers = lock(&self.callers);
         let caller = callers.by_key.entry(op.caller.clone()).or_default();
-        let mut verdict = op.verdict;
-        let mut ended = Ended::Settled;
         if let Some(memory) = op.unanswered {
             caller.released.insert(op.id.clone(), now + memory);
         }
-        if let Some(request_id) = &op.request_id {
-            let current = caller.records.get(request_id).map(|r| r.state.clone());
-            let ours = match &current {
-                Some(RecordState::Pending { owner, .. }) => *owner == op.id,
-                Some(RecordState::Done(stored)) => {
-                    matches!(&op.record, EndRecord::Store(outcome, _) if outcome == stored)
-                }
-                None => false,
-            };
-            match &op.record {
-                EndRecord::Hold => {}
-                EndRecord::Release => {
-                    if ours {
-                        caller.records.remove(request_id);
-                    }
-                }
-                EndRecord::Store(outcome, ttl) => {
-                    if !ours {
-                        ended = if current.is_some() {
-                            Ended::Replaced
-                        } else {
-                            Ended::Missing
-                        };
-                        // Raced another call for the same id: a wrong old
-                        // password is likely the other call's change.
-                        if current.is_some() && verdict == Verdict::Failure {
-                            verdict = Verdict::Release;
-                        }
-                    }
-                    let theirs_changed = matches!(
-                        current,
-                        Some(RecordState::Done(StoredOutcome::Changed { .. }))
-                    );
-                    let changed = matches!(outcome, StoredOutcome::Changed { .. });
-                    if ours || current.is_none() || (changed && !theirs_changed) {
-                        caller.records.insert(
-                            request_id.clone(),
-                            Record {
-                                state: RecordState::Done(outcome.clone()),
-                                expires: now + *ttl,
-                            },
-                        );
-                    }
-                }
-            }
-        }
-        match verdict {
-            Verdict::Release => caller.attempts.retain(|a| a.id != op.id),
-            // Earlier failures are forgotten; other calls still in flight
-            // keep their reservations.
-            Verdict::Success => caller.attempts.retain(|a| a.pending && a.id != op.id),
-            Verdict::Failure => match caller.attempts.iter_mut().find(|a| a.id == op.id) {
-                Some(a) => {
-                    a.pending = false;
-                    a.at = now;
-                }
-                None => caller.attempts.push_back(Attempt {
-                    id: op.id.clone(),
-                    at: now,
-                    pending: false,
-                }),
-            },
-        }
+        let (ended, verdict) = match &op.request_id {
+            Some(request_id) => caller.settle_record(request_id, op, now),
+            None => (Ended::Settled, op.verdict),
+        };
+        caller.settle_attempt(&op.id, verdict, now);
         if caller.is_empty() {
             callers.by_key.remove(&op.caller);
         }

@@ -28,6 +28,8 @@
 //! has a time budget; any failure is [`Error::StateUnavailable`] and the
 //! caller fails closed.
 
+mod backend;
+pub(crate) mod lockout;
 pub(crate) mod memory;
 pub(crate) mod redis;
 #[cfg(test)]
@@ -41,29 +43,21 @@ use std::{
     time::Duration,
 };
 
-use futures_util::future::BoxFuture;
 use opentelemetry::KeyValue;
-use serde::{Deserialize, Serialize};
 use tokio::{sync::Semaphore, time::Instant};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub(crate) use backend::{Limit, StoredOutcome, Verdict};
+
 use crate::{
     config::{LimitSettings, StateBackend, StateSettings},
     deadline::Deadline,
-    error::{Cause, Error, Rejection},
+    error::{Cause, Error},
     telemetry,
 };
+use backend::{Backend, Began, BeginOp, EndOp, EndRecord, Ended, ms};
 
-/// How long the outcome of a change that may have been applied is kept for
-/// replay under its `request_id` (and how long a pending claim lives).
-pub(crate) const OUTCOME_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-/// How long the outcome of a call that changed nothing is kept: long enough
-/// for a client's retries, which would otherwise run it again (harmless, as
-/// it changed nothing, but a wrong old password would count twice).
-pub(crate) const UNCHANGED_OUTCOME_TTL: Duration = Duration::from_secs(15 * 60);
-/// How often a retry looks again at a claim still pending in Redis.
-const PENDING_POLL: Duration = Duration::from_millis(50);
 /// How long an `end` the store did not take is retried in the background.
 /// A claim still pending after this tells retries `OUTCOME_UNKNOWN`.
 const END_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
@@ -72,42 +66,6 @@ const END_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
 const MAX_BACKGROUND_ENDS: usize = 4096;
 /// How often the store's eviction policy is looked at again.
 const POLICY_RECHECK: Duration = Duration::from_secs(60);
-
-/// What a finished `ChangePassword` answered, as stored for replay.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum StoredOutcome {
-    /// The password changed.
-    Changed {
-        /// The IAM user whose password changed.
-        iam_user: String,
-        /// IAM's request id.
-        iam_request_id: String,
-    },
-    /// The call failed, and a retry would fail the same way.
-    Rejected(Rejection),
-}
-
-impl StoredOutcome {
-    /// How long it is kept: a day when the password may have changed, only
-    /// as long as a retry needs it when nothing changed.
-    fn ttl(&self) -> Duration {
-        match self {
-            Self::Rejected(r) if r.reason.guarantees_not_applied() => UNCHANGED_OUTCOME_TTL,
-            _ => OUTCOME_TTL,
-        }
-    }
-}
-
-/// A finished `request_id` record as Redis holds it (JSON). The pending form,
-/// `{"pending":{"owner":..,"started_ms":..}}`, is written by the Lua scripts
-/// on the server's clock.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum Entry {
-    /// The call finished.
-    Done(StoredOutcome),
-}
 
 /// The answer to [`Store::begin`].
 #[derive(Debug)]
@@ -136,31 +94,6 @@ pub(crate) enum Waited {
     StillPending,
     /// Its call died mid-way; the outcome will never be known.
     Lost,
-}
-
-/// What fills a caller's limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Limit {
-    /// `failed_attempts` failures in the window: until the oldest leaves it.
-    Failures(Duration),
-    /// Failures and attempts still in flight together: the in-flight ones
-    /// count because any of them may be a wrong guess. Frees up soon.
-    InFlight,
-    /// `state.max_request_ids_per_caller` records held: until the oldest
-    /// expires.
-    RequestIds(Duration),
-}
-
-/// How a reserved attempt ended, for the limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// The password changed: forget this caller's failures.
-    Success,
-    /// The old password was not shown wrong: as if the attempt never
-    /// happened.
-    Release,
-    /// The old password was wrong, or may have been tested: a failure.
-    Failure,
 }
 
 /// What becomes of the `request_id` claim when an attempt ends.
@@ -199,164 +132,6 @@ pub(crate) struct Lockout {
     /// When the caller may try again, if it is locked out now.
     pub(crate) retry_after: Option<Duration>,
 }
-
-// ------------------------------------------------------------------ backend
-
-/// One atomic step before IAM: see [`Backend::begin`].
-#[derive(Debug, Clone)]
-pub(crate) struct BeginOp {
-    /// The caller's state key.
-    pub(crate) caller: String,
-    /// This attempt's id: its reservation, and the owner of its claim.
-    pub(crate) id: String,
-    /// The `request_id` to claim, if the call has one.
-    pub(crate) request_id: Option<String>,
-    /// `limits.failed_attempts`.
-    pub(crate) max_failures: u32,
-    /// `limits.failed_attempts_window`.
-    pub(crate) window: Duration,
-    /// After this long a reservation is taken for the remains of a replica
-    /// that died mid-call: the window plus the longest call, so that it
-    /// counts at least as long as the failure it may stand for.
-    pub(crate) reservation_ttl: Duration,
-    /// `state.max_request_ids_per_caller`.
-    pub(crate) max_request_ids: u32,
-}
-
-/// What [`Backend::begin`] found or did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Began {
-    /// Reserved (and claimed).
-    Granted,
-    /// Refused by a limit; nothing written.
-    Refused(Limit),
-    /// The `request_id` has this stored outcome.
-    Done(StoredOutcome),
-    /// The `request_id` is claimed by a call that started this long ago.
-    Pending(Duration),
-    /// This attempt was already given up (its `end` arrived first).
-    Released,
-}
-
-/// One atomic step after IAM: see [`Backend::end`].
-#[derive(Debug, Clone)]
-pub(crate) struct EndOp {
-    /// The caller's state key.
-    pub(crate) caller: String,
-    /// The attempt's id, as in its [`BeginOp`].
-    pub(crate) id: String,
-    /// Its `request_id`, if it claimed one.
-    pub(crate) request_id: Option<String>,
-    /// How the reservation is settled.
-    pub(crate) verdict: Verdict,
-    /// What becomes of the claim.
-    pub(crate) record: EndRecord,
-    /// `limits.failed_attempts_window`.
-    pub(crate) window: Duration,
-    /// Set when the attempt's `begin` was never answered (a timeout, a
-    /// dropped connection): for this long a `begin` of it still on its way
-    /// (a paused server, a resend) is refused, so that it cannot reserve or
-    /// claim after this release.
-    pub(crate) unanswered: Option<Duration>,
-}
-
-/// What [`Backend::end`] does with the claim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum EndRecord {
-    /// Store this outcome for this long, in place of the claim.
-    Store(StoredOutcome, Duration),
-    /// Delete the claim (if it is still this attempt's).
-    Release,
-    /// Leave the claim pending: IAM may have been called and its answer is
-    /// unknown, so retries must be told so rather than run again.
-    Hold,
-}
-
-/// What [`Backend::end`] found about the claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ended {
-    /// As expected.
-    Settled,
-    /// The claim had vanished (a store restarted without persistence,
-    /// flushed, failed over before replicating it); the outcome was stored
-    /// anew so that retries replay it instead of calling IAM again.
-    Missing,
-    /// Another call had claimed the id after this one's claim vanished:
-    /// IAM was called twice for one `request_id`.
-    Replaced,
-}
-
-/// A [`Backend::begin`] that failed.
-#[derive(Debug)]
-pub(crate) struct BeginFailed {
-    /// Why.
-    pub(crate) cause: Cause,
-    /// Whether the store may have run it (the request was sent, the answer
-    /// lost): then it must be given back.
-    pub(crate) may_have_run: bool,
-}
-
-impl From<Cause> for BeginFailed {
-    fn from(cause: Cause) -> Self {
-        Self {
-            cause,
-            may_have_run: true,
-        }
-    }
-}
-
-/// A caller's failures, as [`Backend::failures`] reads them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Failures {
-    /// Failures in the window.
-    pub(crate) count: u32,
-    /// How long ago the oldest of them was recorded.
-    pub(crate) oldest_age: Option<Duration>,
-    /// Reservations not yet settled.
-    pub(crate) in_flight: u32,
-}
-
-/// Where the state lives. Each method is one round trip to a shared store,
-/// and atomic: every decision and its write happen in one step.
-pub(crate) trait Backend: Send + Sync + 'static {
-    /// In order: a stored outcome or a pending claim of the `request_id`
-    /// (returned as is; nothing reserved); the limit (refused when
-    /// failures, or failures and reservations together, reach
-    /// `max_failures`, or when the caller holds `max_request_ids` records);
-    /// then the reservation and the claim. Running the same op again (a
-    /// client's resend) grants again without reserving twice; an op whose
-    /// attempt was already ended answers [`Began::Released`].
-    fn begin<'a>(&'a self, op: &'a BeginOp) -> BoxFuture<'a, Result<Began, BeginFailed>>;
-    /// Settles the reservation and applies [`EndRecord`] to the claim.
-    /// Idempotent: running it again changes nothing more.
-    fn end<'a>(&'a self, op: &'a EndOp) -> BoxFuture<'a, Result<Ended, Cause>>;
-    /// The caller's failures in `window`, without reserving.
-    fn failures<'a>(
-        &'a self,
-        caller: &'a str,
-        window: Duration,
-        reservation_ttl: Duration,
-    ) -> BoxFuture<'a, Result<Failures, Cause>>;
-    /// Forgets the caller's failures; returns how many there were.
-    fn reset<'a>(&'a self, caller: &'a str, window: Duration) -> BoxFuture<'a, Result<u32, Cause>>;
-    /// The `request_id` record once it is no longer pending (or pending
-    /// for longer than `lost_after`), or as it is at `until`: `None` when
-    /// there is none.
-    fn wait<'a>(
-        &'a self,
-        caller: &'a str,
-        request_id: &'a str,
-        until: Instant,
-        lost_after: Duration,
-    ) -> BoxFuture<'a, Result<Option<Began>, Cause>>;
-    /// Whether the store keeps every key until its TTL: its eviction
-    /// policies (one per Cluster primary), `None` when it has none.
-    fn eviction_policies(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, Cause>>;
-    /// Shared by every replica.
-    fn shared(&self) -> bool;
-}
-
-// -------------------------------------------------------------------- store
 
 /// The configured store.
 pub(crate) struct Store {
@@ -453,71 +228,13 @@ impl Store {
         tokio::time::timeout_at(deadline.instant(), shared.refuse_if_evicting())
             .await
             .unwrap_or(Err(Error::DeadlineBeforeSend { stage: "state" }))?;
-        let op = BeginOp {
-            caller: caller.to_owned(),
-            id: unique_id(),
-            request_id: request_id.map(str::to_owned),
-            max_failures: shared.limits.failed_attempts,
-            window: shared.limits.failed_attempts_window,
-            reservation_ttl: shared.reservation_ttl(),
-            max_request_ids: shared.max_request_ids,
-        };
+        let op = shared.begin_op(caller, request_id);
         // Armed before the first byte is sent: from here on, dropping it
         // gives back whatever the store may have done.
-        let mut ticket = Ticket {
-            shared: shared.clone(),
-            caller: op.caller.clone(),
-            id: op.id.clone(),
-            request_id: op.request_id.clone(),
-            answered: false,
-            sending: false,
-            ended: false,
-        };
-        let mut may_have_run = true;
-        let sent = shared.track("begin", async {
-            shared.backend.begin(&op).await.map_err(|e| {
-                may_have_run = e.may_have_run;
-                e.cause
-            })
-        });
-        let result = tokio::time::timeout_at(deadline.instant(), sent).await;
-        let began = match result {
-            Ok(Ok(began)) => began,
-            Ok(Err(e)) => {
-                // Never sent: nothing to give back.
-                ticket.ended = !may_have_run;
-                return Err(e);
-            }
-            Err(_) => return Err(Error::DeadlineBeforeSend { stage: "state" }),
-        };
+        let mut ticket = Ticket::armed(shared, &op);
+        let began = shared.send_begin(&op, &mut ticket, deadline).await?;
         ticket.answered = true;
-        let begin = match began {
-            Began::Granted => {
-                count_decision("allowed");
-                return Ok(Begin::Granted(ticket));
-            }
-            Began::Refused(limit) => {
-                // The request_id bound is no decision of the attempt limit.
-                if !matches!(limit, Limit::RequestIds(_)) {
-                    count_decision("refused");
-                }
-                Begin::Refused(limit)
-            }
-            Began::Done(outcome) => {
-                count_replay("stored");
-                Begin::Done(outcome)
-            }
-            Began::Pending(age) if age > shared.pending_lifetime => Begin::Lost,
-            Began::Pending(_) => Begin::Pending,
-            Began::Released => {
-                return Err(Error::StateUnavailable(Cause::msg(
-                    "the store answered an attempt that was already given up",
-                )));
-            }
-        };
-        // Nothing was reserved or claimed.
-        ticket.ended = true;
-        Ok(begin)
+        shared.decide(began, ticket)
     }
 
     /// Whether `caller` is over the limit now, without reserving
@@ -623,6 +340,76 @@ impl Store {
 }
 
 impl Shared {
+    fn begin_op(&self, caller: &str, request_id: Option<&str>) -> BeginOp {
+        BeginOp {
+            caller: caller.to_owned(),
+            id: unique_id(),
+            request_id: request_id.map(str::to_owned),
+            max_failures: self.limits.failed_attempts,
+            window: self.limits.failed_attempts_window,
+            reservation_ttl: self.reservation_ttl(),
+            max_request_ids: self.max_request_ids,
+        }
+    }
+
+    /// Sends `op` within `deadline`. A failure the store cannot have run
+    /// (never sent) ends `ticket`: there is nothing to give back.
+    async fn send_begin(
+        &self,
+        op: &BeginOp,
+        ticket: &mut Ticket,
+        deadline: Deadline,
+    ) -> Result<Began, Error> {
+        let mut may_have_run = true;
+        let sent = self.track("begin", async {
+            self.backend.begin(op).await.map_err(|e| {
+                may_have_run = e.may_have_run;
+                e.cause
+            })
+        });
+        match tokio::time::timeout_at(deadline.instant(), sent).await {
+            Ok(Ok(began)) => Ok(began),
+            Ok(Err(e)) => {
+                ticket.ended = !may_have_run;
+                Err(e)
+            }
+            Err(_) => Err(Error::DeadlineBeforeSend { stage: "state" }),
+        }
+    }
+
+    /// What the store's answer means for the attempt. Only a grant keeps the
+    /// ticket; otherwise nothing was reserved or claimed, and the ticket is
+    /// done — but for an answer to an attempt already given up, which the
+    /// dropped ticket gives back once more.
+    fn decide(&self, began: Began, mut ticket: Ticket) -> Result<Begin, Error> {
+        let begin = match began {
+            Began::Granted => {
+                count_decision("allowed");
+                return Ok(Begin::Granted(ticket));
+            }
+            Began::Refused(limit) => {
+                // The request_id bound is no decision of the attempt limit.
+                if !matches!(limit, Limit::RequestIds(_)) {
+                    count_decision("refused");
+                }
+                Begin::Refused(limit)
+            }
+            Began::Done(outcome) => {
+                count_replay("stored");
+                Begin::Done(outcome)
+            }
+            Began::Pending(age) if age > self.pending_lifetime => Begin::Lost,
+            Began::Pending(_) => Begin::Pending,
+            Began::Released => {
+                return Err(Error::StateUnavailable(Cause::msg(
+                    "the store answered an attempt that was already given up",
+                )));
+            }
+        };
+        ticket.ended = true;
+        Ok(begin)
+    }
+
     fn reservation_ttl(&self) -> Duration {
         self.limits.failed_attempts_window + self.pending_lifetime
     }
@@ -891,6 +678,19 @@ impl std::fmt::Debug for Ticket {
 }
 
 impl Ticket {
+    /// The ticket of `op`, before it is sent.
+    fn armed(shared: &Arc<Shared>, op: &BeginOp) -> Self {
+        Self {
+            shared: shared.clone(),
+            caller: op.caller.clone(),
+            id: op.id.clone(),
+            request_id: op.request_id.clone(),
+            answered: false,
+            sending: false,
+            ended: false,
+        }
+    }
+
     /// Marks the point after which IAM may have been called: a ticket
     /// dropped from here on no longer releases its claim.
     pub(crate) fn sending(&mut self) {
@@ -955,11 +755,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whole milliseconds, at least 1 (Redis refuses a TTL of 0).
-pub(crate) fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
 /// An id no other attempt of any replica shares: this process's random
 /// 128-bit prefix (one `getrandom` at start) and a counter, instead of a
 /// system call per attempt.
@@ -968,30 +763,4 @@ fn unique_id() -> String {
         std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     format!("{}-{}", *PREFIX, COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Whether a record seen as `found` is worth waiting on: pending, and not
-/// for so long that its call must have died.
-pub(crate) fn still_pending(found: &Option<Began>, lost_after: Duration) -> bool {
-    matches!(found, Some(Began::Pending(age)) if *age <= lost_after)
-}
-
-/// Polls `peek` until the record is no longer pending or `until` passes
-/// (backends without change notifications).
-pub(crate) async fn poll_until<F, Fut>(
-    until: Instant,
-    lost_after: Duration,
-    mut peek: F,
-) -> Result<Option<Began>, Cause>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<Began>, Cause>>,
-{
-    loop {
-        let found = peek().await?;
-        if !still_pending(&found, lost_after) || Instant::now() >= until {
-            return Ok(found);
-        }
-        tokio::time::sleep_until((Instant::now() + PENDING_POLL).min(until)).await;
-    }
 }

@@ -34,9 +34,9 @@ use redis::{
 };
 use tokio::{sync::Mutex, time::Instant};
 
-use super::{
+use super::backend::{
     Backend, Began, BeginFailed, BeginOp, EndOp, EndRecord, Ended, Entry, Failures, Limit,
-    OUTCOME_TTL, Verdict, ms, poll_until,
+    OUTCOME_TTL, StoredOutcome, Verdict, ms, poll_until,
 };
 use crate::{
     config::{REDIS_PASSWORD_ENV, RedisSettings, Topology},
@@ -490,18 +490,36 @@ impl Redis {
         }
     }
 
-    async fn begin_once(&self, op: &BeginOp) -> Result<Began, Failed> {
-        let (pending, failed) = self.attempt_keys(&op.caller);
-        let mut invocation = self.scripts.begin.prepare_invoke();
+    /// The keys the begin and end scripts take, in their order: the
+    /// caller's pending and failed attempts, this attempt's release mark,
+    /// and with a `request_id` its record and the caller's list of them.
+    fn attempt_script_keys(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+        caller: &str,
+        attempt: &str,
+        request_id: Option<&str>,
+    ) {
+        let (pending, failed) = self.attempt_keys(caller);
         invocation
             .key(pending)
             .key(failed)
-            .key(self.key(&op.caller, &format!("released:{}", op.id)));
-        if let Some(request_id) = &op.request_id {
+            .key(self.key(caller, &format!("released:{attempt}")));
+        if let Some(request_id) = request_id {
             invocation
-                .key(self.key(&op.caller, &format!("request:{request_id}")))
-                .key(self.key(&op.caller, "requests"));
+                .key(self.key(caller, &format!("request:{request_id}")))
+                .key(self.key(caller, "requests"));
         }
+    }
+
+    async fn begin_once(&self, op: &BeginOp) -> Result<Began, Failed> {
+        let mut invocation = self.scripts.begin.prepare_invoke();
+        self.attempt_script_keys(
+            &mut invocation,
+            &op.caller,
+            &op.id,
+            op.request_id.as_deref(),
+        );
         invocation
             .arg(&op.id)
             .arg(op.max_failures)
@@ -515,17 +533,13 @@ impl Redis {
     }
 
     async fn end_once(&self, op: &EndOp) -> Result<Ended, Failed> {
-        let (pending, failed) = self.attempt_keys(&op.caller);
         let mut invocation = self.scripts.end.prepare_invoke();
-        invocation
-            .key(pending)
-            .key(failed)
-            .key(self.key(&op.caller, &format!("released:{}", op.id)));
-        if let Some(request_id) = &op.request_id {
-            invocation
-                .key(self.key(&op.caller, &format!("request:{request_id}")))
-                .key(self.key(&op.caller, "requests"));
-        }
+        self.attempt_script_keys(
+            &mut invocation,
+            &op.caller,
+            &op.id,
+            op.request_id.as_deref(),
+        );
         let (action, outcome, ttl, changed) = match &op.record {
             EndRecord::Store(outcome, ttl) => (
                 "store",
@@ -534,7 +548,7 @@ impl Redis {
                     sent: false,
                 })?,
                 *ttl,
-                matches!(outcome, super::StoredOutcome::Changed { .. }),
+                matches!(outcome, StoredOutcome::Changed { .. }),
             ),
             EndRecord::Release => ("release", String::new(), Duration::ZERO, false),
             EndRecord::Hold => ("hold", String::new(), Duration::ZERO, false),

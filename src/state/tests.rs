@@ -11,7 +11,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::*;
+use super::{backend::*, *};
 use crate::{
     config::{RedisSettings, Topology},
     error::{AwsContext, IamCode, Reason},

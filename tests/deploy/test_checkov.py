@@ -114,7 +114,7 @@ def offline_env(home: Path, proxy_port: int) -> dict[str, str]:
 
 
 def write_digest_pinned_overlay(root: Path) -> Path:
-    """What README "Deploying" tells an operator to do: an overlay that pins the
+    """What docs/operations.md "Deploying" tells an operator to do: an overlay that pins the
     pushed image by digest, and so drops the base's CKV_K8S_43 skip."""
     overlay = root / "digest-pinned"
     overlay.mkdir()

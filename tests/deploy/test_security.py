@@ -237,7 +237,7 @@ def test_termination_grace_covers_the_longest_drain_and_exit(objects):
     # After SIGTERM credgate waits for every attempt that went to IAM until its
     # audit event is written, past shutdown_grace: up to its deadline, then the
     # upstream wait, then a few seconds for the state store (server::longest_drain).
-    upstream = rust_seconds("src/attempt.rs", r"UPSTREAM_TIMEOUT: Duration = Duration::from_secs\((\d+)\)")
+    upstream = rust_seconds("src/change/attempt.rs", r"UPSTREAM_TIMEOUT: Duration = Duration::from_secs\((\d+)\)")
     after = rust_seconds("src/server.rs", r"UPSTREAM_TIMEOUT\.saturating_add\(Duration::from_secs\((\d+)\)\)")
     drain = max(grace, request_timeout + upstream + after)
     # Then the last log lines and the telemetry flush, each on a budget (src/cli.rs).

@@ -715,15 +715,16 @@ async fn tls_1_2_and_1_3_clients_complete_the_mutual_handshake() {
         roots
             .add(CertificateDer::from_pem_slice(rig.pki.ca.cert_pem.as_bytes()).expect("CA"))
             .expect("root");
-        let config = rustls::ClientConfig::builder_with_provider(credgate::tls::crypto_provider())
-            .with_protocol_versions(&[version])
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).expect("cert")],
-                PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).expect("key"),
-            )
-            .expect("client auth");
+        let config =
+            rustls::ClientConfig::builder_with_provider(credgate::net::tls::crypto_provider())
+                .with_protocol_versions(&[version])
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).expect("cert")],
+                    PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).expect("key"),
+                )
+                .expect("client auth");
         let tcp = tokio::net::TcpStream::connect(rig.app.tls_addr)
             .await
             .expect("connect");

@@ -329,7 +329,7 @@ async fn a_claim_whose_answer_was_lost_is_given_back_and_the_retry_runs_the_chan
         "IAM was not called"
     );
 
-    // The retry the README recommends runs the change (the claim that
+    // The retry docs/errors.md recommends runs the change (the claim that
     // Redis did make was given back), not OUTCOME_UNKNOWN.
     let done = client
         .change_password(change_with_id("Orphan-pass-2", "Orphan-pass-3", &id))

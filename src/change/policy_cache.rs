@@ -11,7 +11,7 @@ use std::{collections::HashMap, time::Duration};
 
 use tokio::{sync::Mutex, time::Instant};
 
-use crate::{deadline::Deadline, error::Error, iam::Iam, password::Policy};
+use crate::{aws::iam::Iam, aws::password::Policy, deadline::Deadline, error::Error};
 
 /// How long a policy is trusted. Short: a stricter policy should apply
 /// within a minute, and IAM checks every change itself anyway.

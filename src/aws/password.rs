@@ -6,6 +6,8 @@ use std::fmt;
 use bytes::Bytes;
 use zeroize::Zeroizing;
 
+use crate::error::Violation;
+
 /// A console password. Its memory is wiped on drop and Debug never shows it.
 #[derive(Clone)]
 pub(crate) struct Password(Zeroizing<String>);
@@ -45,20 +47,6 @@ pub(crate) fn wiped_on_drop(bytes: Zeroizing<Vec<u8>>) -> Bytes {
     }
 
     Bytes::from_owner(Wiped(bytes))
-}
-
-/// One unmet rule, for a `google.rpc.BadRequest` field violation.
-///
-/// Descriptions are logged and stored (a `request_id`'s outcome, in Redis
-/// for 24 hours), so they say which rule is unmet and nothing about the
-/// password itself: not its characters, not its length, not where in it a
-/// bad character sits (a position is a lower bound on the length).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    /// The request field, e.g. `new_password`.
-    pub field: &'static str,
-    /// The unmet rule, in words.
-    pub description: String,
 }
 
 /// IAM's hard limit for both passwords.

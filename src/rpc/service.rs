@@ -1,6 +1,6 @@
-//! The `credgate.v1.PasswordService` handlers. The edge ([`crate::edge`]) has
+//! The `credgate.v1.PasswordService` handlers. The edge ([`crate::rpc::edge`]) has
 //! already identified the caller, set the deadline and opened the audit slot;
-//! a handler checks the input and hands the attempt over ([`crate::attempt`]).
+//! a handler checks the input and hands the attempt over ([`crate::change::attempt`]).
 
 use std::sync::Arc;
 
@@ -11,11 +11,11 @@ use crate::{
         ChangePasswordRequest, ChangePasswordResponse, GetPasswordPolicyRequest,
         GetPasswordPolicyResponse, PasswordPolicy, password_service_server::PasswordService,
     },
-    attempt::{self, Gate},
-    audit::Outcome,
-    edge::Admitted,
+    aws::password::{self, Password},
+    change::attempt::{self, Gate},
+    change::audit::Outcome,
     error::{Error, reject},
-    password::{self, Password},
+    rpc::edge::Admitted,
 };
 
 /// The service: its handlers share one [`Gate`].

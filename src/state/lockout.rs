@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use crate::{
-    audit,
     config::{Config, Matcher, StateBackend},
     spiffe,
     state::{Lockout, Store},
+    telemetry,
 };
 
 /// Why a lockout command could not run.
@@ -148,7 +148,7 @@ pub(crate) async fn reset(config: &Config, identity: &str) -> Result<String, Loc
         .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
         .unwrap_or_default();
     tracing::info!(
-        target: audit::TARGET,
+        target: telemetry::AUDIT_TARGET,
         action = "lockout_reset",
         caller = key.as_str(),
         failures_cleared = cleared,

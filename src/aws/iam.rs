@@ -20,6 +20,7 @@ use std::{
     time::Duration,
 };
 
+use aws_config::timeout::TimeoutConfig;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_iam::{
     error::{ProvideErrorMetadata, SdkError},
@@ -29,11 +30,11 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    change_body::{FillPasswords, NEW_PLACEHOLDER, OLD_PLACEHOLDER},
-    credentials::{AwsClients, CONNECT_TIMEOUT, ProfileClient, TRANSMITTED},
+    aws::change_body::{FillPasswords, NEW_PLACEHOLDER, OLD_PLACEHOLDER},
+    aws::credentials::{AwsClients, CONNECT_TIMEOUT, ProfileClient, TRANSMITTED},
+    aws::password::{Password, Policy},
     deadline::Deadline,
-    error::{AwsContext, Cause, Error, IamCode},
-    password::{Password, Policy, Violation},
+    error::{AwsContext, Cause, Error, IamCode, Violation},
     telemetry,
 };
 
@@ -82,7 +83,7 @@ pub(crate) enum Failure {
 impl Failure {
     fn of<E>(err: SdkError<E>) -> Self
     where
-        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+        E: AwsError,
     {
         if find_in_chain::<CredentialsError>(&err).is_some() {
             return Self::NoCredentials(sdk_cause(&err));
@@ -294,28 +295,24 @@ impl Iam {
         profile: &str,
         deadline: Deadline,
     ) -> Result<Option<Policy>, Error> {
-        let span = client_span("GetAccountPasswordPolicy", self.clients.region());
         let result = self
-            .read(profile, deadline, |client, connect| {
-                iam_connect(
-                    client.iam.get_account_password_policy().customize(),
-                    connect,
-                )
-                .send()
-            })
-            .instrument(span.clone())
+            .read(
+                "GetAccountPasswordPolicy",
+                profile,
+                deadline,
+                |client, connect| {
+                    iam_connect(
+                        client.iam.get_account_password_policy().customize(),
+                        connect,
+                    )
+                    .send()
+                },
+            )
             .await;
         match result {
-            // IAM's way of saying "this account has no password policy"
-            // (classified as a missing entity, which it is).
-            Err(Error::LoginProfileMissing(_)) => {
-                telemetry::count_iam_outcome("GetAccountPasswordPolicy", "NoSuchEntity");
-                Ok(None)
-            }
-            result => {
-                record_outcome(&span, "GetAccountPasswordPolicy", &result);
-                result.map(|(out, _)| out.password_policy().map(policy_from_iam))
-            }
+            // No password policy (see `record_outcome`).
+            Err(Error::LoginProfileMissing(_)) => Ok(None),
+            result => result.map(|(out, _)| out.password_policy().map(policy_from_iam)),
         }
     }
 
@@ -326,14 +323,11 @@ impl Iam {
         profile: &str,
         deadline: Deadline,
     ) -> Result<CallerIdentity, (Error, Error)> {
-        let span = client_span("GetCallerIdentity", self.clients.region());
         let sts = self
-            .read(profile, deadline, |client, connect| {
+            .read("GetCallerIdentity", profile, deadline, |client, connect| {
                 sts_connect(client.sts.get_caller_identity().customize(), connect).send()
             })
-            .instrument(span.clone())
             .await;
-        record_outcome(&span, "GetCallerIdentity", &sts);
         let sts_err = match sts {
             Ok((out, _)) if out.arn().is_some() => {
                 return Ok(CallerIdentity {
@@ -343,14 +337,11 @@ impl Iam {
             Ok(_) => Error::IamError(AwsContext::default()),
             Err(e) => e,
         };
-        let span = client_span("GetUser", self.clients.region());
         let user = self
-            .read(profile, deadline, |client, connect| {
+            .read("GetUser", profile, deadline, |client, connect| {
                 iam_connect(client.iam.get_user().customize(), connect).send()
             })
-            .instrument(span.clone())
             .await;
-        record_outcome(&span, "GetUser", &user);
         match user {
             Ok((out, _)) => match out.user() {
                 Some(user) => Ok(CallerIdentity {
@@ -362,32 +353,41 @@ impl Iam {
         }
     }
 
-    /// A read, bounded by the deadline as a whole.
-    async fn read<T, E, F, Fut>(
+    /// A read in a CLIENT span named for `method`, bounded by the deadline
+    /// as a whole; its outcome is recorded on the span and in the metrics.
+    async fn read<T, E, F>(
         &self,
+        method: &'static str,
         profile: &str,
         deadline: Deadline,
         op: F,
     ) -> Result<(T, String), Error>
     where
         T: RequestId,
-        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
-        F: Fn(&ProfileClient, Option<aws_config::timeout::TimeoutConfig>) -> Fut,
-        Fut: Future<Output = Result<T, SdkError<E>>>,
+        E: AwsError,
+        F: SdkCall<T, E>,
     {
+        let span = client_span(method, self.clients.region());
         let transmitted = Arc::default();
         let call = TRANSMITTED.scope(
             Arc::clone(&transmitted),
             self.call(profile, deadline, Some(true), op),
         );
-        match tokio::time::timeout_at(deadline.instant(), call).await {
+        let result = match tokio::time::timeout_at(
+            deadline.instant(),
+            call.instrument(span.clone()),
+        )
+        .await
+        {
             Ok(result) => result.map_err(for_read),
             Err(_) if transmitted.load(Ordering::Acquire) => Err(Error::IamTimeout),
             Err(_) => Err(Error::DeadlineBeforeSend { stage: "iam" }),
-        }
+        };
+        record_outcome(&span, method, &result);
+        result
     }
 
-    async fn call<T, E, F, Fut>(
+    async fn call<T, E, F>(
         &self,
         profile: &str,
         deadline: Deadline,
@@ -396,9 +396,8 @@ impl Iam {
     ) -> Result<(T, String), Error>
     where
         T: RequestId,
-        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
-        F: Fn(&ProfileClient, Option<aws_config::timeout::TimeoutConfig>) -> Fut,
-        Fut: Future<Output = Result<T, SdkError<E>>>,
+        E: AwsError,
+        F: SdkCall<T, E>,
     {
         let mut refreshed = false;
         let mut attempt = 1;
@@ -450,6 +449,25 @@ impl Iam {
         }
     }
 }
+
+/// One SDK call as [`Iam`] runs it: given a profile's client and the
+/// connect timeout left, the call's future.
+trait SdkCall<T, E>: Fn(&ProfileClient, Option<TimeoutConfig>) -> Self::Call {
+    type Call: Future<Output = Result<T, SdkError<E>>>;
+}
+
+impl<T, E, F, Fut> SdkCall<T, E> for F
+where
+    F: Fn(&ProfileClient, Option<TimeoutConfig>) -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E>>>,
+{
+    type Call = Fut;
+}
+
+/// An operation's error, carrying AWS's error code.
+trait AwsError: ProvideErrorMetadata + StdError + Send + Sync + 'static {}
+
+impl<E: ProvideErrorMetadata + StdError + Send + Sync + 'static> AwsError for E {}
 
 /// An IAM operation with its connect timeout shortened to `connect`.
 fn iam_connect<T, E, B>(
@@ -535,6 +553,11 @@ fn record_outcome<T>(
         Ok((_, request_id)) => {
             span.record("aws.request_id", request_id.as_str());
             telemetry::count_iam_outcome(method, "OK");
+        }
+        // IAM's way of saying "this account has no password policy": an
+        // answer, not a failed call.
+        Err(Error::LoginProfileMissing(_)) if method == "GetAccountPasswordPolicy" => {
+            telemetry::count_iam_outcome(method, "NoSuchEntity");
         }
         Err(err) => {
             if let Some(id) = err.aws().and_then(|a| a.request_id.as_deref()) {

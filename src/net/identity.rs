@@ -16,7 +16,7 @@ use x509_parser::{
 };
 
 use crate::{
-    config::{CallerSettings, Matcher},
+    config::{CallerSettings, MAX_NAME_LEN, Matcher},
     error::{Error, MAX_PRESENTED_LEN, truncate},
     spiffe,
 };
@@ -24,8 +24,6 @@ use crate::{
 /// Most subject alternative names a client certificate may carry. Workload
 /// certificates carry one or a few; thousands only bloat logs and errors.
 pub(crate) const MAX_SANS: usize = 32;
-/// Longest DNS SAN or CN accepted (a DNS name is at most 253 bytes).
-pub(crate) const MAX_NAME_LEN: usize = 255;
 
 /// The identities a client certificate presents.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

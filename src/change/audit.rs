@@ -24,18 +24,14 @@ use std::{
 
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::error::Reason;
-
-/// The audit target, routed by its own filter.
-pub(crate) const TARGET: &str = "credgate::audit";
+use crate::{
+    error::Reason,
+    telemetry::{AUDIT_REFUSED_EVENT, AUDIT_TARGET},
+};
 
 /// Outcome recorded when the caller went away before the attempt started:
 /// nothing was sent to IAM.
 pub(crate) const CANCELLED: &str = "CANCELLED";
-
-/// Event name of the audit events of calls refused with AUDIT_UNAVAILABLE:
-/// the log writer keeps those only while it has room ([`crate::logs`]).
-pub(crate) const REFUSED_EVENT: &str = "audit_unavailable";
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Default)]
@@ -177,7 +173,7 @@ fn emit(record: &Record, outcome: &Outcome) {
         ($($name:tt)*) => {
             tracing::info!(
                 $($name)*
-                target: TARGET,
+                target: AUDIT_TARGET,
                 caller = record.caller.as_str(),
                 iam_user = record.iam_user.as_str(),
                 outcome = outcome.outcome,
@@ -193,7 +189,7 @@ fn emit(record: &Record, outcome: &Outcome) {
         };
     }
     if outcome.outcome == Reason::AuditUnavailable.as_str() {
-        event!(name: REFUSED_EVENT,);
+        event!(name: AUDIT_REFUSED_EVENT,);
     } else {
         event!();
     }

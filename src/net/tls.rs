@@ -3,7 +3,7 @@
 //! CA in the chain), reloaded when its files change.
 //!
 //! tonic's built-in TLS cannot reload certificates or check CRLs, which is why
-//! the handshake happens in [`crate::connections`] with this config.
+//! the handshake happens in [`crate::net::connections`] with this config.
 //!
 //! A CRL past its nextUpdate refuses the handshakes of every certificate it
 //! covers, as OpenSSL-based servers (nginx, Envoy) do: rustls' default is to
@@ -38,7 +38,7 @@ use x509_parser::{
     certificate::X509Certificate, prelude::FromDer, revocation_list::CertificateRevocationList,
 };
 
-use crate::{config::TlsSettings, identity};
+use crate::{config::TlsSettings, net::identity};
 
 /// How often the certificate files are compared with what is loaded.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);

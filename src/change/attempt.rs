@@ -38,17 +38,17 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::{
-    audit::{AuditSlot, Outcome},
-    credentials::TRANSMITTED,
+    aws::credentials::TRANSMITTED,
+    aws::iam::Iam,
+    aws::password::Password,
+    change::audit::{AuditSlot, Outcome},
+    change::policy_cache::PolicyCache,
+    change::principal::{Principals, Verdict as Principal},
     deadline::Deadline,
     error::{Error, Reason},
-    iam::Iam,
-    identity::Caller,
-    logs::Output,
-    password::Password,
-    policy_cache::PolicyCache,
-    principal::{Principals, Verdict as Principal},
+    net::identity::Caller,
     state::{Begin, Limit, Record, Store, StoredOutcome, Ticket, Verdict, Waited},
+    telemetry::logs::Output,
 };
 
 /// How long an attempt waits for IAM after its caller's deadline passed.
@@ -379,7 +379,7 @@ impl Witness {
     fn answered(&self, answer: Answer) -> Answer {
         let _ = self.answer.set(answer.clone());
         #[cfg(feature = "fault-injection")]
-        crate::fault::point("after_iam");
+        crate::change::fault::point("after_iam");
         answer
     }
 
@@ -613,7 +613,7 @@ mod tests {
     /// success; IAM's own policy violation is released, never a success.
     #[test]
     fn the_verdict_of_every_reason_follows_the_table() {
-        use crate::password::Violation;
+        use crate::error::Violation;
         let violation = || Violation {
             field: "new_password",
             description: "x".into(),

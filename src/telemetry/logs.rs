@@ -26,7 +26,15 @@ use tracing_subscriber::{
     registry::LookupSpan,
 };
 
-use crate::audit;
+use super::context::with_current_ids;
+
+/// The target of audit events: they have a subscriber filter of their own
+/// (written whatever `RUST_LOG` says), and this writer keeps them longest.
+pub(crate) const AUDIT_TARGET: &str = "credgate::audit";
+
+/// Event name of the audit events of calls refused with AUDIT_UNAVAILABLE:
+/// this writer keeps those only while it has room.
+pub(crate) const AUDIT_REFUSED_EVENT: &str = "audit_unavailable";
 
 /// How long lines collect before the writer thread writes them out.
 const BATCH: Duration = Duration::from_millis(5);
@@ -306,9 +314,9 @@ impl<'a> MakeWriter<'a> for Output {
     }
 
     fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Line {
-        let class = if meta.target() != audit::TARGET {
+        let class = if meta.target() != AUDIT_TARGET {
             Class::Log
-        } else if meta.name() == audit::REFUSED_EVENT {
+        } else if meta.name() == AUDIT_REFUSED_EVENT {
             Class::Refusal
         } else {
             Class::Audit
@@ -365,7 +373,7 @@ where
         // From the dispatcher's current span, not this layer's view of it:
         // the audit layer's filter sees no spans, yet its events belong to
         // the call's trace.
-        crate::telemetry::with_current_ids(|trace_id, span_id| {
+        with_current_ids(|trace_id, span_id| {
             if !has_trace_id {
                 write!(writer, ",\"trace_id\":\"{trace_id}\"")?;
             }

@@ -18,7 +18,7 @@ use std::{
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use crate::{config::CallerSettings, deadline::Deadline, error::Error, iam::Iam};
+use crate::{aws::iam::Iam, config::CallerSettings, deadline::Deadline, error::Error};
 
 /// How long an unverifiable profile is served before credgate asks again
 /// (STS may have been down, or a permission may have been added).

@@ -1,23 +1,14 @@
 //! The mTLS listener: accepts TCP, completes the handshake with
-//! [`crate::tls`]'s config, resolves the caller once per connection, and
+//! [`crate::net::tls`]'s config, resolves the caller once per connection, and
 //! serves HTTP/2 with bounds on everything a client controls.
 //!
 //! - at most `max_connections` connections, handshakes included; beyond it
 //!   new connections wait in the kernel's backlog, unless some connection
 //!   has not sent its TLS ClientHello yet: the one that has waited longest
 //!   is closed to make room (the way HAProxy's `timeout client-hs` and
-//!   Envoy's overload manager treat handshakes that make no progress), a
-//!   connection with no byte at all before one that has sent a first part;
-//! - a connection waits for its ClientHello at most [`HANDSHAKE_TIMEOUT`],
-//!   and one source address (an IPv6 /64) may have at most
-//!   [`MAX_WAITING_PER_SOURCE`] connections waiting: beyond that its oldest
-//!   is closed, so that a flood of connections that never start TLS cannot
-//!   crowd out the handshakes of anyone else, nor of its own source for long;
-//! - once its ClientHello is in, a handshake needs one of [`MAX_HANDSHAKES`]
-//!   slots (at most [`MAX_HANDSHAKES_PER_SOURCE`] per source) and finishes
-//!   within what is left of [`HANDSHAKE_TIMEOUT`] (a second when half the
-//!   slots are taken: a legitimate mTLS handshake takes milliseconds); a
-//!   connection that finds no slot soon is closed;
+//!   Envoy's overload manager treat handshakes that make no progress);
+//! - the handshake itself is bounded in time, in slots and per source
+//!   address ([`super::handshake`]);
 //! - accept errors (file descriptors exhausted) back off instead of
 //!   spinning; [`raise_fd_limit`] lifts the soft descriptor limit first;
 //! - the HTTP/2 preface must arrive within [`PREFACE_TIMEOUT`] of the
@@ -38,13 +29,13 @@
 //!   so that CA, CRL and caller changes reach long-lived channels too.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    hash::Hash,
     io,
-    net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, OwnedFd},
+    net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -61,31 +52,19 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError},
     time::Instant,
 };
-use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use super::{
+    budget::{Budgets, LogThrottle},
+    handshake::Handshakes,
+};
 use crate::{
-    edge::Connection,
     error::Error,
-    identity::{Callers, PeerIdentity},
-    tls::ReloadingConfig,
+    net::identity::{Caller, Callers, PeerIdentity},
+    net::tls::ReloadingConfig,
 };
 
-/// Handshakes past their ClientHello at once: each costs credgate a key
-/// exchange and a signature, so this bounds the CPU a burst can take.
-pub(crate) const MAX_HANDSHAKES: usize = 256;
-/// Of those, from one source address: a single host cannot take them all.
-pub(crate) const MAX_HANDSHAKES_PER_SOURCE: usize = MAX_HANDSHAKES / 4;
-/// Connections of one source address waiting for their ClientHello; a
-/// newer one closes that source's oldest. A real client sends its
-/// ClientHello right after connecting, so only a flood ever waits here.
-pub(crate) const MAX_WAITING_PER_SOURCE: usize = 256;
-/// How long a client may take to finish the handshake, ClientHello included.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The handshake budget while more than half the handshake slots are taken.
-const HANDSHAKE_TIMEOUT_UNDER_LOAD: Duration = Duration::from_secs(1);
-/// How long a handshake waits for a slot before its connection is closed.
-const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_millis(100);
 /// How long after the handshake the HTTP/2 preface must have arrived.
 pub(crate) const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection refused for its identity's budget may take to
@@ -103,12 +82,12 @@ const REFUSED_LINGER: Duration = Duration::from_millis(500);
 /// SETTINGS). A caller needs a few; hundreds only serve to starve others.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 32;
 /// Per-stream receive window: a request is at most 4 KiB
-/// ([`crate::edge::MAX_REQUEST_BYTES`]) plus its 5-byte gRPC prefix.
+/// ([`crate::rpc::edge::MAX_REQUEST_BYTES`]) plus its 5-byte gRPC prefix.
 pub(crate) const STREAM_WINDOW: u32 = 8 * 1024;
 /// Per-connection receive window: HTTP/2's initial 65,535 bytes, never
 /// enlarged. With [`STREAM_WINDOW`] × [`MAX_CONCURRENT_STREAMS`] above it,
-/// this is what one connection can make credgate buffer (README, "Memory
-/// and connections").
+/// this is what one connection can make credgate buffer
+/// (docs/operations.md, "Memory and connections").
 pub(crate) const CONNECTION_WINDOW: u32 = 65_535;
 /// Largest header block accepted.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
@@ -117,9 +96,6 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Accept errors, evictions and refused identities are logged at most this
-/// often (with a count of what was not logged).
-const LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// File descriptors credgate needs besides its mTLS connections: listeners,
 /// the admin port's connections, IAM/STS/Redis/OTLP pools, files.
 const SPARE_FDS: u64 = 256;
@@ -153,6 +129,74 @@ pub(crate) trait MakeService: Send + Sync + 'static {
 
     /// The service for `conn`.
     fn make(&self, conn: Arc<Connection>) -> Self::Service;
+}
+
+/// One established connection, as the RPC layer sees it: who the caller
+/// is, and whether requests are in flight (for the idle timeout).
+pub(crate) struct Connection {
+    /// The TCP peer.
+    pub(crate) peer: SocketAddr,
+    /// The caller its certificate maps to, resolved once after the handshake.
+    pub(crate) caller: Result<Arc<Caller>, Error>,
+    /// Requests in flight and the time of the last one, for the idle timeout.
+    active: AtomicUsize,
+    last_active_ms: AtomicU64,
+    opened: Instant,
+    /// Cancelled once an unmapped caller was refused: the connection is
+    /// then closed (it has nothing more to ask for).
+    refused: CancellationToken,
+}
+
+impl Connection {
+    pub(crate) fn new(peer: SocketAddr, caller: Result<Arc<Caller>, Error>) -> Self {
+        Self {
+            peer,
+            caller,
+            active: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+            refused: CancellationToken::new(),
+        }
+    }
+
+    /// Resolves once an unmapped caller was refused on this connection.
+    pub(crate) async fn refused(&self) {
+        self.refused.cancelled().await;
+    }
+
+    /// An unmapped caller was refused: the connection goes once this
+    /// answer is out (it has nothing more to ask for).
+    pub(crate) fn refuse(&self) {
+        self.refused.cancel();
+    }
+
+    /// A request begins; it counts as activity until the guard is dropped.
+    pub(crate) fn begin_request(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.clone())
+    }
+
+    /// When the connection went idle (no request in flight), `None` while
+    /// busy.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ms = self.last_active_ms.load(Ordering::Acquire);
+        Some(self.opened + Duration::from_millis(ms))
+    }
+}
+
+/// A request in flight on its connection.
+pub(crate) struct ActiveGuard(Arc<Connection>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let c = &self.0;
+        let ms = u64::try_from(c.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        c.last_active_ms.store(ms, Ordering::Release);
+        c.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit, as Go's runtime
@@ -192,21 +236,14 @@ pub(crate) fn raise_fd_limit(max_connections: usize) {
 
 /// What every connection task shares.
 struct Shared<M> {
-    tls: Arc<ReloadingConfig>,
+    handshakes: Handshakes,
     callers: Arc<Callers>,
     settings: Settings,
     builder: http2::Builder<StreamExecutor>,
     make: Arc<M>,
     shutdown: CancellationToken,
-    /// Connections whose ClientHello has not arrived yet.
-    waiting: Arc<Waiting>,
-    /// [`MAX_HANDSHAKES`] slots.
-    handshakes: Arc<Semaphore>,
-    /// [`MAX_HANDSHAKES_PER_SOURCE`] per source.
-    handshakes_by_source: Arc<Budgets<IpAddr>>,
     /// `max_connections_per_caller` per identity (`None`: every unmapped one).
     by_identity: Arc<Budgets<Option<String>>>,
-    evictions: LogThrottle,
     over_budget: LogThrottle,
 }
 
@@ -223,17 +260,13 @@ pub(crate) async fn serve<M: MakeService>(
 ) {
     let connections = Arc::new(Semaphore::new(settings.max_connections));
     let shared = Arc::new(Shared {
-        tls,
+        handshakes: Handshakes::new(tls),
         callers,
         builder: http2_builder(settings.request_timeout),
         by_identity: Budgets::new(settings.max_connections_per_caller),
         settings,
         make,
         shutdown: shutdown.clone(),
-        waiting: Arc::default(),
-        handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
-        handshakes_by_source: Budgets::new(MAX_HANDSHAKES_PER_SOURCE),
-        evictions: LogThrottle::default(),
         over_budget: LogThrottle::default(),
     });
     let mut backoff = AcceptBackoff::default();
@@ -244,9 +277,7 @@ pub(crate) async fn serve<M: MakeService>(
             Err(TryAcquireError::NoPermits) => {
                 // Full. A connection that has not even sent its ClientHello
                 // is the one to give way; without one, wait (backlog).
-                if shared.waiting.evict_oldest() {
-                    shared.evicted("max_connections");
-                }
+                shared.handshakes.make_room();
                 tokio::select! {
                     permit = connections.clone().acquire_owned() => match permit {
                         Ok(permit) => permit,
@@ -349,244 +380,6 @@ impl AcceptBackoff {
     }
 }
 
-/// Lets one log line through per [`LOG_INTERVAL`], counting the rest.
-#[derive(Default)]
-struct LogThrottle(Mutex<(Option<Instant>, u64)>);
-
-impl LogThrottle {
-    /// How many lines were held back since the last one, when a line may be
-    /// written now.
-    fn ready(&self) -> Option<u64> {
-        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let (last, suppressed) = &mut *state;
-        if last.is_some_and(|t| t.elapsed() < LOG_INTERVAL) {
-            *suppressed += 1;
-            return None;
-        }
-        *last = Some(Instant::now());
-        Some(std::mem::take(suppressed))
-    }
-}
-
-impl<M> Shared<M> {
-    fn evicted(&self, why: &'static str) {
-        if let Some(suppressed) = self.evictions.ready() {
-            tracing::warn!(
-                why,
-                suppressed,
-                "closing connections that have not sent a TLS ClientHello, to make room"
-            );
-        }
-    }
-}
-
-/// The source a budget is kept for: the IPv4 address, or the /64 of an
-/// IPv6 one (one host usually holds a whole /64).
-fn source_of(peer: SocketAddr) -> IpAddr {
-    match peer.ip().to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(bits.into())
-        }
-        v4 => v4,
-    }
-}
-
-/// Connections waiting for their ClientHello, oldest first: the ones a
-/// newer connection may close.
-#[derive(Default)]
-struct Waiting(Mutex<WaitQueue>);
-
-#[derive(Default)]
-struct WaitQueue {
-    next: u64,
-    entries: BTreeMap<u64, WaitEntry>,
-    by_source: HashMap<IpAddr, BTreeSet<u64>>,
-}
-
-struct WaitEntry {
-    source: IpAddr,
-    evicted: CancellationToken,
-    /// Some of its ClientHello has arrived: it is closed only after every
-    /// connection that has sent nothing.
-    started: bool,
-    /// A duplicate of its socket, to look for bytes without reading them
-    /// when it is a candidate for closing (`None` if it could not be made).
-    /// Under a flood a connection's task may run long after its client's
-    /// ClientHello arrived; the socket, not the task, says whether it is
-    /// silent.
-    socket: Option<OwnedFd>,
-}
-
-impl WaitEntry {
-    fn has_sent_something(&mut self) -> bool {
-        if !self.started && self.socket.as_ref().is_some_and(has_bytes) {
-            self.started = true;
-        }
-        self.started
-    }
-}
-
-impl WaitQueue {
-    /// The oldest connection that has sent nothing, else the oldest.
-    fn victim(&mut self) -> Option<u64> {
-        self.entries
-            .iter_mut()
-            .find_map(|(id, e)| (!e.has_sent_something()).then_some(*id))
-            .or_else(|| self.entries.keys().next().copied())
-    }
-
-    /// The same among the connections from `source`.
-    fn victim_from(&mut self, source: IpAddr) -> Option<u64> {
-        let ids = self.by_source.get(&source)?;
-        let entries = &mut self.entries;
-        ids.iter()
-            .copied()
-            .find(|id| entries.get_mut(id).is_some_and(|e| !e.has_sent_something()))
-            .or_else(|| ids.first().copied())
-    }
-
-    /// Removes `id` and closes its connection.
-    fn evict(&mut self, id: u64) {
-        if let Some(token) = self.remove(id) {
-            token.cancel();
-        }
-    }
-
-    fn remove(&mut self, id: u64) -> Option<CancellationToken> {
-        let WaitEntry {
-            source, evicted, ..
-        } = self.entries.remove(&id)?;
-        if let Some(ids) = self.by_source.get_mut(&source) {
-            ids.remove(&id);
-            if ids.is_empty() {
-                self.by_source.remove(&source);
-            }
-        }
-        Some(evicted)
-    }
-}
-
-impl Waiting {
-    /// Registers a connection from `source`; if that source then has more
-    /// than [`MAX_WAITING_PER_SOURCE`] waiting, its oldest silent one is
-    /// closed.
-    fn enter(self: &Arc<Self>, source: IpAddr, tcp: &TcpStream) -> (WaitTicket, bool) {
-        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let id = queue.next;
-        queue.next += 1;
-        let evicted = CancellationToken::new();
-        queue.entries.insert(
-            id,
-            WaitEntry {
-                source,
-                evicted: evicted.clone(),
-                started: false,
-                socket: rustix::io::dup(tcp).ok(),
-            },
-        );
-        let ids = queue.by_source.entry(source).or_default();
-        ids.insert(id);
-        let oldest = if ids.len() > MAX_WAITING_PER_SOURCE {
-            queue.victim_from(source)
-        } else {
-            None
-        };
-        if let Some(oldest) = oldest {
-            queue.evict(oldest);
-        }
-        let ticket = WaitTicket {
-            id,
-            evicted,
-            waiting: self.clone(),
-        };
-        (ticket, oldest.is_some())
-    }
-
-    /// Closes the silent connection that has waited longest (else the
-    /// oldest that has sent part of its ClientHello); whether there was one.
-    fn evict_oldest(&self) -> bool {
-        let mut queue = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match queue.victim() {
-            Some(id) => {
-                queue.evict(id);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// A connection's place in [`Waiting`], left when dropped.
-#[must_use]
-struct WaitTicket {
-    id: u64,
-    evicted: CancellationToken,
-    waiting: Arc<Waiting>,
-}
-
-impl Drop for WaitTicket {
-    fn drop(&mut self) {
-        self.waiting
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(self.id);
-    }
-}
-
-/// Slots per key (a source address, an identity), at most `limit` each.
-struct Budgets<K> {
-    limit: usize,
-    held: Mutex<HashMap<K, usize>>,
-}
-
-impl<K: Hash + Eq + Clone> Budgets<K> {
-    fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self {
-            limit,
-            held: Mutex::default(),
-        })
-    }
-
-    /// A slot of `key`'s budget, if one is free.
-    fn try_take(self: &Arc<Self>, key: K) -> Option<BudgetSlot<K>> {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = held.entry(key.clone()).or_insert(0);
-        if *count >= self.limit {
-            return None;
-        }
-        *count += 1;
-        Some(BudgetSlot {
-            budgets: self.clone(),
-            key,
-        })
-    }
-}
-
-/// One slot of a [`Budgets`] key, given back when dropped.
-#[must_use]
-struct BudgetSlot<K: Hash + Eq> {
-    budgets: Arc<Budgets<K>>,
-    key: K,
-}
-
-impl<K: Hash + Eq> Drop for BudgetSlot<K> {
-    fn drop(&mut self) {
-        let mut held = self
-            .budgets
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = held.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&self.key);
-            }
-        }
-    }
-}
-
 struct Accepted {
     tcp: TcpStream,
     peer: SocketAddr,
@@ -597,7 +390,7 @@ struct Accepted {
 impl Accepted {
     async fn run<M: MakeService>(self, shared: Arc<Shared<M>>) {
         let peer = self.peer;
-        let Some(stream) = handshake(self.tcp, peer, &shared).await else {
+        let Some(stream) = shared.handshakes.handshake(self.tcp, peer).await else {
             return;
         };
         // The identity's budget is taken before anything else: a connection
@@ -649,84 +442,6 @@ impl Accepted {
     }
 }
 
-/// The TLS handshake in two stages: waiting for the ClientHello (evictable,
-/// see [`Waiting`]), then the rest with a handshake slot.
-async fn handshake<M>(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    shared: &Shared<M>,
-) -> Option<TlsStream<TcpStream>> {
-    // gRPC is latency-sensitive and small-message: don't wait to coalesce.
-    let _ = tcp.set_nodelay(true);
-    let give_up = Instant::now() + HANDSHAKE_TIMEOUT;
-    let source = source_of(peer);
-    let (ticket, evicted_another) = shared.waiting.enter(source, &tcp);
-    if evicted_another {
-        shared.evicted("max_waiting_per_source");
-    }
-    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    tokio::pin!(hello);
-    let start = tokio::select! {
-        // A ClientHello that has arrived wins over an eviction decided
-        // before this task could read it.
-        biased;
-        hello = &mut hello => match hello {
-            Ok(start) => start,
-            Err(e) => {
-                tracing::debug!(peer.address = %peer, error = %e, "no TLS ClientHello; connection closed");
-                return None;
-            }
-        },
-        () = ticket.evicted.cancelled() => {
-            tracing::debug!(peer.address = %peer, "no TLS ClientHello yet; closed to make room");
-            return None;
-        }
-        () = tokio::time::sleep_until(give_up) => {
-            tracing::debug!(peer.address = %peer, "no TLS ClientHello within the handshake timeout; connection closed");
-            return None;
-        }
-    };
-    drop(ticket);
-    let Some(_source_slot) = shared.handshakes_by_source.try_take(source) else {
-        tracing::debug!(peer.address = %peer, "too many handshakes in progress from this source; connection closed");
-        return None;
-    };
-    let handshakes = &shared.handshakes;
-    let slot = match handshakes.clone().try_acquire_owned() {
-        Ok(slot) => slot,
-        Err(_) => {
-            match tokio::time::timeout(HANDSHAKE_SLOT_WAIT, handshakes.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(slot)) => slot,
-                _ => {
-                    tracing::debug!(peer.address = %peer, "too many handshakes in progress; connection closed");
-                    return None;
-                }
-            }
-        }
-    };
-    let budget = if handshakes.available_permits() < MAX_HANDSHAKES / 2 {
-        HANDSHAKE_TIMEOUT_UNDER_LOAD
-    } else {
-        HANDSHAKE_TIMEOUT
-    };
-    let budget = budget.min(give_up.saturating_duration_since(Instant::now()));
-    let result = tokio::time::timeout(budget, start.into_stream(shared.tls.current())).await;
-    drop(slot);
-    match result {
-        Ok(Ok(stream)) => Some(stream),
-        Ok(Err(e)) => {
-            tracing::info!(peer.address = %peer, error = %e, "TLS handshake rejected");
-            None
-        }
-        Err(_) => {
-            tracing::info!(peer.address = %peer, budget_ms = u64::try_from(budget.as_millis()).unwrap_or(0), "TLS handshake timed out");
-            None
-        }
-    }
-}
-
 /// Tells a client over its identity's connection budget why it is refused
 /// (the server preface, then GOAWAY `ENHANCE_YOUR_CALM` with a reason that
 /// gRPC clients report), and closes. Its own preface is read first (briefly)
@@ -764,17 +479,6 @@ async fn refuse_over_budget(mut stream: TlsStream<TcpStream>, limit: usize) {
     .await;
 }
 
-/// Whether the client has sent anything yet, without reading it.
-fn has_bytes(socket: impl AsFd) -> bool {
-    let mut byte = [0u8; 1];
-    rustix::net::recv(
-        socket,
-        &mut byte[..],
-        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
-    )
-    .is_ok_and(|(n, _)| n > 0)
-}
-
 /// Reads the HTTP/2 preface (to be replayed to hyper), so that a client that
 /// completes TLS and then says nothing is closed after [`PREFACE_TIMEOUT`].
 async fn read_preface(
@@ -804,10 +508,7 @@ async fn read_preface(
 }
 
 /// The caller the verified client certificate maps to.
-fn caller_of(
-    stream: &TlsStream<TcpStream>,
-    callers: &Callers,
-) -> Result<Arc<crate::identity::Caller>, Error> {
+fn caller_of(stream: &TlsStream<TcpStream>, callers: &Callers) -> Result<Arc<Caller>, Error> {
     let leaf = stream
         .get_ref()
         .1

@@ -20,7 +20,7 @@ use aws_smithy_runtime_api::{
 use aws_smithy_types::body::SdkBody;
 use zeroize::Zeroizing;
 
-use crate::password::{self, Password};
+use crate::aws::password::{self, Password};
 
 /// What the SDK is given as `OldPassword`: unreserved characters only, so it
 /// appears in the body verbatim.

@@ -25,11 +25,10 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -37,21 +36,26 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use tokio::{sync::Semaphore, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tonic::body::Body;
 use tower::Service;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::{
-    audit::{AuditSlot, Outcome},
+    aws::password,
+    change::audit::{AuditSlot, Outcome},
     deadline::Deadline,
     error::{Error, Reason, reason_of, reject},
-    identity::Caller,
-    logs::Output,
-    password,
-    rpc_span::Method,
+    net::{
+        connections::{ActiveGuard, Connection},
+        identity::Caller,
+    },
+    rpc::span::Method,
     telemetry,
+    telemetry::logs::Output,
 };
 
 /// Largest request accepted. Two 128-character passwords and a UUID fit many
@@ -75,66 +79,6 @@ pub(crate) struct Admitted {
     pub(crate) deadline: Deadline,
     /// The audit slot of a `ChangePassword`.
     pub(crate) audit: Option<Arc<AuditSlot>>,
-}
-
-/// One established connection, as the edge sees it.
-pub(crate) struct Connection {
-    /// The TCP peer.
-    pub(crate) peer: SocketAddr,
-    /// The caller its certificate maps to, resolved once after the handshake.
-    pub(crate) caller: Result<Arc<Caller>, Error>,
-    /// Requests in flight and the time of the last one, for the idle timeout.
-    active: AtomicUsize,
-    last_active_ms: AtomicU64,
-    opened: Instant,
-    /// Cancelled once an unmapped caller was refused: the connection is
-    /// then closed (it has nothing more to ask for).
-    refused: CancellationToken,
-}
-
-impl Connection {
-    pub(crate) fn new(peer: SocketAddr, caller: Result<Arc<Caller>, Error>) -> Self {
-        Self {
-            peer,
-            caller,
-            active: AtomicUsize::new(0),
-            last_active_ms: AtomicU64::new(0),
-            opened: Instant::now(),
-            refused: CancellationToken::new(),
-        }
-    }
-
-    /// Resolves once an unmapped caller was refused on this connection.
-    pub(crate) async fn refused(&self) {
-        self.refused.cancelled().await;
-    }
-
-    fn begin(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        ActiveGuard(self.clone())
-    }
-
-    /// When the connection went idle (no request in flight), `None` while
-    /// busy.
-    pub(crate) fn idle_since(&self) -> Option<Instant> {
-        if self.active.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let ms = self.last_active_ms.load(Ordering::Acquire);
-        Some(self.opened + Duration::from_millis(ms))
-    }
-}
-
-/// A request in flight on its connection.
-struct ActiveGuard(Arc<Connection>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        let c = &self.0;
-        let ms = u64::try_from(c.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        c.last_active_ms.store(ms, Ordering::Release);
-        c.active.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// Limits shared by every connection.
@@ -196,7 +140,7 @@ where
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok()),
         );
-        let active = self.conn.begin();
+        let active = self.conn.begin_request();
         // Take the service that was driven ready, leave a fresh clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -206,7 +150,7 @@ where
         {
             // Refused below (a ChangePassword with its audit event); the
             // connection goes once this answer is out.
-            self.conn.refused.cancel();
+            self.conn.refuse();
             if method.is_none() {
                 let refusal = reject(not_mapped.clone()).into_http();
                 return Box::pin(async move {
@@ -360,8 +304,11 @@ where
     }
 }
 
+/// A `PasswordService` request through the steps of the module docs, in
+/// their order; the first step that fails refuses it (and closes its audit
+/// slot with the reason).
 async fn admit<S, B>(
-    mut inner: S,
+    inner: S,
     req: http::Request<B>,
     method: Method,
     deadline: Deadline,
@@ -374,92 +321,30 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<tonic::codegen::StdError>,
 {
-    let (presented_caller, iam_user) = match &conn.caller {
-        Ok(c) => (c.identity.as_str(), c.iam_user.as_str()),
-        Err(Error::CallerNotMapped { presented }) => (presented.as_str(), ""),
-        Err(_) => ("", ""),
+    let audit = open_audit_slot(&conn, method);
+    let admitted = async {
+        let caller = mapped(&conn)?;
+        readable(req.headers())?;
+        known(method)?;
+        auditable(method, &limits)?;
+        let _per_caller = per_caller_slot(&caller, &limits)?;
+        let (parts, body) = req.into_parts();
+        let body = read_in_time(body, deadline).await?;
+        let _slot = concurrency_slot(&limits, deadline).await?;
+        let admitted = Admitted {
+            caller,
+            deadline,
+            audit: audit.clone(),
+        };
+        Ok::<_, Error>(handle(inner, parts, body, admitted).await)
     };
-    let span = tracing::Span::current();
-    span.record("credgate.caller", presented_caller);
-    if !iam_user.is_empty() {
-        span.record("credgate.iam_user", iam_user);
-    }
-    let audit = (method == Method::ChangePassword).then(|| {
-        let (trace_id, _) = telemetry::current_ids();
-        Arc::new(AuditSlot::open(
-            presented_caller,
-            iam_user,
-            Some(conn.peer),
-            trace_id,
-        ))
-    });
-    let refuse = |err: Error| {
-        if let Some(slot) = &audit {
-            slot.close(Outcome::of(err.reason().as_str()));
-        }
-        Ok(reject(err).into_http())
-    };
-
-    let caller = match &conn.caller {
-        Ok(caller) => caller.clone(),
-        Err(e) => return refuse(e.clone()),
-    };
-    if let Err(e) = readable(req.headers()) {
-        return refuse(e);
-    }
-    if method == Method::Other {
-        return refuse(Error::UnknownMethod);
-    }
-    if method == Method::ChangePassword && limits.sink.stalled() {
-        return refuse(Error::AuditUnavailable);
-    }
-    let Ok(_per_caller) = caller.in_flight.clone().try_acquire_owned() else {
-        return refuse(Error::CallerConcurrencyExceeded {
-            limit: limits.per_caller,
-        });
-    };
-    let (parts, body) = req.into_parts();
-    let read_by = deadline
-        .instant()
-        .min(Instant::now() + REQUEST_READ_TIMEOUT);
-    let body = match tokio::time::timeout_at(read_by, read_body(body)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => return refuse(e),
-        Err(_) => return refuse(Error::DeadlineBeforeSend { stage: "body" }),
-    };
-    let _slot = match tokio::time::timeout_at(
-        deadline.instant(),
-        limits.concurrent.clone().acquire_owned(),
-    )
-    .await
-    {
-        Ok(Ok(permit)) => permit,
-        // The semaphore is never closed; a timeout is the only way here.
-        Ok(Err(_)) | Err(_) => return refuse(Error::DeadlineBeforeSend { stage: "queue" }),
-    };
-
-    let mut req = http::Request::from_parts(parts, Body::new(Full::new(body)));
-    // From here the body is tonic's to decode; its memory is wiped when the
-    // last reference to it goes (see `read_body`).
-    req.extensions_mut().insert(Admitted {
-        caller,
-        deadline,
-        audit: audit.clone(),
-    });
-    let call = inner.call(req);
-    // The handler answers by the deadline itself; this only catches a
-    // handler that could not run in time.
-    let response = match tokio::time::timeout_at(deadline.fallback(), call).await {
-        Ok(Ok(response)) => with_details(response),
-        Err(_) => {
-            let err = match &audit {
-                Some(slot) if slot.handed_off() => Error::OutcomeUnknown {
-                    aws: None,
-                    cause: None,
-                },
-                _ => Error::DeadlineBeforeSend { stage: "handler" },
-            };
-            reject(err).into_http()
+    let response = match admitted.await {
+        Ok(response) => response,
+        Err(refusal) => {
+            if let Some(slot) = &audit {
+                slot.close(Outcome::of(refusal.reason().as_str()));
+            }
+            return Ok(reject(refusal).into_http());
         }
     };
     // A rejection from before the handler (an undecodable body) closes the
@@ -475,6 +360,131 @@ where
         slot.close(Outcome::of(reason));
     }
     Ok(response)
+}
+
+/// Step 2: names the caller on the call's span and, for a
+/// `ChangePassword`, opens its audit slot: from here on, whatever happens
+/// to the request leaves its one audit event.
+fn open_audit_slot(conn: &Connection, method: Method) -> Option<Arc<AuditSlot>> {
+    let (presented_caller, iam_user) = match &conn.caller {
+        Ok(c) => (c.identity.as_str(), c.iam_user.as_str()),
+        Err(Error::CallerNotMapped { presented }) => (presented.as_str(), ""),
+        Err(_) => ("", ""),
+    };
+    let span = tracing::Span::current();
+    span.record("credgate.caller", presented_caller);
+    if !iam_user.is_empty() {
+        span.record("credgate.iam_user", iam_user);
+    }
+    (method == Method::ChangePassword).then(|| {
+        let (trace_id, _) = telemetry::current_ids();
+        Arc::new(AuditSlot::open(
+            presented_caller,
+            iam_user,
+            Some(conn.peer),
+            trace_id,
+        ))
+    })
+}
+
+/// Step 3: the caller its certificate maps to.
+fn mapped(conn: &Connection) -> Result<Arc<Caller>, Error> {
+    conn.caller.clone()
+}
+
+/// Step 3: a method of the service (tonic would refuse others without an
+/// ErrorInfo).
+fn known(method: Method) -> Result<(), Error> {
+    match method {
+        Method::Other => Err(Error::UnknownMethod),
+        Method::ChangePassword | Method::GetPasswordPolicy => Ok(()),
+    }
+}
+
+/// Step 3: no `ChangePassword` while the log sink is stalled: its audit
+/// event could not be written.
+fn auditable(method: Method, limits: &Limits) -> Result<(), Error> {
+    if method == Method::ChangePassword && limits.sink.stalled() {
+        return Err(Error::AuditUnavailable);
+    }
+    Ok(())
+}
+
+/// Step 4: one of the caller's `max_requests_per_caller` slots, at once.
+fn per_caller_slot(caller: &Caller, limits: &Limits) -> Result<OwnedSemaphorePermit, Error> {
+    caller
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::CallerConcurrencyExceeded {
+            limit: limits.per_caller,
+        })
+}
+
+/// Step 5: the whole body, within [`REQUEST_READ_TIMEOUT`] and the deadline.
+async fn read_in_time<B>(body: B, deadline: Deadline) -> Result<Bytes, Error>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    let read_by = deadline
+        .instant()
+        .min(Instant::now() + REQUEST_READ_TIMEOUT);
+    tokio::time::timeout_at(read_by, read_body(body))
+        .await
+        .unwrap_or(Err(Error::DeadlineBeforeSend { stage: "body" }))
+}
+
+/// Step 6: a slot of `max_concurrent_requests`, before the deadline.
+async fn concurrency_slot(
+    limits: &Limits,
+    deadline: Deadline,
+) -> Result<OwnedSemaphorePermit, Error> {
+    match tokio::time::timeout_at(
+        deadline.instant(),
+        limits.concurrent.clone().acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => Ok(permit),
+        // The semaphore is never closed; a timeout is the only way here.
+        Ok(Err(_)) | Err(_) => Err(Error::DeadlineBeforeSend { stage: "queue" }),
+    }
+}
+
+/// Step 7: the handler, given the body and what the edge learnt, bounded
+/// by the deadline.
+async fn handle<S>(
+    mut inner: S,
+    parts: http::request::Parts,
+    body: Bytes,
+    admitted: Admitted,
+) -> Response
+where
+    S: Service<http::Request<Body>, Response = Response, Error = Infallible>,
+{
+    let deadline = admitted.deadline;
+    let audit = admitted.audit.clone();
+    let mut req = http::Request::from_parts(parts, Body::new(Full::new(body)));
+    // From here the body is tonic's to decode; its memory is wiped when the
+    // last reference to it goes (see `read_body`).
+    req.extensions_mut().insert(admitted);
+    let call = inner.call(req);
+    // The handler answers by the deadline itself; this only catches a
+    // handler that could not run in time.
+    match tokio::time::timeout_at(deadline.fallback(), call).await {
+        Ok(Ok(response)) => with_details(response),
+        Err(_) => {
+            let err = match &audit {
+                Some(slot) if slot.handed_off() => Error::OutcomeUnknown {
+                    aws: None,
+                    cause: None,
+                },
+                _ => Error::DeadlineBeforeSend { stage: "handler" },
+            };
+            reject(err).into_http()
+        }
+    }
 }
 
 /// The whole request body, copied into one buffer of credgate's own that is
@@ -648,7 +658,7 @@ impl http_body::Body for Tracked {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc_span::SERVICE;
+    use crate::rpc::span::SERVICE;
 
     fn path(method: &str) -> String {
         format!("/{SERVICE}/{method}")
