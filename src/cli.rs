@@ -11,7 +11,7 @@ use crate::{
     config::{CONFIG_ENV, Config, ConfigError},
     devpki,
     net::tls,
-    server::{self, Listeners},
+    server::{self, Listeners, ServeError},
     state::Store,
     state::lockout::{self, LockoutError},
     telemetry,
@@ -225,7 +225,12 @@ async fn run(config: Config, sink: Output) -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "server failed");
-            ExitCode::from(EX_SOFTWARE)
+            // Unusable TLS files are a configuration problem, as in
+            // check-config: the operator must fix the files, not retry.
+            ExitCode::from(match e {
+                ServeError::Tls(_) => EX_USAGE,
+                _ => EX_SOFTWARE,
+            })
         }
     }
 }

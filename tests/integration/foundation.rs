@@ -1,6 +1,9 @@
 //! mTLS, identity mapping, forwarding to IAM, health, reflection, CLI.
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use credgate::devpki::{Authority, ClientSpec};
 use tonic::Code;
@@ -551,6 +554,41 @@ fn check_config_reports_every_problem_at_once_with_exit_64() {
     ] {
         assert!(stderr.contains(needle), "missing {needle:?}:\n{stderr}");
     }
+
+    // serve refuses the same unreadable TLS files as a configuration
+    // problem too (64, not 70): retrying cannot help, the files must change.
+    let text = std::fs::read_to_string(&config).expect("read");
+    let text =
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{text}");
+    std::fs::write(&config, text).expect("write");
+    let mut serve = Command::new(credgate_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.path().join("credentials"),
+        )
+        .env("AWS_CONFIG_FILE", dir.path().join("config"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = serve.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "serve kept running with unreadable TLS files"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut serve.stdout.take().expect("stdout"), &mut out)
+        .expect("read");
+    assert_eq!(status.code(), Some(64), "{out}");
+    assert!(out.contains("tls.cert: cannot read"), "{out}");
 }
 
 #[tokio::test]
