@@ -433,9 +433,8 @@ struct Shape {
     by_literals: HashMap<String, Vec<usize>>,
 }
 
-/// The values at `positions`, joined into one key. `\0` appears in no
-/// segment or label that can match, and every candidate found is matched
-/// in full anyway.
+/// `values` joined into one key. `\0` appears in no segment or label that
+/// can match, and every candidate found is matched in full anyway.
 fn literal_key<'a>(values: impl Iterator<Item = &'a str>) -> String {
     let mut key = String::new();
     for v in values {

@@ -493,8 +493,14 @@ pub struct Setup<'a> {
 
 impl<'a> Setup<'a> {
     pub fn new(emulator: &Emulator, pki: &'a Pki) -> Setup<'a> {
+        Setup::with_endpoint(&emulator.endpoint, pki)
+    }
+
+    /// A setup whose AWS endpoint is `endpoint` (one nobody listens on, for
+    /// tests that must not reach AWS).
+    pub fn with_endpoint(endpoint: &str, pki: &'a Pki) -> Setup<'a> {
         Setup {
-            emulator_endpoint: emulator.endpoint.clone(),
+            emulator_endpoint: endpoint.to_owned(),
             pki,
             callers: Vec::new(),
             extra_toml: String::new(),

@@ -48,18 +48,7 @@ async fn start(pki: &Pki, exact: usize, profiles: Profiles) -> Started {
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
-    let mut setup = Setup {
-        emulator_endpoint: format!("http://{closed}"),
-        pki,
-        callers: Vec::new(),
-        extra_toml: TEMPLATES.to_owned(),
-        server_toml: String::new(),
-        crl_pem: None,
-        env: Vec::new(),
-        aws_toml: String::new(),
-        ports: None,
-        profiles: Vec::new(),
-    };
+    let mut setup = Setup::with_endpoint(&format!("http://{closed}"), pki).toml(TEMPLATES);
     for i in 0..exact {
         let (user, profile) = match profiles {
             Profiles::Shared => ("shared-user".to_owned(), "shared".to_owned()),

@@ -465,7 +465,6 @@ async fn explain_says_which_entry_maps_an_identity_or_why_none_does() {
 #[test]
 fn check_config_refuses_bad_templates_all_at_once_and_explain_needs_a_valid_config() {
     let pki = Pki::new();
-    let emulator_endpoint = "http://127.0.0.1:9".to_owned();
     let bad = r#"
 [[callers]]
 spiffe_id = "spiffe://corp.example/ns/{ns}/sa/{sa}"
@@ -507,19 +506,9 @@ common_name = "{svc}"
 iam_user = "cn-{svc}"
 aws_profile = "cn-{svc}"
 "#;
-    let setup = Setup {
-        emulator_endpoint,
-        pki: &pki,
-        callers: Vec::new(),
-        extra_toml: bad.to_owned(),
-        server_toml: String::new(),
-        crl_pem: None,
-        env: Vec::new(),
-        aws_toml: String::new(),
-        ports: None,
-        profiles: Vec::new(),
-    };
-    let (dir, config) = setup.write();
+    let (dir, config) = Setup::with_endpoint("http://127.0.0.1:9", &pki)
+        .toml(bad)
+        .write();
     let (code, out, err) = check_config(dir.path(), &config, false);
     assert_eq!(code, Some(64), "{out}{err}");
     for needle in [
