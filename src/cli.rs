@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check-config`, `dev-pki`, `lockout`.
+//! The command line: `serve`, `check-config` (and `--explain`), `dev-pki`,
+//! `lockout`.
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -9,7 +10,7 @@ use crate::{
     aws::iam::Iam,
     change::principal::Principals,
     config::{CONFIG_ENV, Config, ConfigError},
-    devpki,
+    devpki, explain,
     net::tls,
     server::{self, Listeners, ServeError},
     state::Store,
@@ -49,7 +50,8 @@ enum Command {
     },
     /// Validate the configuration, its files and certificates (an expired CRL
     /// is a problem, one within 24 hours of its nextUpdate a warning), and
-    /// the AWS profiles; exit 64 listing every problem.
+    /// the AWS profiles; exit 64 listing every problem. With --explain, say
+    /// which caller an identity is instead.
     CheckConfig {
         /// Configuration file (TOML).
         #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
@@ -57,8 +59,18 @@ enum Command {
         /// Also ask AWS whose key each profile holds (STS GetCallerIdentity,
         /// else IAM GetUser) and check it is the configured iam_user's, and
         /// PING the [state] store when one is configured.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "explain")]
         online: bool,
+        /// Explain which [[callers]] entry maps IDENTITY — an exact entry or
+        /// a template, with its captures — as which IAM user with which key
+        /// (aws_profile, and whether the AWS shared files define it), or why
+        /// none does. IDENTITY is a SPIFFE ID (spiffe://...), dns:NAME,
+        /// cn:NAME, or a bare name (shown both as a DNS SAN and as a CN).
+        /// Only the configuration is checked (not the TLS files); nothing is
+        /// sent anywhere. Exit 0 when mapped, 1 when not, 64 for a bad
+        /// configuration.
+        #[arg(long, value_name = "IDENTITY")]
+        explain: Option<String>,
     },
     /// Write a throwaway CA, a server certificate (localhost, 127.0.0.1) and
     /// client certificates for local runs and demos. Not for production.
@@ -143,7 +155,12 @@ pub fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => serve(config).await,
-            Command::CheckConfig { config, online } => check_config(config, online).await,
+            Command::CheckConfig {
+                config,
+                explain: Some(identity),
+                ..
+            } => explain(config, &identity).await,
+            Command::CheckConfig { config, online, .. } => check_config(config, online).await,
             Command::DevPki {
                 out,
                 clients,
@@ -215,6 +232,7 @@ async fn run(config: Config, sink: Output) -> ExitCode {
         tls_addr = addr(listeners.tls_addr()),
         admin_addr = addr(listeners.admin_addr()),
         callers = config.callers.len(),
+        templates = config.templates.len(),
         version = env!("CARGO_PKG_VERSION"),
         "credgate listening"
     );
@@ -276,9 +294,10 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
             }
             if problems.is_empty() {
                 println!(
-                    "{}: OK ({} caller(s); mTLS on {}, health on {}{})",
+                    "{}: OK ({} caller(s), {} template(s); mTLS on {}, health on {}{})",
                     path.display(),
                     config.callers.len(),
+                    config.templates.len(),
                     config.server.listen,
                     config.server.admin_listen,
                     if online {
@@ -297,6 +316,33 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
         eprintln!("  - {p}");
     }
     ExitCode::from(EX_USAGE)
+}
+
+/// Exit code of `check-config --explain` for an identity no entry maps.
+pub const EXIT_NOT_MAPPED: u8 = 1;
+
+async fn explain(path: PathBuf, identity: &str) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("credgate: {}: {e}", path.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match explain::explain(&config, identity).await {
+        Ok(explanation) => {
+            print!("{}", explanation.text);
+            if explanation.mapped {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NOT_MAPPED)
+            }
+        }
+        Err(e) => {
+            eprintln!("credgate check-config: {e}");
+            ExitCode::from(EX_USAGE)
+        }
+    }
 }
 
 async fn check_online(config: &Config) -> Vec<String> {

@@ -97,6 +97,7 @@ reasons! {
     AuditUnavailable => "AUDIT_UNAVAILABLE", Unavailable, true;
     InternalError => "INTERNAL_ERROR", Internal, false;
     TooManyRequestIds => "TOO_MANY_REQUEST_IDS", ResourceExhausted, true;
+    IamUserNotProvisioned => "IAM_USER_NOT_PROVISIONED", FailedPrecondition, true;
 }
 
 impl fmt::Display for Reason {
@@ -367,6 +368,13 @@ pub enum Error {
     /// time. Nothing changes on a read.
     #[error("IAM did not answer in time; nothing was changed")]
     IamTimeout,
+    /// The caller's IAM user has no key in the key source (a templated
+    /// caller whose built profile the AWS shared files do not define).
+    #[error(
+        "the IAM user this caller acts as has no access key in credgate's key source; \
+         nothing was sent to IAM: the operator must provision it"
+    )]
+    IamUserNotProvisioned,
     /// The caller's profile signs as another principal than its `iam_user`.
     #[error(
         "the credentials configured for this caller belong to another principal \
@@ -470,6 +478,7 @@ impl Error {
             Self::DeadlineBeforeSend { .. } => Reason::DeadlineBeforeSend,
             Self::IamTimeout => Reason::IamTimeout,
             Self::IamUserMismatch => Reason::IamUserMismatch,
+            Self::IamUserNotProvisioned => Reason::IamUserNotProvisioned,
             Self::CallerConcurrencyExceeded { .. } => Reason::CallerConcurrencyExceeded,
             Self::RequestIdInvalid => Reason::RequestIdInvalid,
             Self::StateUnavailable(_) => Reason::StateUnavailable,
@@ -747,6 +756,7 @@ mod tests {
                 limit: 1000,
                 retry_after: Duration::from_secs(60),
             },
+            Error::IamUserNotProvisioned,
         ]
     }
 
@@ -793,6 +803,7 @@ mod tests {
             (Reason::OutcomeUnknown, Code::DeadlineExceeded),
             (Reason::DeadlineBeforeSend, Code::DeadlineExceeded),
             (Reason::IamUserMismatch, Code::FailedPrecondition),
+            (Reason::IamUserNotProvisioned, Code::FailedPrecondition),
             (Reason::CallerConcurrencyExceeded, Code::ResourceExhausted),
             (Reason::RequestIdInvalid, Code::InvalidArgument),
             (Reason::StateUnavailable, Code::Unavailable),

@@ -35,9 +35,10 @@
 //!
 //! Around them: [`server`] wires it all (health on both ports, reflection,
 //! shutdown), [`cli`] is the command line, [`config`] loads and validates
-//! the configuration (one file per section; caller templates will be
-//! parsed in its `callers`, and resolved in [`net::identity`]), [`devpki`]
-//! writes a dev PKI, [`api`] holds the generated `credgate.v1` types, and
+//! the configuration (one file per section; caller templates are parsed in
+//! its `callers` and `templates`, and resolved in [`net::identity`]),
+//! [`explain`] tells which entry maps an identity, [`devpki`] writes a dev
+//! PKI, [`api`] holds the generated `credgate.v1` types, and
 //! [`error`], [`deadline`] and [`spiffe`] are the vocabulary every layer
 //! shares: the one error enum, its reason table and its one mapping to
 //! `tonic::Status`; the one deadline of a call; the SPIFFE ID rules.
@@ -58,7 +59,7 @@
 //!    AWS, each knowing nothing of the other two.
 //! 5. [`change`]: one password change, over the three below it.
 //! 6. [`rpc`]: each call, from its span to its handler.
-//! 7. [`server`], [`devpki`]: what the commands run.
+//! 7. [`server`], [`devpki`], [`explain`]: what the commands run.
 //! 8. [`cli`]: the commands.
 
 #![forbid(unsafe_code)]
@@ -71,6 +72,7 @@ pub(crate) mod config;
 pub(crate) mod deadline;
 pub mod devpki;
 pub(crate) mod error;
+pub(crate) mod explain;
 #[cfg(test)]
 mod layers;
 pub mod net;

@@ -150,6 +150,7 @@ pub(crate) async fn serve(
     });
     let callers = Arc::new(Callers::new(
         &config.callers,
+        &config.templates,
         config.server.max_requests_per_caller,
     ));
 

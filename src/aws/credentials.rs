@@ -23,7 +23,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -138,11 +138,27 @@ struct Slot {
     generation: AtomicU64,
 }
 
+impl Slot {
+    fn new(client: ProfileClient) -> Self {
+        Self {
+            client: ArcSwap::from_pointee(client),
+            last_refresh: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
 /// The AWS clients, by profile name.
 pub(crate) struct AwsClients {
     settings: AwsSettings,
     http: SharedHttpClient,
-    by_profile: HashMap<String, Slot>,
+    /// The configured profiles' clients, built at start, and those of
+    /// templated callers, added by [`AwsClients::provision`] at first use.
+    by_profile: RwLock<HashMap<String, Arc<Slot>>>,
+    /// The last parse of the shared files and their stamp, for
+    /// [`AwsClients::provision`]: one parse serves every templated
+    /// profile until the files change.
+    parsed: tokio::sync::Mutex<Option<(FilesStamp, Arc<ProfileSet>)>>,
 }
 
 impl AwsClients {
@@ -151,26 +167,76 @@ impl AwsClients {
         settings: &AwsSettings,
         profiles: impl IntoIterator<Item = &'a str>,
     ) -> Self {
-        let mut clients = Self {
+        let clients = Self {
             settings: settings.clone(),
             http: shared_http_client(),
-            by_profile: HashMap::new(),
+            by_profile: RwLock::default(),
+            parsed: tokio::sync::Mutex::default(),
         };
         let parsed = load_profiles().await.ok();
+        let mut by_profile = HashMap::new();
         for profile in profiles {
-            if !clients.by_profile.contains_key(profile) {
+            if !by_profile.contains_key(profile) {
                 let client = clients.build(profile, parsed.as_ref());
-                clients.by_profile.insert(
-                    profile.to_owned(),
-                    Slot {
-                        client: ArcSwap::from_pointee(client),
-                        last_refresh: Mutex::new(None),
-                        generation: AtomicU64::new(0),
-                    },
-                );
+                by_profile.insert(profile.to_owned(), Arc::new(Slot::new(client)));
             }
         }
+        *clients.write() = by_profile;
         clients
+    }
+
+    /// Whether `profile` has clients, building them when the shared files
+    /// define it: a templated caller's profile is known only once its
+    /// identity is resolved. `false` when the files do not define it (the
+    /// caller's key is not provisioned). Issue 19's second part replaces
+    /// this with lazy, bounded clients for every profile.
+    pub(crate) async fn provision(&self, profile: &str) -> bool {
+        if self.slot(profile).is_some() {
+            return true;
+        }
+        let stamp = files_stamp().await;
+        // One parse at a time, shared by every profile while the files
+        // stay the same.
+        let mut parsed = self.parsed.lock().await;
+        if self.slot(profile).is_some() {
+            return true;
+        }
+        let set = match &*parsed {
+            Some((at, set)) if *at == stamp => set.clone(),
+            _ => match load_profiles().await {
+                Ok(set) => {
+                    let set = Arc::new(set);
+                    *parsed = Some((stamp, set.clone()));
+                    set
+                }
+                Err(e) => {
+                    tracing::warn!(profile, error = %e, "cannot read the AWS shared files");
+                    return false;
+                }
+            },
+        };
+        if set.get_profile(profile).is_none() {
+            return false;
+        }
+        let client = self.build(profile, Some(&set));
+        self.write()
+            .entry(profile.to_owned())
+            .or_insert_with(|| Arc::new(Slot::new(client)));
+        true
+    }
+
+    fn slot(&self, profile: &str) -> Option<Arc<Slot>> {
+        self.by_profile
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(profile)
+            .cloned()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Slot>>> {
+        self.by_profile
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn build(&self, profile: &str, parsed: Option<&ProfileSet>) -> ProfileClient {
@@ -229,7 +295,7 @@ impl AwsClients {
 
     /// The clients that sign as `profile`'s IAM user.
     pub(crate) fn get(&self, profile: &str) -> Option<Arc<ProfileClient>> {
-        self.by_profile.get(profile).map(|s| s.client.load_full())
+        self.slot(profile).map(|s| s.client.load_full())
     }
 
     /// Rebuilds `profile`'s clients from a fresh read of the credentials
@@ -238,7 +304,7 @@ impl AwsClients {
     /// not when the files are unchanged since a re-read less than
     /// [`REREAD_UNCHANGED_AFTER`] ago.
     pub(crate) async fn refresh(&self, profile: &str) -> bool {
-        let Some(slot) = self.by_profile.get(profile) else {
+        let Some(slot) = self.slot(profile) else {
             return false;
         };
         let stamp = files_stamp().await;
@@ -265,8 +331,7 @@ impl AwsClients {
     /// How many times `profile` was re-read: its key may have changed since
     /// a lower generation was verified.
     pub(crate) fn generation(&self, profile: &str) -> u64 {
-        self.by_profile
-            .get(profile)
+        self.slot(profile)
             .map_or(0, |s| s.generation.load(Ordering::Acquire))
     }
 

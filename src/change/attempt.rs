@@ -272,6 +272,9 @@ fn runs_again_on_retry(reason: Reason) -> bool {
             | Reason::CallerConcurrencyExceeded
             | Reason::AuditUnavailable
             | Reason::TooManyRequestIds
+            // Nothing was sent, and a new caller's key is often provisioned
+            // minutes after its first call: the retry then runs.
+            | Reason::IamUserNotProvisioned
     )
 }
 
@@ -421,13 +424,19 @@ struct Prepared {
     verified: bool,
 }
 
-/// Verifies the profile and checks the new password against the account
-/// policy.
+/// Finds the caller's key, verifies the profile and checks the new
+/// password against the account policy.
 async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
     let caller = &request.caller;
+    provisioned(gate, caller, request.deadline).await?;
     let (iam_user, verified) = match gate
         .principals
-        .check(&gate.iam, &caller.aws_profile, request.deadline)
+        .check(
+            &gate.iam,
+            &caller.aws_profile,
+            &caller.iam_user,
+            request.deadline,
+        )
         .await?
     {
         Principal::Verified(name) => (name, true),
@@ -463,6 +472,24 @@ async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
         ),
     }
     Ok(Prepared { iam_user, verified })
+}
+
+/// Whether the caller's key exists: an exact entry's profile was set up at
+/// start; a templated caller's built profile may not be in the AWS shared
+/// files (`IAM_USER_NOT_PROVISIONED`, nothing sent to IAM).
+pub(crate) async fn provisioned(
+    gate: &Gate,
+    caller: &Caller,
+    deadline: Deadline,
+) -> Result<(), Error> {
+    bounded(deadline, "key", async {
+        if gate.iam.clients().provision(&caller.aws_profile).await {
+            Ok(())
+        } else {
+            Err(Error::IamUserNotProvisioned)
+        }
+    })
+    .await
 }
 
 /// Calls IAM `ChangePassword`, answering the caller at its deadline at the
@@ -572,6 +599,7 @@ fn verdict(answer: &Answer) -> Verdict {
         | Error::IamUnreachable(_)
         | Error::IamThrottled(_)
         | Error::IamUserMismatch
+        | Error::IamUserNotProvisioned
         | Error::StateUnavailable(_)
         | Error::UpstreamCredentialsRejected(..)
         | Error::IamAccessDenied(_)
@@ -698,6 +726,7 @@ mod tests {
             (Error::DeadlineBeforeSend { stage: "iam" }, Verdict::Release),
             (Error::IamTimeout, Verdict::Release),
             (Error::IamUserMismatch, Verdict::Release),
+            (Error::IamUserNotProvisioned, Verdict::Release),
             (
                 Error::CallerConcurrencyExceeded { limit: 5 },
                 Verdict::Release,

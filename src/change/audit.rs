@@ -17,7 +17,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -61,6 +61,8 @@ impl Outcome {
 #[derive(Debug, Default)]
 struct Record {
     caller: String,
+    /// The `[[callers]]` template that mapped the caller, if one did.
+    caller_template: Option<Arc<str>>,
     iam_user: String,
     peer: Option<SocketAddr>,
     trace_id: String,
@@ -83,9 +85,11 @@ pub(crate) struct AuditSlot {
 
 impl AuditSlot {
     /// Opens the slot for a request from `caller` (the matched identity, or
-    /// what an unmapped certificate presented).
+    /// what an unmapped certificate presented), mapped by `caller_template`
+    /// when a template mapped it.
     pub(crate) fn open(
         caller: &str,
+        caller_template: Option<Arc<str>>,
         iam_user: &str,
         peer: Option<SocketAddr>,
         trace_id: String,
@@ -93,6 +97,7 @@ impl AuditSlot {
         Self {
             record: Mutex::new(Some(Record {
                 caller: caller.to_owned(),
+                caller_template,
                 iam_user: iam_user.to_owned(),
                 peer,
                 trace_id,
@@ -175,6 +180,7 @@ fn emit(record: &Record, outcome: &Outcome) {
                 $($name)*
                 target: AUDIT_TARGET,
                 caller = record.caller.as_str(),
+                caller_template = record.caller_template.as_deref(),
                 iam_user = record.iam_user.as_str(),
                 outcome = outcome.outcome,
                 iam_outcome = outcome.iam_outcome,

@@ -11,7 +11,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -89,9 +89,15 @@ struct Profile {
     flight: tokio::sync::Mutex<()>,
 }
 
-/// Verification state of every configured profile.
+/// Verification state of every configured profile, and of every templated
+/// caller's profile once used.
 pub(crate) struct Principals {
     by_profile: HashMap<String, Profile>,
+    /// Templated callers' profiles, each expecting the IAM user of the
+    /// first caller that used it. Only profiles the shared files define
+    /// get here (`AwsClients::provision` comes first), so the files bound
+    /// it. Issue 19's second part moves every check to first use.
+    templated: Mutex<HashMap<String, Arc<Profile>>>,
 }
 
 impl Principals {
@@ -101,27 +107,61 @@ impl Principals {
         for c in callers {
             by_profile
                 .entry(c.aws_profile.clone())
-                .or_insert_with(|| Profile {
-                    expected: c.iam_user.clone(),
-                    state: Mutex::new(State::Unknown),
-                    flight: tokio::sync::Mutex::new(()),
-                });
+                .or_insert_with(|| Profile::new(&c.iam_user));
         }
-        Self { by_profile }
+        Self {
+            by_profile,
+            templated: Mutex::default(),
+        }
     }
 
-    /// The verdict on `profile` for a call due by `deadline`, verifying it
-    /// first if needed. `Err(IamUserMismatch)` refuses the call; a deadline
+    /// The verdict on `profile` for a call, from a caller acting as
+    /// `iam_user`, due by `deadline`, verifying it first if needed.
+    /// `Err(IamUserMismatch)` refuses the call — also when the profile is
+    /// already known to hold another configured user's key; a deadline
     /// reached while verifying is `DEADLINE_BEFORE_SEND` (nothing was sent).
     pub(crate) async fn check(
         &self,
         iam: &Iam,
         profile: &str,
+        iam_user: &str,
         deadline: Deadline,
     ) -> Result<Verdict, Error> {
-        let Some(entry) = self.by_profile.get(profile) else {
-            return Ok(Verdict::Unverifiable);
+        let templated;
+        let entry = match self.by_profile.get(profile) {
+            Some(entry) => entry,
+            None => {
+                templated = self
+                    .templated
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(profile.to_owned())
+                    .or_insert_with(|| Arc::new(Profile::new(iam_user)))
+                    .clone();
+                &templated
+            }
         };
+        // One profile holds one user's key: a second user on it (two
+        // templates, or a template and an exact entry) is refused.
+        if entry.expected != iam_user {
+            tracing::error!(
+                profile,
+                iam_user,
+                expected_iam_user = entry.expected.as_str(),
+                "two callers act as different IAM users with one profile; refused"
+            );
+            return Err(Error::IamUserMismatch);
+        }
+        Self::verify(iam, profile, entry, deadline).await
+    }
+
+    /// The verdict on `entry`, verifying it first if needed.
+    async fn verify(
+        iam: &Iam,
+        profile: &str,
+        entry: &Profile,
+        deadline: Deadline,
+    ) -> Result<Verdict, Error> {
         let generation = iam.clients().generation(profile);
         if let Some(known) = entry.known(generation) {
             return known;
@@ -164,10 +204,10 @@ impl Principals {
     /// Verifies every profile, a few at a time, each within its own
     /// budget. `serve` runs it in the background: start-up does not wait.
     pub(crate) async fn verify_all(&self, iam: &Iam) {
-        futures_util::stream::iter(self.by_profile.keys())
-            .for_each_concurrent(BACKGROUND_CONCURRENCY, |profile| async move {
+        futures_util::stream::iter(self.by_profile.iter())
+            .for_each_concurrent(BACKGROUND_CONCURRENCY, |(profile, entry)| async move {
                 let deadline = Deadline::at(Instant::now() + BACKGROUND_BUDGET);
-                let _ = self.check(iam, profile, deadline).await;
+                let _ = Self::verify(iam, profile, entry, deadline).await;
             })
             .await;
     }
@@ -180,14 +220,14 @@ impl Principals {
         profiles.sort();
         for profile in profiles {
             let deadline = Deadline::at(Instant::now() + BACKGROUND_BUDGET);
-            match self.check(iam, profile, deadline).await {
+            let entry = &self.by_profile[profile];
+            match Self::verify(iam, profile, entry, deadline).await {
                 Ok(Verdict::Verified(_)) => {}
                 Ok(Verdict::Unverifiable) => problems.push(format!(
                     "aws_profile {profile:?}: cannot verify whose key it holds: neither STS \
                      GetCallerIdentity nor IAM GetUser answered (see the log above)"
                 )),
                 Err(Error::IamUserMismatch) => {
-                    let entry = &self.by_profile[profile];
                     problems.push(format!(
                         "aws_profile {profile:?} signs as {}, not as the configured IAM user {:?}",
                         entry.signer(),
@@ -204,6 +244,14 @@ impl Principals {
 }
 
 impl Profile {
+    fn new(expected: &str) -> Self {
+        Self {
+            expected: expected.to_owned(),
+            state: Mutex::new(State::Unknown),
+            flight: tokio::sync::Mutex::new(()),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -276,6 +324,37 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One profile holds one user's key: a caller acting as another user
+    /// with it is refused before anything is asked of AWS, whether the
+    /// profile is an exact entry's or was first used by a templated caller.
+    #[tokio::test]
+    async fn a_profile_first_held_for_one_user_refuses_another() {
+        let settings = crate::config::AwsSettings {
+            // Nothing listens there; nothing is sent anyway.
+            endpoint_url: Some("http://127.0.0.1:9".to_owned()),
+            ..crate::config::AwsSettings::default()
+        };
+        let iam = Iam::new(crate::aws::credentials::AwsClients::new(&settings, ["p"]).await);
+        let exact = CallerSettings {
+            matcher: crate::config::Matcher::CommonName("alice".into()),
+            iam_user: "alice".into(),
+            aws_profile: "p".into(),
+            entry: 0,
+        };
+        let principals = Principals::new(&[exact]);
+        let now = || Deadline::at(Instant::now());
+        let refused = principals.check(&iam, "p", "bob", now()).await;
+        assert!(
+            matches!(refused, Err(Error::IamUserMismatch)),
+            "{refused:?}"
+        );
+        // A templated caller's profile: the first user it served holds it.
+        let first = principals.check(&iam, "t", "carol", now()).await;
+        assert!(!matches!(first, Err(Error::IamUserMismatch)), "{first:?}");
+        let second = principals.check(&iam, "t", "dave", now()).await;
+        assert!(matches!(second, Err(Error::IamUserMismatch)), "{second:?}");
+    }
 
     #[test]
     fn arns_are_read_by_kind() {

@@ -1,15 +1,24 @@
 //! `[[callers]]`: who may call, recognised by which certificate attribute,
 //! acting as which IAM user with which profile's key.
 //!
-//! Caller templates (DESIGN.md, "Templates": `{capture}`s in `spiffe_id`
-//! and `dns_name`) are parsed here too, as more kinds of [`Matcher`];
-//! `net::identity` resolves a certificate against them.
+//! An entry whose `spiffe_id` or `dns_name` holds `{captures}` is a
+//! template ([`templates`](super::templates)): it is checked here — its
+//! syntax, its names, and that no two templates could match one identity —
+//! and kept apart from the exact entries, which every other part of
+//! credgate reads as before. `net::identity` resolves a certificate
+//! against both, exact entries first.
 
-use std::{collections::HashSet, fmt};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+};
 
 use toml::{Table, Value};
 
-use super::problems::Problems;
+use super::{
+    problems::Problems,
+    templates::{self, CallerTemplate, IdentityTemplate, NameTemplate, Position, TemplateKind},
+};
 use crate::spiffe;
 
 /// The keys of a `[[callers]]` entry.
@@ -30,6 +39,8 @@ pub(crate) struct CallerSettings {
     pub iam_user: String,
     /// The shared-config profile holding that user's access key.
     pub aws_profile: String,
+    /// Its index in `[[callers]]`, for messages, logs and audit.
+    pub entry: usize,
 }
 
 /// Longest DNS SAN or CN a certificate may present (a DNS name is at most
@@ -51,8 +62,8 @@ pub(crate) enum Matcher {
 impl Matcher {
     /// The kind and value together, as the state store keys a caller by
     /// (DESIGN.md: "keyed by the matcher's kind and value together"). A
-    /// templated caller (to come) keys by the identity it resolved to, in
-    /// the same form.
+    /// templated caller keys by the identity it resolved to, in the same
+    /// form.
     pub(crate) fn state_key(&self) -> String {
         match self {
             Self::SpiffeId(v) => format!("spiffe:{v}"),
@@ -72,9 +83,11 @@ impl fmt::Display for Matcher {
     }
 }
 
-pub(super) fn parse(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
-    let mut seen = HashSet::new();
+/// The entries: exact ones, and templates.
+pub(super) fn parse(p: &mut Problems, root: &Table) -> (Vec<CallerSettings>, Vec<CallerTemplate>) {
+    let mut seen = Seen::default();
     let mut callers = Vec::new();
+    let mut templates = Vec::new();
     for (i, entry) in entries(p, root).iter().enumerate() {
         let path = format!("callers[{i}]");
         let Value::Table(t) = entry else {
@@ -82,11 +95,27 @@ pub(super) fn parse(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
             continue;
         };
         p.unknown_keys(t, &format!("{path}."), KEYS);
-        if let Some(caller) = caller(p, &path, t, &mut seen, &callers) {
-            callers.push(caller);
+        match caller(p, &path, i, t, &mut seen) {
+            Some(Entry::Exact(caller)) => callers.push(caller),
+            Some(Entry::Template(template)) => templates.push(template),
+            None => {}
         }
     }
-    callers
+    overlapping(p, &templates);
+    (callers, templates)
+}
+
+/// What the entries before this one took: identities, and each profile's
+/// IAM user (hashed: 10,000 entries are checked in linear time).
+#[derive(Default)]
+struct Seen {
+    identities: HashSet<Matcher>,
+    profiles: HashMap<String, String>,
+}
+
+enum Entry {
+    Exact(CallerSettings),
+    Template(CallerTemplate),
 }
 
 /// The `[[callers]]` entries; none is a problem (everyone would be denied).
@@ -109,18 +138,16 @@ fn entries<'a>(p: &mut Problems, root: &'a Table) -> &'a [Value] {
 
 /// One entry, checked against the entries before it: its identity must be
 /// new, and its profile must not already hold another IAM user's key.
-fn caller(
-    p: &mut Problems,
-    path: &str,
-    t: &Table,
-    seen: &mut HashSet<Matcher>,
-    before: &[CallerSettings],
-) -> Option<CallerSettings> {
+fn caller(p: &mut Problems, path: &str, index: usize, t: &Table, seen: &mut Seen) -> Option<Entry> {
     let matchers = matchers(p, path, t)?;
     let iam_user = p.required_string(t, path, "iam_user");
     let aws_profile = p.required_string(t, path, "aws_profile");
     let matcher = only_matcher(p, path, matchers)?;
-    if !seen.insert(matcher.clone()) {
+    if let Some(kind) = template_kind(p, path, &matcher)? {
+        return template(p, path, index, kind, &matcher, iam_user?, aws_profile?)
+            .map(Entry::Template);
+    }
+    if !seen.identities.insert(matcher.clone()) {
         p.push(format!(
             "{path}: duplicate identity {matcher}: each identity maps to exactly one IAM user"
         ));
@@ -129,30 +156,235 @@ fn caller(
     let (iam_user, aws_profile) = (iam_user?, aws_profile?);
     // A profile holds one user's key: two users on one profile means one
     // caller would act as the other's IAM user.
-    if let Some(first) = before
-        .iter()
-        .find(|c| c.aws_profile == aws_profile && c.iam_user != iam_user)
-    {
-        p.push(format!(
-            "{path}: aws_profile {aws_profile:?} is already the profile of iam_user {:?}; \
-             a profile holds one IAM user's key, so it cannot act as {iam_user:?} too",
-            first.iam_user
-        ));
-        return None;
+    match seen.profiles.get(&aws_profile) {
+        Some(first) if *first != iam_user => {
+            p.push(format!(
+                "{path}: aws_profile {aws_profile:?} is already the profile of iam_user {first:?}; \
+                 a profile holds one IAM user's key, so it cannot act as {iam_user:?} too"
+            ));
+            return None;
+        }
+        Some(_) => {}
+        None => {
+            seen.profiles.insert(aws_profile.clone(), iam_user.clone());
+        }
     }
-    Some(CallerSettings {
+    Some(Entry::Exact(CallerSettings {
         matcher,
+        iam_user,
+        aws_profile,
+        entry: index,
+    }))
+}
+
+/// Which template kind the matcher's value is, `Some(None)` when it is no
+/// template; `None` for template syntax where there are no templates.
+fn template_kind(p: &mut Problems, path: &str, matcher: &Matcher) -> Option<Option<TemplateKind>> {
+    match matcher {
+        Matcher::SpiffeId(v) if templates::is_template(v) => Some(Some(TemplateKind::SpiffeId)),
+        Matcher::DnsName(v) if templates::is_template(v) => Some(Some(TemplateKind::DnsName)),
+        Matcher::CommonName(v) if templates::is_template(v) => {
+            p.push(format!(
+                "{path}.common_name: {v:?}: common_name has no templates ('{{' and '}}' are \
+                 template syntax); a family of callers is a spiffe_id or dns_name template"
+            ));
+            None
+        }
+        _ => Some(None),
+    }
+}
+
+/// A templated entry: its identity template, and the names it builds.
+fn template(
+    p: &mut Problems,
+    path: &str,
+    entry: usize,
+    kind: TemplateKind,
+    matcher: &Matcher,
+    iam_user: String,
+    aws_profile: String,
+) -> Option<CallerTemplate> {
+    let (Matcher::SpiffeId(text) | Matcher::DnsName(text) | Matcher::CommonName(text)) = matcher;
+    let key = kind.key();
+    let identity = IdentityTemplate::parse(kind, text)
+        .map_err(|problems| {
+            for problem in problems {
+                p.push(format!("{path}.{key}: template {text:?} {problem}"));
+            }
+        })
+        .ok()?;
+    let mut name = |field: &str, value: &str| {
+        NameTemplate::parse(value, identity.capture_names())
+            .map_err(|problems| {
+                for problem in problems {
+                    p.push(format!("{path}.{field}: {value:?} {problem}"));
+                }
+            })
+            .ok()
+    };
+    let (iam_user, aws_profile) = (
+        name("iam_user", &iam_user),
+        name("aws_profile", &aws_profile),
+    );
+    let (iam_user, aws_profile) = (iam_user?, aws_profile?);
+    let mut ok = true;
+    if let Some(why) = iam_user.never_an_iam_user() {
+        p.push(format!(
+            "{path}.iam_user: {:?} can never be a valid IAM user name: {why}",
+            iam_user.text
+        ));
+        ok = false;
+    }
+    // One profile holds one user's key: whatever tells two users apart
+    // must tell their profiles apart too.
+    let unused: Vec<&str> = iam_user
+        .capture_names()
+        .filter(|c| !aws_profile.capture_names().any(|d| d == *c))
+        .collect();
+    if !unused.is_empty() {
+        p.push(format!(
+            "{path}.aws_profile: {:?} must use every capture iam_user uses (missing {}): \
+             a profile holds one IAM user's key",
+            aws_profile.text,
+            unused
+                .iter()
+                .map(|c| format!("{{{c}}}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        ok = false;
+    }
+    ok.then_some(CallerTemplate {
+        entry,
+        identity,
         iam_user,
         aws_profile,
     })
 }
 
+/// Two templates that could both match one identity would leave it to the
+/// order of the file which IAM user that identity acts as: refused, each
+/// pair with an identity both match. Only templates of one kind, trust
+/// domain and length can overlap; within such a group a trie of their
+/// positions finds the pairs without comparing every template with every
+/// other (10,000 templates of a family are checked in about linear time).
+fn overlapping(p: &mut Problems, templates: &[CallerTemplate]) {
+    let mut groups: HashMap<(TemplateKind, &str, usize), Trie> = HashMap::new();
+    for (i, t) in templates.iter().enumerate() {
+        let id = &t.identity;
+        groups
+            .entry((id.kind, id.anchor.as_str(), id.positions.len()))
+            .or_default()
+            .insert(&id.positions, i);
+    }
+    let mut pairs = Vec::new();
+    for (i, t) in templates.iter().enumerate() {
+        let id = &t.identity;
+        if let Some(trie) = groups.get(&(id.kind, id.anchor.as_str(), id.positions.len())) {
+            trie.earlier_overlaps(&id.positions, i, &mut pairs);
+        }
+        if pairs.len() > MAX_OVERLAPS_REPORTED {
+            break;
+        }
+    }
+    pairs.sort_unstable();
+    pairs.dedup();
+    for &(later, earlier) in pairs.iter().take(MAX_OVERLAPS_REPORTED) {
+        let (a, b) = (&templates[later], &templates[earlier]);
+        let witness = a.identity.overlap(&b.identity).unwrap_or_default();
+        p.push(format!(
+            "callers[{}]: template {:?} and callers[{}]'s template {:?} could both match one \
+             identity (e.g. {witness:?}); templates must not overlap",
+            a.entry, a.identity.text, b.entry, b.identity.text
+        ));
+    }
+    if pairs.len() > MAX_OVERLAPS_REPORTED {
+        p.push(format!(
+            "callers: more overlapping templates than the {MAX_OVERLAPS_REPORTED} pairs above"
+        ));
+    }
+}
+
+/// Overlapping pairs listed before the rest is summed up in one line.
+const MAX_OVERLAPS_REPORTED: usize = 100;
+
+/// Templates of one group by their positions: a literal value or "a
+/// capture" at each level.
+#[derive(Default)]
+struct Trie {
+    literals: HashMap<String, Trie>,
+    capture: Option<Box<Trie>>,
+    /// Templates whose positions end here.
+    ends: Vec<usize>,
+}
+
+impl Trie {
+    fn insert(&mut self, positions: &[Position], template: usize) {
+        let Some((first, rest)) = positions.split_first() else {
+            self.ends.push(template);
+            return;
+        };
+        let next = match first {
+            Position::Literal(l) => self.literals.entry(l.clone()).or_default(),
+            Position::Capture(_) => self.capture.get_or_insert_with(Box::default),
+        };
+        next.insert(rest, template);
+    }
+
+    /// Adds `(template, other)` for every `other` before `template` that
+    /// could match an identity `positions` matches: at each level, an
+    /// equal literal, a capture, or a literal the capture could take.
+    fn earlier_overlaps(
+        &self,
+        positions: &[Position],
+        template: usize,
+        out: &mut Vec<(usize, usize)>,
+    ) {
+        if out.len() > MAX_OVERLAPS_REPORTED {
+            return;
+        }
+        let Some((first, rest)) = positions.split_first() else {
+            out.extend(
+                self.ends
+                    .iter()
+                    .filter(|&&other| other < template)
+                    .map(|&other| (template, other)),
+            );
+            return;
+        };
+        let capture = self.capture.as_deref();
+        match first {
+            Position::Literal(l) => {
+                if let Some(next) = self.literals.get(l) {
+                    next.earlier_overlaps(rest, template, out);
+                }
+                if let Some(next) = capture.filter(|_| templates::is_capture(l)) {
+                    next.earlier_overlaps(rest, template, out);
+                }
+            }
+            Position::Capture(_) => {
+                if let Some(next) = capture {
+                    next.earlier_overlaps(rest, template, out);
+                }
+                for (l, next) in &self.literals {
+                    if templates::is_capture(l) {
+                        next.earlier_overlaps(rest, template, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Every matcher the entry sets; `None` when its `spiffe_id` breaks the
-/// SPIFFE-ID rules (reported with the rule).
+/// SPIFFE-ID rules (reported with the rule). A template is checked by its
+/// own rules later.
 fn matchers(p: &mut Problems, path: &str, t: &Table) -> Option<Vec<Matcher>> {
     let mut matchers = Vec::new();
     if let Some(v) = p.value::<String>(t, path, "spiffe_id") {
-        if let Err(why) = spiffe::validate(&v) {
+        if !templates::is_template(&v)
+            && let Err(why) = spiffe::validate(&v)
+        {
             p.push(format!(
                 "{path}.spiffe_id: {v:?} is not a SPIFFE ID (spiffe://trust-domain/path): {why}"
             ));

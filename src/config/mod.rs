@@ -14,6 +14,7 @@ mod problems;
 mod server;
 mod state;
 mod telemetry;
+mod templates;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -29,6 +30,10 @@ use problems::Problems;
 pub(crate) use server::ServerSettings;
 pub(crate) use state::{REDIS_PASSWORD_ENV, RedisSettings, StateBackend, StateSettings, Topology};
 pub(crate) use telemetry::{LogFormat, TelemetrySettings};
+pub(crate) use templates::{
+    Built, CAPTURE_RULE, CallerTemplate, IAM_USER_RULE, Miss, Position, TemplateKind,
+    is_iam_user_name, split,
+};
 pub(crate) use tls::TlsSettings;
 
 /// Every section and the keys the parser knows in it. Anything else is an
@@ -61,8 +66,11 @@ pub(crate) struct Config {
     pub state: StateSettings,
     /// Log format.
     pub telemetry: TelemetrySettings,
-    /// Caller identities and the IAM users they act as.
+    /// Caller identities and the IAM users they act as: the exact entries
+    /// (every part of credgate that lists callers or profiles reads these).
     pub callers: Vec<CallerSettings>,
+    /// The templated entries, each mapping a family of identities.
+    pub templates: Vec<CallerTemplate>,
 }
 
 /// Every problem found in a configuration.
@@ -96,7 +104,7 @@ impl Config {
         let limits = limits::parse(&mut p, &root);
         let state = state::parse(&mut p, &root);
         let telemetry = telemetry::parse(&mut p, &root);
-        let callers = callers::parse(&mut p, &root);
+        let (callers, templates) = callers::parse(&mut p, &root);
         match tls {
             Some(tls) if p.0.is_empty() => Ok(Self {
                 server,
@@ -106,6 +114,7 @@ impl Config {
                 state,
                 telemetry,
                 callers,
+                templates,
             }),
             _ => Err(ConfigError { problems: p.0 }),
         }

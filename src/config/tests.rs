@@ -186,6 +186,143 @@ fn one_profile_cannot_stand_for_two_iam_users() {
 }
 
 #[test]
+fn templates_are_parsed_apart_from_the_exact_entries() {
+    let text = with_callers(
+        r#"
+        [[callers]]
+        spiffe_id = "spiffe://corp.example/ns/portal/sa/portal"
+        iam_user = "portal-svc"
+        aws_profile = "portal-svc"
+        [[callers]]
+        spiffe_id = "spiffe://corp.example/ns/{ns}/sa/{sa}"
+        iam_user = "svc-{ns}-{sa}"
+        aws_profile = "{ns}-{sa}"
+        [[callers]]
+        dns_name = "{svc}.apps.corp.example"
+        iam_user = "app-{svc}"
+        aws_profile = "app-{svc}"
+        [[callers]]
+        spiffe_id = "spiffe://corp.example/batch/{job}"
+        iam_user = "batch"
+        aws_profile = "batch"
+    "#,
+    );
+    let config = Config::parse(&text).expect("valid");
+    assert_eq!(config.callers.len(), 1, "exact entries only");
+    assert_eq!(config.callers[0].entry, 0);
+    let entries: Vec<usize> = config.templates.iter().map(|t| t.entry).collect();
+    assert_eq!(entries, [1, 2, 3]);
+    let t = &config.templates[0];
+    assert_eq!(&*t.identity.text, "spiffe://corp.example/ns/{ns}/sa/{sa}");
+    let built = t.build(
+        t.identity
+            .matches("spiffe://corp.example/ns/a/sa/b")
+            .expect("matches"),
+    );
+    assert_eq!(
+        (built.iam_user.as_str(), built.aws_profile.as_str()),
+        ("svc-a-b", "a-b")
+    );
+}
+
+#[test]
+fn every_template_refusal_is_reported_at_once() {
+    let entry = |id: &str, user: &str, profile: &str| {
+        format!("[[callers]]\n{id}\niam_user = {user:?}\naws_profile = {profile:?}\n")
+    };
+    let long = "x".repeat(64);
+    let entries = [
+        // 0, 1: overlap (ns/team/sa/{sa} is also ns/{ns}/sa/{sa}).
+        entry(
+            r#"spiffe_id = "spiffe://corp/ns/{ns}/sa/{sa}""#,
+            "svc-{ns}-{sa}",
+            "{ns}-{sa}",
+        ),
+        entry(
+            r#"spiffe_id = "spiffe://corp/ns/team/sa/{sa}""#,
+            "team-{sa}",
+            "team-{sa}",
+        ),
+        // 2: an undefined capture, in iam_user and in aws_profile.
+        entry(r#"spiffe_id = "spiffe://corp/a/{x}""#, "u-{y}", "p-{z}"),
+        // 3: a capture used twice.
+        entry(r#"spiffe_id = "spiffe://corp/b/{x}/{x}""#, "u-{x}", "p-{x}"),
+        // 4, 5, 6: malformed: unclosed, mixed with text, in the trust domain.
+        entry(r#"spiffe_id = "spiffe://corp/c/{x""#, "u", "p4"),
+        entry(r#"dns_name = "web-{x}.corp""#, "u-{x}", "p-{x}"),
+        entry(r#"spiffe_id = "spiffe://{td}/d/{x}""#, "u-{x}", "p-{x}"),
+        // 7, 8: an IAM user name no capture can make valid.
+        entry(
+            r#"spiffe_id = "spiffe://corp/e/{x}""#,
+            &format!("{long}{{x}}"),
+            "e-{x}",
+        ),
+        entry(r#"spiffe_id = "spiffe://corp/f/{x}""#, "svc/{x}", "f-{x}"),
+        // 9: common_name has no templates.
+        entry(r#"common_name = "{svc}.corp""#, "u-{svc}", "p-{svc}"),
+        // 10: a profile that does not tell users apart.
+        entry(r#"spiffe_id = "spiffe://corp/g/{x}""#, "g-{x}", "shared"),
+        // 11: captures after a literal label.
+        entry(r#"dns_name = "apps.{svc}.corp""#, "u-{svc}", "p-{svc}"),
+        // 12: the rules for exact entries still hold beside templates.
+        entry(r#"spiffe_id = "spiffe://corp/h?q""#, "h", "h"),
+    ];
+    let err = Config::parse(&with_callers(&entries.concat())).expect_err("invalid");
+    let all = err.problems.join("\n");
+    for needle in [
+        "callers[1]: template \"spiffe://corp/ns/team/sa/{sa}\" and callers[0]'s template",
+        "\"spiffe://corp/ns/team/sa/x\"",
+        "callers[2].iam_user: \"u-{y}\" uses {y}, which the identity template does not capture",
+        "callers[2].aws_profile: \"p-{z}\" uses {z}",
+        "callers[3].spiffe_id: template \"spiffe://corp/b/{x}/{x}\" capture {x} is used twice",
+        "callers[4].spiffe_id: template \"spiffe://corp/c/{x\" \"{x\" has a '{' that is not closed",
+        "callers[5].dns_name: template \"web-{x}.corp\" label \"web-{x}\" mixes a capture",
+        "callers[6].spiffe_id: template \"spiffe://{td}/d/{x}\" the trust domain cannot be a capture",
+        "callers[7].iam_user: ",
+        "is at least 65 characters long",
+        "callers[8].iam_user: \"svc/{x}\" can never be a valid IAM user name: its literal text has '/'",
+        "callers[9].common_name: \"{svc}.corp\": common_name has no templates",
+        "callers[10].aws_profile: \"shared\" must use every capture iam_user uses (missing {x})",
+        "callers[11].dns_name: template \"apps.{svc}.corp\" captures must be the leading labels",
+        "callers[12].spiffe_id: \"spiffe://corp/h?q\" is not a SPIFFE ID",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert_eq!(err.problems.len(), 13, "{all}");
+}
+
+#[test]
+fn thousands_of_templates_are_checked_for_overlap_without_comparing_all_pairs() {
+    let mut callers = String::new();
+    for i in 0..10_000 {
+        callers.push_str(&format!(
+            "[[callers]]\nspiffe_id = \"spiffe://corp/team-{i}/{{svc}}\"\n\
+             iam_user = \"t{i}-{{svc}}\"\naws_profile = \"t{i}-{{svc}}\"\n"
+        ));
+    }
+    let config = Config::parse(&with_callers(&callers)).expect("no overlap");
+    assert_eq!(config.templates.len(), 10_000);
+    // One template that overlaps them all is found with each of them,
+    // reported up to a bound.
+    callers.push_str(
+        "[[callers]]\nspiffe_id = \"spiffe://corp/{team}/api\"\niam_user = \"x-{team}\"\n\
+         aws_profile = \"x-{team}\"\n",
+    );
+    let err = Config::parse(&with_callers(&callers)).expect_err("overlaps");
+    assert!(
+        err.problems[0].starts_with("callers[10000]: template"),
+        "{}",
+        err.problems[0]
+    );
+    assert!(
+        err.problems
+            .last()
+            .is_some_and(|p| p.contains("more overlapping")),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_state_section_selects_a_backend_and_refuses_passwords_in_the_url() {
     let config = Config::parse(MINIMAL).expect("valid");
     assert_eq!(config.state.backend, StateBackend::Memory);
@@ -363,6 +500,96 @@ proptest::proptest! {
         // at least one problem.
         if let Err(e) = Config::parse(&text) {
             proptest::prop_assert!(!e.problems.is_empty());
+        }
+    }
+}
+
+/// A template's positions from `parts`: a literal from a small alphabet
+/// (so that templates and identities collide often), or a capture.
+fn template_path(parts: &[Option<String>]) -> String {
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match p {
+            Some(literal) => format!("/{literal}"),
+            None => format!("/{{c{i}}}"),
+        })
+        .collect()
+}
+
+proptest::proptest! {
+    /// Whatever set of templates the parser accepts, no identity is
+    /// matched by two of them; whatever it refuses for overlap, some
+    /// identity is.
+    #[test]
+    fn templates_the_parser_accepts_never_match_one_identity_together(
+        templates in proptest::collection::vec(
+            proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(None),
+                    proptest::strategy::Strategy::prop_map("[ab]", Some),
+                ],
+                1..4,
+            ),
+            1..6,
+        ),
+        ids in proptest::collection::vec(proptest::collection::vec("[abc]", 1..4), 1..20),
+    ) {
+        use proptest::prelude::*;
+        // Every entry a template: one capture at least.
+        let templates: Vec<Vec<Option<String>>> = templates
+            .into_iter()
+            .map(|mut parts| {
+                if parts.iter().all(Option::is_some) {
+                    parts[0] = None;
+                }
+                parts
+            })
+            .collect();
+        let callers: String = templates
+            .iter()
+            .enumerate()
+            .map(|(i, parts)| {
+                format!(
+                    "[[callers]]\nspiffe_id = \"spiffe://td{}\"\niam_user = \"u{i}\"\n\
+                     aws_profile = \"p{i}\"\n",
+                    template_path(parts)
+                )
+            })
+            .collect();
+        match Config::parse(&with_callers(&callers)) {
+            Ok(config) => {
+                for id in &ids {
+                    let id = format!("spiffe://td/{}", id.join("/"));
+                    let matching = config
+                        .templates
+                        .iter()
+                        .filter(|t| t.identity.matches(&id).is_ok())
+                        .count();
+                    prop_assert!(matching <= 1, "{} matched by {}", id, matching);
+                }
+            }
+            Err(e) => {
+                // The only way these entries can be wrong is an overlap, and
+                // each reported one names an identity both templates match.
+                for problem in &e.problems {
+                    prop_assert!(problem.contains("could both match"), "{}", problem);
+                }
+                let witness = e.problems[0].split("(e.g. \"").nth(1).and_then(|w| w.split('"').next());
+                let witness = witness.expect("a witness");
+                let parsed: Vec<_> = templates
+                    .iter()
+                    .filter_map(|parts| {
+                        super::templates::IdentityTemplate::parse(
+                            TemplateKind::SpiffeId,
+                            &format!("spiffe://td{}", template_path(parts)),
+                        )
+                        .ok()
+                    })
+                    .filter(|t| t.matches(witness).is_ok())
+                    .collect();
+                prop_assert!(parsed.len() >= 2, "{} is matched by {:?}", witness, parsed);
+            }
         }
     }
 }

@@ -396,12 +396,14 @@ impl Accepted {
         // The identity's budget is taken before anything else: a connection
         // that then says nothing still counts against its certificate.
         let caller = caller_of(&stream, &shared.callers);
-        let identity = caller.as_ref().ok().map(|c| c.identity.clone());
-        let Some(_identity_slot) = shared.by_identity.try_take(identity.clone()) else {
+        // Keyed by kind and value (the state key): a templated identity's
+        // connections share one budget, as an exact entry's do.
+        let identity = caller.as_ref().ok().map(|c| c.key.clone());
+        let Some(_identity_slot) = shared.by_identity.try_take(identity) else {
             if let Some(suppressed) = shared.over_budget.ready() {
                 tracing::warn!(
                     peer.address = %peer,
-                    caller = identity.as_deref().unwrap_or("(unmapped)"),
+                    caller = caller.as_ref().map_or("(unmapped)", |c| c.identity.as_str()),
                     limit = shared.settings.max_connections_per_caller,
                     suppressed,
                     "connection refused: its identity holds server.max_connections_per_caller connections"

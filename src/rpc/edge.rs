@@ -380,6 +380,7 @@ fn open_audit_slot(conn: &Connection, method: Method) -> Option<Arc<AuditSlot>> 
         let (trace_id, _) = telemetry::current_ids();
         Arc::new(AuditSlot::open(
             presented_caller,
+            conn.caller.as_ref().ok().and_then(|c| c.template.clone()),
             iam_user,
             Some(conn.peer),
             trace_id,

@@ -109,6 +109,9 @@ impl PasswordService for PasswordGate {
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<Response<GetPasswordPolicyResponse>, Status> {
         let admitted = admitted(&request)?;
+        attempt::provisioned(&self.gate, &admitted.caller, admitted.deadline)
+            .await
+            .map_err(reject)?;
         let profile = &admitted.caller.aws_profile;
         let policy = self
             .gate

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::{
-    config::{Config, Matcher, StateBackend},
+    config::{Config, Matcher, StateBackend, TemplateKind},
     spiffe,
     state::{Lockout, Store},
     telemetry,
@@ -62,12 +62,22 @@ pub(crate) fn resolve(config: &Config, identity: &str) -> Result<String, Lockout
         // resolves to identities the file does not list.
         return Ok(matcher.state_key());
     }
-    let candidates: Vec<&Matcher> = config
+    let mut candidates: Vec<Matcher> = config
         .callers
         .iter()
         .map(|c| &c.matcher)
         .filter(|m| matches!(m, Matcher::DnsName(v) | Matcher::CommonName(v) if v == identity))
+        .cloned()
         .collect();
+    // A DNS name a template maps, when no exact entry names it as one.
+    let dns = Matcher::DnsName(identity.to_owned());
+    if !candidates.contains(&dns)
+        && config.templates.iter().any(|t| {
+            t.identity.kind == TemplateKind::DnsName && t.identity.matches(identity).is_ok()
+        })
+    {
+        candidates.push(dns);
+    }
     match candidates.as_slice() {
         [one] => Ok(one.state_key()),
         [] => usage(format!(
@@ -168,4 +178,52 @@ fn hostname() -> String {
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(callers: &str) -> Config {
+        Config::parse(&format!(
+            "[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+             [state]\nurl = \"redis://127.0.0.1:1/0\"\n{callers}"
+        ))
+        .expect("valid")
+    }
+
+    #[test]
+    fn a_bare_name_a_dns_template_maps_is_that_dns_identity() {
+        let config = config(
+            r#"
+            [[callers]]
+            dns_name = "{svc}.apps.corp.example"
+            iam_user = "app-{svc}"
+            aws_profile = "app-{svc}"
+            [[callers]]
+            common_name = "web.apps.corp.example"
+            iam_user = "legacy"
+            aws_profile = "legacy"
+            "#,
+        );
+        let key = |id: &str| resolve(&config, id).map_err(|e| e.to_string());
+        assert_eq!(
+            key("api.apps.corp.example"),
+            Ok("dns:api.apps.corp.example".to_owned())
+        );
+        // Both a templated DNS identity and an exact CN: the kind must be named.
+        let both = key("web.apps.corp.example").expect_err("ambiguous");
+        assert!(
+            both.contains("cn:web.apps.corp.example, dns:web.apps.corp.example"),
+            "{both}"
+        );
+        assert!(
+            key("a.b.apps.corp.example").is_err(),
+            "a capture is one label"
+        );
+        assert_eq!(
+            key("spiffe://corp.example/ns/a/sa/b"),
+            Ok("spiffe:spiffe://corp.example/ns/a/sa/b".to_owned())
+        );
+    }
 }

@@ -192,7 +192,7 @@ REQUIRED = {
     "CredgateCallerErrorRatioHigh": 'error_type=~"PASSWORD_INVALID|',
     "CredgateOutcomeUnknown": 'error_type="OUTCOME_UNKNOWN"',
     "CredgateTooManyFailedAttempts": 'error_type="TOO_MANY_FAILED_ATTEMPTS"',
-    "CredgateUpstreamCredentialsRejected": 'error_type=~"UPSTREAM_CREDENTIALS_REJECTED|IAM_USER_MISMATCH"',
+    "CredgateUpstreamCredentialsRejected": 'error_type=~"UPSTREAM_CREDENTIALS_REJECTED|IAM_USER_MISMATCH|IAM_USER_NOT_PROVISIONED"',
     "CredgateStateUnavailable": 'error_type="STATE_UNAVAILABLE"',
     "CredgateStateDown": "credgate_state_up == 0",
     "CredgateStateLostRecords": "credgate_state_lost_records_total",

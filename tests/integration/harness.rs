@@ -166,7 +166,32 @@ impl Emulator {
     /// Creates an IAM user allowed `actions`, with a console password (unless
     /// `None`) and an access key.
     pub async fn user(&self, password: Option<&str>, actions: &[&str]) -> IamUser {
-        let name = unique("user");
+        self.user_named(&unique("user"), password, actions).await
+    }
+
+    /// A user allowed everything credgate needs, with `password`, named
+    /// `name` (a templated caller's IAM user is built from its identity).
+    pub async fn standard_user_named(&self, name: &str, password: &str) -> IamUser {
+        self.user_named(
+            name,
+            Some(password),
+            &[
+                "iam:ChangePassword",
+                "iam:GetAccountPasswordPolicy",
+                "iam:GetUser",
+            ],
+        )
+        .await
+    }
+
+    /// As [`Emulator::user`], named `name`.
+    pub async fn user_named(
+        &self,
+        name: &str,
+        password: Option<&str>,
+        actions: &[&str],
+    ) -> IamUser {
+        let name = name.to_owned();
         let admin = self.admin();
         admin
             .create_user()
@@ -203,15 +228,7 @@ impl Emulator {
 
     /// A user allowed everything credgate needs, with `password`.
     pub async fn standard_user(&self, password: &str) -> IamUser {
-        self.user(
-            Some(password),
-            &[
-                "iam:ChangePassword",
-                "iam:GetAccountPasswordPolicy",
-                "iam:GetUser",
-            ],
-        )
-        .await
+        self.standard_user_named(&unique("user"), password).await
     }
 
     /// A new access key for `user`.
@@ -469,12 +486,21 @@ pub struct Setup<'a> {
     pub aws_toml: String,
     /// Fixed (mTLS, admin) ports instead of port 0.
     pub ports: Option<(u16, u16)>,
+    /// Profiles in the AWS credentials file besides the callers' own (those
+    /// templated callers' built `aws_profile`s name).
+    pub profiles: Vec<(String, AccessKey)>,
 }
 
 impl<'a> Setup<'a> {
     pub fn new(emulator: &Emulator, pki: &'a Pki) -> Setup<'a> {
+        Setup::with_endpoint(&emulator.endpoint, pki)
+    }
+
+    /// A setup whose AWS endpoint is `endpoint` (one nobody listens on, for
+    /// tests that must not reach AWS).
+    pub fn with_endpoint(endpoint: &str, pki: &'a Pki) -> Setup<'a> {
         Setup {
-            emulator_endpoint: emulator.endpoint.clone(),
+            emulator_endpoint: endpoint.to_owned(),
             pki,
             callers: Vec::new(),
             extra_toml: String::new(),
@@ -483,7 +509,14 @@ impl<'a> Setup<'a> {
             env: Vec::new(),
             aws_toml: String::new(),
             ports: None,
+            profiles: Vec::new(),
         }
+    }
+
+    /// A profile `name` holding `key` in the AWS credentials file.
+    pub fn profile(mut self, name: &str, key: &AccessKey) -> Self {
+        self.profiles.push((name.to_owned(), key.clone()));
+        self
     }
 
     pub fn caller(mut self, entry: CallerEntry) -> Self {
@@ -542,14 +575,17 @@ impl<'a> Setup<'a> {
             .unwrap_or_default();
         let mut credentials = String::new();
         let mut callers = String::new();
-        for c in &self.callers {
+        let keys = self.callers.iter().map(|c| (&c.profile, &c.key));
+        for (profile, key) in keys.chain(self.profiles.iter().map(|(p, k)| (p, k))) {
             credentials.push_str(&format!(
-                "[{}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-                c.profile, c.key.id, c.key.secret
+                "[{profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                key.id, key.secret
             ));
-            if let Some(token) = &c.key.session_token {
+            if let Some(token) = &key.session_token {
                 credentials.push_str(&format!("aws_session_token = {token}\n"));
             }
+        }
+        for c in &self.callers {
             callers.push_str(&format!(
                 "[[callers]]\n{}\niam_user = {:?}\naws_profile = {:?}\n\n",
                 c.matcher, c.iam_user, c.profile
@@ -819,6 +855,17 @@ impl Credgate {
             lines,
             child: Some(child),
         }
+    }
+
+    /// The process's resident memory now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
     }
 
     /// Every line credgate wrote so far (stdout and stderr).
