@@ -97,6 +97,8 @@ reasons! {
     AuditUnavailable => "AUDIT_UNAVAILABLE", Unavailable, true;
     InternalError => "INTERNAL_ERROR", Internal, false;
     TooManyRequestIds => "TOO_MANY_REQUEST_IDS", ResourceExhausted, true;
+    IamUserNotProvisioned => "IAM_USER_NOT_PROVISIONED", FailedPrecondition, true;
+    KeySourceUnavailable => "KEY_SOURCE_UNAVAILABLE", Unavailable, true;
 }
 
 impl fmt::Display for Reason {
@@ -444,6 +446,17 @@ pub enum Error {
         /// When the oldest record expires.
         retry_after: Duration,
     },
+    /// The caller's IAM user has no key in the configured source: no
+    /// secret (Secrets Manager), or a secret without a usable key.
+    #[error(
+        "this caller's IAM user has no access key in credgate's key source; the operator must \
+         provision it; nothing was sent to IAM"
+    )]
+    IamUserNotProvisioned,
+    /// The key source (Secrets Manager) could not be read, and no key of
+    /// the user was at hand.
+    #[error("credgate cannot read this caller's access key right now; nothing was sent to IAM")]
+    KeySourceUnavailable(#[source] Cause),
 }
 
 impl Error {
@@ -481,6 +494,8 @@ impl Error {
             Self::AuditUnavailable => Reason::AuditUnavailable,
             Self::Internal { .. } => Reason::InternalError,
             Self::TooManyRequestIds { .. } => Reason::TooManyRequestIds,
+            Self::IamUserNotProvisioned => Reason::IamUserNotProvisioned,
+            Self::KeySourceUnavailable(_) => Reason::KeySourceUnavailable,
             Self::Replayed(r) => r.reason,
         }
     }
@@ -517,6 +532,7 @@ impl Error {
             | Self::StillInProgress
             | Self::CallerConcurrencyExceeded { .. }
             | Self::StateUnavailable(_)
+            | Self::KeySourceUnavailable(_)
             | Self::AuditUnavailable => Some(DEFAULT_RETRY_DELAY),
             _ => None,
         }
@@ -747,6 +763,8 @@ mod tests {
                 limit: 1000,
                 retry_after: Duration::from_secs(60),
             },
+            Error::IamUserNotProvisioned,
+            Error::KeySourceUnavailable(Cause::msg("Secrets Manager unreachable")),
         ]
     }
 
@@ -796,6 +814,7 @@ mod tests {
             (Reason::CallerConcurrencyExceeded, Code::ResourceExhausted),
             (Reason::RequestIdInvalid, Code::InvalidArgument),
             (Reason::StateUnavailable, Code::Unavailable),
+            (Reason::IamUserNotProvisioned, Code::FailedPrecondition),
             (Reason::IamError, Code::Internal),
         ];
         for (reason, code) in rows {

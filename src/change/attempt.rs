@@ -40,6 +40,7 @@ use tracing::Instrument;
 use crate::{
     aws::credentials::TRANSMITTED,
     aws::iam::Iam,
+    aws::keys::Signer,
     aws::password::Password,
     change::audit::{AuditSlot, Outcome},
     change::policy_cache::PolicyCache,
@@ -56,7 +57,8 @@ pub(crate) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything an attempt needs, shared by all of them.
 pub(crate) struct Gate {
-    pub(crate) iam: Iam,
+    /// Shared with the key custody's background work.
+    pub(crate) iam: Arc<Iam>,
     pub(crate) store: Store,
     pub(crate) principals: Principals,
     pub(crate) policies: PolicyCache,
@@ -272,6 +274,7 @@ fn runs_again_on_retry(reason: Reason) -> bool {
             | Reason::CallerConcurrencyExceeded
             | Reason::AuditUnavailable
             | Reason::TooManyRequestIds
+            | Reason::KeySourceUnavailable
     )
 }
 
@@ -379,7 +382,7 @@ impl Witness {
     fn answered(&self, answer: Answer) -> Answer {
         let _ = self.answer.set(answer.clone());
         #[cfg(feature = "fault-injection")]
-        crate::change::fault::point("after_iam");
+        crate::fault::point("after_iam");
         answer
     }
 
@@ -421,13 +424,19 @@ struct Prepared {
     verified: bool,
 }
 
-/// Verifies the profile and checks the new password against the account
-/// policy.
+/// Whose key signs for `caller`.
+pub(crate) fn signer(caller: &Caller) -> Signer {
+    Signer::new(&caller.iam_user, caller.aws_profile.as_deref())
+}
+
+/// Verifies the caller's key and checks the new password against the
+/// account policy.
 async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
     let caller = &request.caller;
+    let signer = signer(caller);
     let (iam_user, verified) = match gate
         .principals
-        .check(&gate.iam, &caller.aws_profile, request.deadline)
+        .check(&gate.iam, &signer, request.deadline)
         .await?
     {
         Principal::Verified(name) => (name, true),
@@ -435,7 +444,7 @@ async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
     };
     match gate
         .policies
-        .get(&gate.iam, &caller.aws_profile, request.deadline)
+        .get(&gate.iam, &signer, request.deadline)
         .await
     {
         Ok(Some(policy)) => {
@@ -486,10 +495,11 @@ async fn change(
     // The signer's kind disambiguates InvalidUserType: a verified profile is
     // known to hold an IAM user's key; otherwise the key's shape decides.
     let verified = verified.then_some(true);
+    let signer = signer(caller);
     let call = TRANSMITTED.scope(
         transmitted.clone(),
         gate.iam.change_password(
-            &caller.aws_profile,
+            &signer,
             &request.old,
             &request.new,
             request.deadline,
@@ -576,6 +586,8 @@ fn verdict(answer: &Answer) -> Verdict {
         | Error::UpstreamCredentialsRejected(..)
         | Error::IamAccessDenied(_)
         | Error::LoginProfileMissing(_)
+        | Error::IamUserNotProvisioned
+        | Error::KeySourceUnavailable(_)
         | Error::AuditUnavailable
         | Error::Internal {
             maybe_sent: false, ..
@@ -743,6 +755,11 @@ mod tests {
                 Error::Replayed(Box::new(
                     Error::OldPasswordIncorrect(aws(IamCode::InvalidUserType)).rejection(),
                 )),
+                Verdict::Release,
+            ),
+            (Error::IamUserNotProvisioned, Verdict::Release),
+            (
+                Error::KeySourceUnavailable(Cause::msg("down")),
                 Verdict::Release,
             ),
         ];

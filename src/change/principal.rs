@@ -1,24 +1,33 @@
-//! Verified mappings: whose key each profile really holds.
+//! Verified mappings: whose key each signer really holds.
 //!
-//! `[[callers]]` says "this caller acts as IAM user X with profile P"; only
-//! AWS knows whose key P holds. At start-up every distinct profile is asked
-//! (STS `GetCallerIdentity`, which needs no permission; IAM `GetUser` as the
-//! fallback) in the background, and a profile not verified yet is verified on
-//! first use. A profile whose key belongs to another IAM user, to the root
-//! user or to a role session is refused (`IAM_USER_MISMATCH`) without calling
-//! `ChangePassword`; one whose identity cannot be read at all is served as
-//! before, with one warning. A refreshed key (rotation) is verified again.
+//! `[[callers]]` says "this caller acts as IAM user X" (with the key of
+//! profile P, or the key of X's secret); only AWS knows whose key that is.
+//! At start-up every configured signer is asked (STS `GetCallerIdentity`,
+//! which needs no permission; IAM `GetUser` as the fallback) in the
+//! background, and a signer not verified yet is verified on first use. A key
+//! that belongs to another IAM user, to the root user or to a role session is
+//! refused (`IAM_USER_MISMATCH`) without calling `ChangePassword`; one whose
+//! identity cannot be read at all is served as before, with one warning. A
+//! changed key (a re-read profile, a rotated secret) is verified again. A
+//! signer without a key at all (`IAM_USER_NOT_PROVISIONED`) or whose key
+//! cannot be read right now (`KEY_SOURCE_UNAVAILABLE`) is refused before
+//! anything is sent to AWS.
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use crate::{aws::iam::Iam, config::CallerSettings, deadline::Deadline, error::Error};
+use crate::{
+    aws::iam::{Iam, Principal},
+    aws::keys::Signer,
+    deadline::Deadline,
+    error::Error,
+};
 
 /// How long an unverifiable profile is served before credgate asks again
 /// (STS may have been down, or a permission may have been added).
@@ -27,42 +36,6 @@ const RETRY_UNVERIFIABLE: Duration = Duration::from_secs(60);
 const BACKGROUND_BUDGET: Duration = Duration::from_secs(10);
 /// Profiles verified at once in the background.
 const BACKGROUND_CONCURRENCY: usize = 4;
-
-/// What an ARN says about its principal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Principal {
-    /// An IAM user, by name (the last path segment).
-    User(String),
-    /// The account root user.
-    Root,
-    /// Anything else: an assumed-role or federated session.
-    Other,
-}
-
-impl Principal {
-    /// Reads `arn:<partition>:iam::<account>:user/<path/>name`,
-    /// `arn:<partition>:iam::<account>:root`, or anything else.
-    pub(crate) fn of_arn(arn: &str) -> Self {
-        let mut parts = arn.splitn(6, ':');
-        let (Some("arn"), Some(_partition), Some(service), Some(_region), Some(_account)) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return Self::Other;
-        };
-        match (service, parts.next()) {
-            ("iam", Some("root")) => Self::Root,
-            ("iam", Some(resource)) => match resource.strip_prefix("user/") {
-                Some(path) => Self::User(path.rsplit('/').next().unwrap_or_default().to_owned()),
-                None => Self::Other,
-            },
-            _ => Self::Other,
-        }
-    }
-}
 
 /// The verdict on a profile, for one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,47 +55,64 @@ enum State {
 }
 
 struct Profile {
-    /// The configured `iam_user` (config makes it one per profile).
+    /// The IAM user the key must be.
     expected: String,
     state: Mutex<State>,
-    /// One verification at a time per profile.
+    /// One verification at a time per signer.
     flight: tokio::sync::Mutex<()>,
 }
 
-/// Verification state of every configured profile.
+/// Verification state of every signer seen: the configured ones from the
+/// start, any other (a templated caller) once it calls.
 pub(crate) struct Principals {
-    by_profile: HashMap<String, Profile>,
+    configured: Vec<Signer>,
+    by_signer: Mutex<HashMap<Signer, Arc<Profile>>>,
 }
 
 impl Principals {
-    /// Every distinct profile of `callers`, none verified yet.
-    pub(crate) fn new(callers: &[CallerSettings]) -> Self {
-        let mut by_profile = HashMap::new();
-        for c in callers {
-            by_profile
-                .entry(c.aws_profile.clone())
-                .or_insert_with(|| Profile {
-                    expected: c.iam_user.clone(),
-                    state: Mutex::new(State::Unknown),
-                    flight: tokio::sync::Mutex::new(()),
-                });
+    /// The configured `signers`, none verified yet.
+    pub(crate) fn new(signers: impl IntoIterator<Item = Signer>) -> Self {
+        let mut configured: Vec<Signer> = signers.into_iter().collect();
+        configured.sort();
+        configured.dedup();
+        Self {
+            configured,
+            by_signer: Mutex::new(HashMap::new()),
         }
-        Self { by_profile }
     }
 
-    /// The verdict on `profile` for a call due by `deadline`, verifying it
-    /// first if needed. `Err(IamUserMismatch)` refuses the call; a deadline
-    /// reached while verifying is `DEADLINE_BEFORE_SEND` (nothing was sent).
+    fn entry(&self, signer: &Signer) -> Arc<Profile> {
+        self.by_signer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(signer.clone())
+            .or_insert_with(|| {
+                Arc::new(Profile {
+                    expected: signer.iam_user().to_owned(),
+                    state: Mutex::new(State::Unknown),
+                    flight: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    /// The verdict on `signer` for a call due by `deadline`, reading its key
+    /// and verifying it first if needed. `Err(IamUserMismatch)` refuses the
+    /// call, and so do `IAM_USER_NOT_PROVISIONED` and `KEY_SOURCE_UNAVAILABLE`;
+    /// a deadline reached on the way is `DEADLINE_BEFORE_SEND` (nothing was
+    /// sent to IAM).
     pub(crate) async fn check(
         &self,
         iam: &Iam,
-        profile: &str,
+        signer: &Signer,
         deadline: Deadline,
     ) -> Result<Verdict, Error> {
-        let Some(entry) = self.by_profile.get(profile) else {
-            return Ok(Verdict::Unverifiable);
-        };
-        let generation = iam.clients().generation(profile);
+        // The key first: without one there is nothing to verify or send.
+        tokio::time::timeout_at(deadline.instant(), iam.keys().for_user(signer))
+            .await
+            .map_err(|_| Error::DeadlineBeforeSend { stage: "key" })??;
+        let entry = self.entry(signer);
+        let generation = iam.keys().generation(signer);
         if let Some(known) = entry.known(generation) {
             return known;
         }
@@ -133,8 +123,8 @@ impl Principals {
         if let Some(known) = entry.known(generation) {
             return known;
         }
-        match iam.caller_identity(profile, deadline).await {
-            Ok(identity) => entry.settle(profile, generation, &identity.arn),
+        match iam.caller_identity(signer, deadline).await {
+            Ok(identity) => entry.settle(signer, generation, &identity.arn),
             // Out of this call's time: leave the profile unverified and let
             // the next call (or the background task) finish the job.
             Err((Error::DeadlineBeforeSend { .. } | Error::IamTimeout, _))
@@ -143,13 +133,16 @@ impl Principals {
             {
                 Err(Error::DeadlineBeforeSend { stage: "identity" })
             }
+            // No key, or none readable: refused, nothing was sent.
+            Err((e @ (Error::IamUserNotProvisioned | Error::KeySourceUnavailable(_)), _)) => Err(e),
             Err((sts, iam_err)) => {
                 tracing::warn!(
-                    profile,
+                    iam_user = signer.iam_user(),
+                    profile = signer.profile(),
                     sts = %sts,
                     sts_cause = %crate::error::chain(&sts),
                     iam = %iam_err,
-                    "cannot read whose key this profile holds (STS GetCallerIdentity and IAM GetUser \
+                    "cannot read whose key this is (STS GetCallerIdentity and IAM GetUser \
                      both failed); serving it as configured, unverified"
                 );
                 *entry.lock() = State::Unverifiable {
@@ -161,41 +154,44 @@ impl Principals {
         }
     }
 
-    /// Verifies every profile, a few at a time, each within its own
-    /// budget. `serve` runs it in the background: start-up does not wait.
+    /// Verifies every configured signer, a few at a time, each within its
+    /// own budget. `serve` runs it in the background: start-up does not wait.
     pub(crate) async fn verify_all(&self, iam: &Iam) {
-        futures_util::stream::iter(self.by_profile.keys())
-            .for_each_concurrent(BACKGROUND_CONCURRENCY, |profile| async move {
+        futures_util::stream::iter(&self.configured)
+            .for_each_concurrent(BACKGROUND_CONCURRENCY, |signer| async move {
                 let deadline = Deadline::at(Instant::now() + BACKGROUND_BUDGET);
-                let _ = self.check(iam, profile, deadline).await;
+                let _ = self.check(iam, signer, deadline).await;
             })
             .await;
     }
 
-    /// Offline problems and verdicts for `check-config --online`: every
-    /// profile, one line per problem.
+    /// Problems and verdicts for `check-config --online`: every configured
+    /// signer, one line per problem.
     pub(crate) async fn problems(&self, iam: &Iam) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut profiles: Vec<&String> = self.by_profile.keys().collect();
-        profiles.sort();
-        for profile in profiles {
+        for signer in &self.configured {
             let deadline = Deadline::at(Instant::now() + BACKGROUND_BUDGET);
-            match self.check(iam, profile, deadline).await {
+            match self.check(iam, signer, deadline).await {
                 Ok(Verdict::Verified(_)) => {}
                 Ok(Verdict::Unverifiable) => problems.push(format!(
-                    "aws_profile {profile:?}: cannot verify whose key it holds: neither STS \
+                    "{signer}: cannot verify whose key it holds: neither STS \
                      GetCallerIdentity nor IAM GetUser answered (see the log above)"
                 )),
                 Err(Error::IamUserMismatch) => {
-                    let entry = &self.by_profile[profile];
+                    let entry = self.entry(signer);
                     problems.push(format!(
-                        "aws_profile {profile:?} signs as {}, not as the configured IAM user {:?}",
+                        "{signer} signs as {}, not as the configured IAM user {:?}",
                         entry.signer(),
                         entry.expected
                     ));
                 }
+                Err(Error::IamUserNotProvisioned) => problems.push(format!(
+                    "{signer}: no such key (IAM user {:?} is not provisioned)",
+                    signer.iam_user()
+                )),
                 Err(e) => problems.push(format!(
-                    "aws_profile {profile:?}: cannot verify whose key it holds: {e}"
+                    "{signer}: cannot verify whose key it holds: {e}: {}",
+                    crate::error::chain(&e)
                 )),
             }
         }
@@ -227,14 +223,15 @@ impl Profile {
         }
     }
 
-    fn settle(&self, profile: &str, generation: u64, arn: &str) -> Result<Verdict, Error> {
+    fn settle(&self, signer: &Signer, generation: u64, arn: &str) -> Result<Verdict, Error> {
         let principal = Principal::of_arn(arn);
         match &principal {
             Principal::User(name) if *name == self.expected => {
                 tracing::info!(
-                    profile,
+                    iam_user = signer.iam_user(),
+                    profile = signer.profile(),
                     arn,
-                    "profile verified: its key is the configured IAM user's"
+                    "key verified: it is the configured IAM user's"
                 );
                 *self.lock() = State::Verified {
                     name: name.clone(),
@@ -249,11 +246,12 @@ impl Profile {
                     Principal::Other => "a role or federated session, not an IAM user",
                 };
                 tracing::error!(
-                    profile,
+                    iam_user = signer.iam_user(),
+                    profile = signer.profile(),
                     arn,
                     expected_iam_user = self.expected.as_str(),
-                    "profile holds the key of {what}: its callers are refused with IAM_USER_MISMATCH \
-                     until the profile is fixed"
+                    "the key is {what}'s: its callers are refused with IAM_USER_MISMATCH \
+                     until it is fixed"
                 );
                 *self.lock() = State::Mismatch {
                     arn: arn.to_owned(),
@@ -269,44 +267,6 @@ impl Profile {
         match &*self.lock() {
             State::Mismatch { arn, .. } => arn.clone(),
             _ => "an unknown principal".to_owned(),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn arns_are_read_by_kind() {
-        let cases = [
-            (
-                "arn:aws:iam::123456789012:user/alice",
-                Principal::User("alice".into()),
-            ),
-            (
-                "arn:aws:iam::123456789012:user/team/ops/alice",
-                Principal::User("alice".into()),
-            ),
-            (
-                "arn:aws-cn:iam::123456789012:user/bob",
-                Principal::User("bob".into()),
-            ),
-            ("arn:aws:iam::123456789012:root", Principal::Root),
-            (
-                "arn:aws:sts::123456789012:assumed-role/admin/session",
-                Principal::Other,
-            ),
-            (
-                "arn:aws:sts::123456789012:federated-user/bob",
-                Principal::Other,
-            ),
-            ("arn:aws:iam::123456789012:role/admin", Principal::Other),
-            ("not an arn", Principal::Other),
-            ("", Principal::Other),
-        ];
-        for (arn, principal) in cases {
-            assert_eq!(Principal::of_arn(arn), principal, "{arn}");
         }
     }
 }

@@ -9,7 +9,10 @@ use std::{collections::HashSet, fmt};
 
 use toml::{Table, Value};
 
-use super::problems::Problems;
+use super::{
+    keys::{KeySource, is_iam_user_name},
+    problems::Problems,
+};
 use crate::spiffe;
 
 /// The keys of a `[[callers]]` entry.
@@ -28,8 +31,10 @@ pub(crate) struct CallerSettings {
     pub matcher: Matcher,
     /// The IAM user this caller acts as.
     pub iam_user: String,
-    /// The shared-config profile holding that user's access key.
-    pub aws_profile: String,
+    /// The shared-config profile holding that user's access key (source
+    /// `profiles`); `None` with Secrets Manager, where the key is found by
+    /// `iam_user`.
+    pub aws_profile: Option<String>,
 }
 
 /// Longest DNS SAN or CN a certificate may present (a DNS name is at most
@@ -72,7 +77,7 @@ impl fmt::Display for Matcher {
     }
 }
 
-pub(super) fn parse(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
+pub(super) fn parse(p: &mut Problems, root: &Table, source: KeySource) -> Vec<CallerSettings> {
     let mut seen = HashSet::new();
     let mut callers = Vec::new();
     for (i, entry) in entries(p, root).iter().enumerate() {
@@ -82,7 +87,7 @@ pub(super) fn parse(p: &mut Problems, root: &Table) -> Vec<CallerSettings> {
             continue;
         };
         p.unknown_keys(t, &format!("{path}."), KEYS);
-        if let Some(caller) = caller(p, &path, t, &mut seen, &callers) {
+        if let Some(caller) = caller(p, &path, t, source, &mut seen, &callers) {
             callers.push(caller);
         }
     }
@@ -113,12 +118,13 @@ fn caller(
     p: &mut Problems,
     path: &str,
     t: &Table,
+    source: KeySource,
     seen: &mut HashSet<Matcher>,
     before: &[CallerSettings],
 ) -> Option<CallerSettings> {
     let matchers = matchers(p, path, t)?;
     let iam_user = p.required_string(t, path, "iam_user");
-    let aws_profile = p.required_string(t, path, "aws_profile");
+    let aws_profile = profile(p, path, t, source, iam_user.as_deref());
     let matcher = only_matcher(p, path, matchers)?;
     if !seen.insert(matcher.clone()) {
         p.push(format!(
@@ -131,8 +137,9 @@ fn caller(
     // caller would act as the other's IAM user.
     if let Some(first) = before
         .iter()
-        .find(|c| c.aws_profile == aws_profile && c.iam_user != iam_user)
+        .find(|c| aws_profile.is_some() && c.aws_profile == aws_profile && c.iam_user != iam_user)
     {
+        let aws_profile = aws_profile.unwrap_or_default();
         p.push(format!(
             "{path}: aws_profile {aws_profile:?} is already the profile of iam_user {:?}; \
              a profile holds one IAM user's key, so it cannot act as {iam_user:?} too",
@@ -145,6 +152,39 @@ fn caller(
         iam_user,
         aws_profile,
     })
+}
+
+/// `aws_profile`, as the key source wants it: required for `profiles`,
+/// absent for Secrets Manager (the key is the secret of `iam_user`, which
+/// must then be a valid IAM user name, as it names the secret). `None`:
+/// a problem was reported; `Some(None)`: no profile, rightly.
+fn profile(
+    p: &mut Problems,
+    path: &str,
+    t: &Table,
+    source: KeySource,
+    iam_user: Option<&str>,
+) -> Option<Option<String>> {
+    match source {
+        KeySource::Profiles => p.required_string(t, path, "aws_profile").map(Some),
+        KeySource::SecretsManager => {
+            if t.contains_key("aws_profile") {
+                p.push(format!(
+                    "{path}.aws_profile: not used with keys.source = \"secretsmanager\" (the key \
+                     is the secret of iam_user); remove it"
+                ));
+                return None;
+            }
+            if let Some(user) = iam_user.filter(|u| !is_iam_user_name(u)) {
+                p.push(format!(
+                    "{path}.iam_user: {user:?} is not an IAM user name ([A-Za-z0-9+=,.@_-], \
+                     1 to 64 characters)"
+                ));
+                return None;
+            }
+            Some(None)
+        }
+    }
 }
 
 /// Every matcher the entry sets; `None` when its `spiffe_id` breaks the

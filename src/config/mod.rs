@@ -9,6 +9,7 @@
 
 mod aws;
 mod callers;
+mod keys;
 mod limits;
 mod problems;
 mod server;
@@ -24,6 +25,7 @@ use toml::Table;
 
 pub(crate) use aws::AwsSettings;
 pub(crate) use callers::{CallerSettings, MAX_NAME_LEN, Matcher};
+pub(crate) use keys::{KeySettings, KeySource, SecretName, is_iam_user_name};
 pub(crate) use limits::LimitSettings;
 use problems::Problems;
 pub(crate) use server::ServerSettings;
@@ -40,6 +42,7 @@ pub(crate) const SECTIONS: &[(&str, &[&str])] = &[
     ("limits", limits::KEYS),
     ("state", state::KEYS),
     ("telemetry", telemetry::KEYS),
+    ("keys", keys::KEYS),
     ("callers", callers::KEYS),
 ];
 
@@ -61,6 +64,8 @@ pub(crate) struct Config {
     pub state: StateSettings,
     /// Log format.
     pub telemetry: TelemetrySettings,
+    /// Where the IAM users' access keys live, and their age and rotation.
+    pub keys: KeySettings,
     /// Caller identities and the IAM users they act as.
     pub callers: Vec<CallerSettings>,
 }
@@ -96,7 +101,8 @@ impl Config {
         let limits = limits::parse(&mut p, &root);
         let state = state::parse(&mut p, &root);
         let telemetry = telemetry::parse(&mut p, &root);
-        let callers = callers::parse(&mut p, &root);
+        let keys = keys::parse(&mut p, &root);
+        let callers = callers::parse(&mut p, &root, keys.source);
         match tls {
             Some(tls) if p.0.is_empty() => Ok(Self {
                 server,
@@ -105,6 +111,7 @@ impl Config {
                 limits,
                 state,
                 telemetry,
+                keys,
                 callers,
             }),
             _ => Err(ConfigError { problems: p.0 }),

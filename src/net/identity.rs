@@ -178,8 +178,9 @@ pub(crate) struct Caller {
     pub key: String,
     /// The IAM user this caller acts as, as configured.
     pub iam_user: String,
-    /// The profile whose access key signs for that user.
-    pub aws_profile: String,
+    /// The profile whose access key signs for that user (source
+    /// `profiles`); `None` when the key is found by `iam_user`.
+    pub aws_profile: Option<String>,
     /// `server.max_requests_per_caller` slots.
     pub(crate) in_flight: Arc<Semaphore>,
 }
@@ -270,7 +271,7 @@ mod tests {
         let entry = |matcher, user: &str| CallerSettings {
             matcher,
             iam_user: user.into(),
-            aws_profile: user.into(),
+            aws_profile: Some(user.into()),
         };
         Callers::new(
             &[
