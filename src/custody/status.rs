@@ -55,16 +55,16 @@ pub(crate) fn text(custody: &Custody, reports: &[Report]) -> String {
     let mut out = match settings.source {
         KeySource::Profiles => format!(
             "source: profiles (rotated by hand); a key older than {} is reported\n",
-            humantime::format_duration(settings.warn_key_age)
+            setting(settings.warn_key_age)
         ),
         KeySource::SecretsManager => format!(
             "source: secretsmanager ({}); {}; a key older than {} is reported\n",
             settings.secret_name.template(),
             match settings.rotate_after {
-                Some(after) => format!("rotated after {}", humantime::format_duration(after)),
+                Some(after) => format!("rotated after {}", setting(after)),
                 None => "never rotated (rotate_after = \"0s\")".to_owned(),
             },
-            humantime::format_duration(settings.warn_key_age)
+            setting(settings.warn_key_age)
         ),
     };
     let mut rows = vec![[
@@ -140,6 +140,15 @@ fn days(age: Duration) -> String {
     }
 }
 
+/// A configured duration as it was likely written: whole days as `90d`
+/// (humantime would say `2months 29days 2h 52m 48s`).
+fn setting(d: Duration) -> String {
+    match d.as_secs() {
+        s if s >= 86400 && s % 86400 == 0 && d.subsec_nanos() == 0 => format!("{}d", s / 86400),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -153,5 +162,7 @@ mod tests {
         assert_eq!(days(Duration::from_secs(75)), "1m 15s");
         assert_eq!(days(Duration::from_secs(2 * 3600 + 120)), "2h 2m");
         assert_eq!(days(Duration::from_secs(3 * 86400 + 4 * 3600)), "3d 4h");
+        assert_eq!(setting(Duration::from_secs(90 * 86400)), "90d");
+        assert_eq!(setting(Duration::from_secs(600)), "10m");
     }
 }
