@@ -760,3 +760,60 @@ async fn the_keys_commands_explain_themselves_and_refuse_what_cannot_work() {
         run.stderr
     );
 }
+
+#[tokio::test]
+async fn a_key_iam_rejects_is_read_again_from_the_secret_at_once() {
+    let emulator = Emulator::shared();
+    let prefix = prefix();
+    let identity = identity(emulator).await;
+    let user = enrolled(emulator, &prefix, "Reread-pass-0").await;
+    let secret = format!("{prefix}/{}", user.name);
+    let pki = Pki::new();
+    // A cached key is trusted for a minute: only a rejection reads it sooner.
+    let app = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .secrets_manager(
+            &identity,
+            &keys_toml(
+                &prefix,
+                "refresh = \"60s\"\nold_key_grace = \"2m\"\nrotate_after = \"0s\"",
+            ),
+        )
+        .start();
+    let mut client = app.client(&pki, &pki.spiffe_client(CALLER)).await;
+    client
+        .change_password(change("Reread-pass-0", "Reread-pass-1"))
+        .await
+        .expect("with the first key");
+    // Replaced behind credgate's back, the old key deleted at once.
+    let new = emulator.access_key(&user.name).await;
+    emulator
+        .secrets()
+        .put_secret_value()
+        .secret_id(&secret)
+        .secret_string(
+            serde_json::json!({"access_key_id": new.id, "secret_access_key": new.secret})
+                .to_string(),
+        )
+        .send()
+        .await
+        .expect("PutSecretValue");
+    emulator
+        .admin()
+        .delete_access_key()
+        .user_name(&user.name)
+        .access_key_id(&user.key.id)
+        .send()
+        .await
+        .expect("DeleteAccessKey");
+    client
+        .change_password(change("Reread-pass-1", "Reread-pass-2"))
+        .await
+        .expect("rejected once, read again, signed with the new key");
+    assert!(emulator.password_is(&user, "Reread-pass-2").await);
+    app.wait_for_line("the re-read", |v| {
+        v["message"] == "AWS rejected the credentials; re-read the key, trying once more"
+            && v["iam_user"] == user.name.as_str()
+    })
+    .await;
+}

@@ -464,7 +464,7 @@ impl Run<'_> {
             .map_err(|error| {
                 self.failed(
                     Step::Create,
-                    None,
+                    Some(&current_key.access_key_id),
                     None,
                     RotationError::Iam {
                         step: Step::Create,
