@@ -1,15 +1,16 @@
 //! The command line: `serve`, `check-config` (and `--explain`), `dev-pki`,
-//! `lockout`.
+//! `lockout`, `keys`.
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
 
 use crate::{
-    aws::credentials::{self, AwsClients},
     aws::iam::Iam,
+    aws::keys::{Keys, profiles, rotation::Trigger},
     change::principal::Principals,
-    config::{CONFIG_ENV, Config, ConfigError},
+    config::{CONFIG_ENV, Config, ConfigError, KeySource},
+    custody::{self, Custody, CustodyError, status},
     devpki, explain,
     net::tls,
     server::{self, Listeners, ServeError},
@@ -94,6 +95,43 @@ enum Command {
         #[command(subcommand)]
         action: LockoutAction,
     },
+    /// Show or rotate the IAM users' access keys credgate holds ([keys]).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Per IAM user (the configured callers', and with Secrets Manager
+    /// every user with a secret): the key source, the key id's last four
+    /// characters, its age, when it was last used, where its rotation
+    /// stands and when the next is due. Never a full key id or a secret.
+    /// Exit 69 when AWS cannot be asked.
+    Status {
+        /// Configuration file (TOML).
+        #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
+        config: PathBuf,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate one IAM user's key now (keys.source = "secretsmanager"): the
+    /// same protocol and lease as the background rotation, finishing an
+    /// interrupted rotation first; waits out keys.old_key_grace before the
+    /// old key is deactivated and deleted. Exit 0 only when done; 69 when
+    /// AWS or the state store is unavailable, or another replica holds the
+    /// user's rotation lease; 70 when the rotation failed. Each step is an
+    /// audit event (target credgate::audit, action="rotate_key") on stdout.
+    Rotate {
+        /// The IAM user whose key to rotate.
+        #[arg(long, value_name = "NAME")]
+        iam_user: String,
+        /// Configuration file (TOML).
+        #[arg(long, env = CONFIG_ENV, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +205,7 @@ pub fn main() -> ExitCode {
                 server_names,
             } => dev_pki(out, &server_names, &clients),
             Command::Lockout { action } => lockout_command(action).await,
+            Command::Keys { action } => keys_command(action).await,
         }
     });
     // A telemetry flush still stuck on an unreachable collector must not
@@ -284,7 +323,13 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
             for warning in &warnings {
                 eprintln!("{}: warning: {warning}", path.display());
             }
-            problems.extend(credentials::missing_profiles(&config.callers).await);
+            if config.keys.source == KeySource::Profiles {
+                let profiles = config
+                    .callers
+                    .iter()
+                    .filter_map(|c| c.aws_profile.as_deref());
+                problems.extend(profiles::missing_profiles(profiles).await);
+            }
             // Offline: reads the password and TLS files, connects to nothing.
             if let Err(e) = Store::new(&config.state, &config.limits, Duration::ZERO) {
                 problems.push(e);
@@ -346,9 +391,10 @@ async fn explain(path: PathBuf, identity: &str) -> ExitCode {
 }
 
 async fn check_online(config: &Config) -> Vec<String> {
-    let profiles = config.callers.iter().map(|c| c.aws_profile.as_str());
-    let iam = Iam::new(AwsClients::new(&config.aws, profiles).await);
-    let mut problems = Principals::new(&config.callers).problems(&iam).await;
+    let iam = iam(config).await;
+    let mut problems = Principals::new(custody::signers(&config.callers))
+        .problems(&iam)
+        .await;
     if let Ok(store) = Store::new(&config.state, &config.limits, Duration::ZERO)
         && let Err(e) = store.verify().await
     {
@@ -401,6 +447,117 @@ async fn lockout_command(action: LockoutAction) -> ExitCode {
             ExitCode::from(match e {
                 LockoutError::Usage(_) => EX_USAGE,
                 LockoutError::Store(_) => EX_UNAVAILABLE,
+            })
+        }
+    }
+}
+
+/// IAM with the configured key source.
+async fn iam(config: &Config) -> Iam {
+    let profiles = config
+        .callers
+        .iter()
+        .filter_map(|c| c.aws_profile.as_deref());
+    Iam::new(Keys::new(&config.aws, &config.keys, profiles).await)
+}
+
+async fn keys_command(action: KeysAction) -> ExitCode {
+    let (KeysAction::Status { config: path, .. } | KeysAction::Rotate { config: path, .. }) =
+        &action;
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("credgate: {}: {e}", path.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let store = match Store::new(&config.state, &config.limits, Duration::ZERO) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("credgate keys: state store: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let custody = Custody::new(
+        Arc::new(iam(&config).await),
+        store,
+        &config.keys,
+        custody::signers(&config.callers),
+    );
+    match action {
+        KeysAction::Status { json, .. } => keys_status(&custody, json).await,
+        KeysAction::Rotate { iam_user, .. } => keys_rotate(&config, &custody, &iam_user).await,
+    }
+}
+
+async fn keys_status(custody: &Custody, json: bool) -> ExitCode {
+    let reports = match status::reports(custody).await {
+        Ok(reports) => reports,
+        Err(e) => {
+            eprintln!("credgate keys status: cannot list the users with a secret: {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    if json {
+        println!("{}", status::json(custody, &reports));
+    } else {
+        print!("{}", status::text(custody, &reports));
+    }
+    ExitCode::SUCCESS
+}
+
+async fn keys_rotate(config: &Config, custody: &Custody, iam_user: &str) -> ExitCode {
+    if !crate::config::is_iam_user_name(iam_user) {
+        eprintln!(
+            "credgate keys rotate: --iam-user {iam_user:?} is not an IAM user name \
+             ([A-Za-z0-9+=,.@_-], 1 to 64 characters)"
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    if config.keys.source == KeySource::SecretsManager && !config.state.is_shared() {
+        eprintln!(
+            "credgate keys rotate: warning: [state] is in memory, so this command's lease \
+             cannot keep a running credgate from rotating the same user: run it only where \
+             the service has keys.rotate_after = \"0s\" (docs/operations.md, Key custody)"
+        );
+    }
+    // The audit events go out as the service's do: JSON lines on stdout.
+    let telemetry = match telemetry::init(config.telemetry.log_format) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("credgate: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    eprintln!(
+        "credgate keys rotate: rotating the key of IAM user {iam_user:?}; the old key is \
+         deactivated and deleted {} after the new one is promoted",
+        humantime::format_duration(config.keys.old_key_grace)
+    );
+    let result = custody.rotate(iam_user, Trigger::Command).await;
+    let unwritten = tokio::task::spawn_blocking(move || telemetry.flush_logs(LOG_FLUSH_BUDGET))
+        .await
+        .unwrap_or_default();
+    if unwritten > 0 {
+        eprintln!(
+            "credgate: stdout took no output for {}s; audit events of the rotation were not written",
+            LOG_FLUSH_BUDGET.as_secs()
+        );
+    }
+    match result {
+        Ok(_) => {
+            eprintln!(
+                "credgate keys rotate: IAM user {iam_user:?} has a new key; the old one is deleted"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("credgate keys rotate: {e}");
+            ExitCode::from(match &e {
+                CustodyError::Usage(_) => EX_USAGE,
+                CustodyError::Busy(_) | CustodyError::Store(_) => EX_UNAVAILABLE,
+                CustodyError::Rotation(e) if e.unavailable() => EX_UNAVAILABLE,
+                CustodyError::Rotation(_) => EX_SOFTWARE,
             })
         }
     }

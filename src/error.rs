@@ -98,6 +98,7 @@ reasons! {
     InternalError => "INTERNAL_ERROR", Internal, false;
     TooManyRequestIds => "TOO_MANY_REQUEST_IDS", ResourceExhausted, true;
     IamUserNotProvisioned => "IAM_USER_NOT_PROVISIONED", FailedPrecondition, true;
+    KeySourceUnavailable => "KEY_SOURCE_UNAVAILABLE", Unavailable, true;
 }
 
 impl fmt::Display for Reason {
@@ -368,8 +369,9 @@ pub enum Error {
     /// time. Nothing changes on a read.
     #[error("IAM did not answer in time; nothing was changed")]
     IamTimeout,
-    /// The caller's IAM user has no key in the key source (a templated
-    /// caller whose built profile the AWS shared files do not define).
+    /// The caller's IAM user has no key in the key source: a templated
+    /// caller's built profile the AWS shared files do not define, no
+    /// secret (Secrets Manager), or a secret without a usable key.
     #[error(
         "the IAM user this caller acts as has no access key in credgate's key source; \
          nothing was sent to IAM: the operator must provision it"
@@ -452,6 +454,10 @@ pub enum Error {
         /// When the oldest record expires.
         retry_after: Duration,
     },
+    /// The key source (Secrets Manager) could not be read, and no key of
+    /// the user was at hand.
+    #[error("credgate cannot read this caller's access key right now; nothing was sent to IAM")]
+    KeySourceUnavailable(#[source] Cause),
 }
 
 impl Error {
@@ -490,6 +496,7 @@ impl Error {
             Self::AuditUnavailable => Reason::AuditUnavailable,
             Self::Internal { .. } => Reason::InternalError,
             Self::TooManyRequestIds { .. } => Reason::TooManyRequestIds,
+            Self::KeySourceUnavailable(_) => Reason::KeySourceUnavailable,
             Self::Replayed(r) => r.reason,
         }
     }
@@ -526,6 +533,7 @@ impl Error {
             | Self::StillInProgress
             | Self::CallerConcurrencyExceeded { .. }
             | Self::StateUnavailable(_)
+            | Self::KeySourceUnavailable(_)
             | Self::AuditUnavailable => Some(DEFAULT_RETRY_DELAY),
             _ => None,
         }
@@ -757,6 +765,7 @@ mod tests {
                 retry_after: Duration::from_secs(60),
             },
             Error::IamUserNotProvisioned,
+            Error::KeySourceUnavailable(Cause::msg("Secrets Manager unreachable")),
         ]
     }
 
@@ -807,6 +816,7 @@ mod tests {
             (Reason::CallerConcurrencyExceeded, Code::ResourceExhausted),
             (Reason::RequestIdInvalid, Code::InvalidArgument),
             (Reason::StateUnavailable, Code::Unavailable),
+            (Reason::KeySourceUnavailable, Code::Unavailable),
             (Reason::IamError, Code::Internal),
         ];
         for (reason, code) in rows {

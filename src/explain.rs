@@ -5,12 +5,13 @@
 //! The answer comes from [`Callers::lookup`], the very lookup the server
 //! resolves certificates with, so it cannot disagree with it. The AWS
 //! shared files are read offline to say whether the key's profile exists;
+//! with Secrets Manager it names the user's secret without reading it:
 //! nothing is sent anywhere.
 
 use std::fmt::Write as _;
 
 use crate::{
-    aws::credentials,
+    aws::keys::profiles,
     config::{
         Built, CAPTURE_RULE, CallerSettings, CallerTemplate, Config, IAM_USER_RULE, Matcher,
         TemplateKind,
@@ -80,14 +81,14 @@ pub(crate) async fn explain(config: &Config, identity: &str) -> Result<Explanati
                     reading,
                     entry,
                     &caller.iam_user,
-                    &caller.aws_profile,
+                    caller.aws_profile.as_deref(),
                     config,
                 )
                 .await
             }
             Mapping::Template { template, built } => {
                 explanation.mapped = true;
-                templated(reading, template, &built).await
+                templated(reading, template, &built, config).await
             }
             Mapping::Unmapped(why) => unmapped(reading, &why, config),
         };
@@ -100,7 +101,7 @@ async fn exact(
     reading: &Matcher,
     entry: Option<&CallerSettings>,
     iam_user: &str,
-    aws_profile: &str,
+    aws_profile: Option<&str>,
     config: &Config,
 ) -> String {
     let mut out = format!("{reading}\n");
@@ -108,7 +109,7 @@ async fn exact(
     let _ = writeln!(out, "  mapped by callers[{index}], an exact entry");
     let _ = writeln!(out, "  iam_user: {iam_user}");
     let reason = Reason::UpstreamCredentialsRejected;
-    out.push_str(&key_line(reading, iam_user, aws_profile, reason).await);
+    out.push_str(&key_line(iam_user, aws_profile, config, reason).await);
     // A template that would also match is shadowed: the exact entry wins.
     let (kind, value) = match reading {
         Matcher::SpiffeId(v) => (Some(TemplateKind::SpiffeId), v),
@@ -131,7 +132,12 @@ async fn exact(
     out
 }
 
-async fn templated(reading: &Matcher, template: &CallerTemplate, built: &Built) -> String {
+async fn templated(
+    reading: &Matcher,
+    template: &CallerTemplate,
+    built: &Built,
+    config: &Config,
+) -> String {
     let mut out = format!("{reading}\n");
     let _ = writeln!(
         out,
@@ -150,21 +156,37 @@ async fn templated(reading: &Matcher, template: &CallerTemplate, built: &Built) 
         built.iam_user, template.iam_user.text
     );
     let reason = Reason::IamUserNotProvisioned;
-    out.push_str(&key_line(reading, &built.iam_user, &built.aws_profile, reason).await);
+    let profile = built.aws_profile.as_deref();
+    out.push_str(&key_line(&built.iam_user, profile, config, reason).await);
     state_line(&mut out, reading);
     out
 }
 
 /// Which key signs for the caller: its profile, and whether the AWS shared
-/// files define it (read offline). A call without it fails with `reason`.
-async fn key_line(reading: &Matcher, iam_user: &str, aws_profile: &str, reason: Reason) -> String {
-    let probe = CallerSettings {
-        matcher: reading.clone(),
-        iam_user: iam_user.to_owned(),
-        aws_profile: aws_profile.to_owned(),
-        entry: 0,
+/// files define it (read offline), or its user's Secrets Manager secret
+/// (named, not read). A call without it fails with `reason`.
+async fn key_line(
+    iam_user: &str,
+    aws_profile: Option<&str>,
+    config: &Config,
+    reason: Reason,
+) -> String {
+    let Some(aws_profile) = aws_profile else {
+        return match config.keys.secret_name.of(iam_user) {
+            Some(secret) => format!(
+                "  key: the Secrets Manager secret {secret:?} (not read here: its calls get \
+                 {} until it exists; `credgate keys status` reads it)\n",
+                Reason::IamUserNotProvisioned
+            ),
+            None => format!(
+                "  key: none: {iam_user:?} makes no valid secret name from {:?}; its calls get \
+                 {}\n",
+                config.keys.secret_name.template(),
+                Reason::IamUserNotProvisioned
+            ),
+        };
     };
-    let missing = credentials::missing_profiles(std::slice::from_ref(&probe)).await;
+    let missing = profiles::missing_profiles([aws_profile]).await;
     let found = match missing.first() {
         None => "defined in the AWS shared files".to_owned(),
         Some(problem) if problem.starts_with("aws_profile") => format!(

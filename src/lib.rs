@@ -22,10 +22,11 @@
 //!   through [`aws`]; its outcome settles the limit, is stored for replay
 //!   and closes the audit slot.
 //! - [`aws`]: IAM and STS behind one seam (each failure classified to one
-//!   error), one SDK client per profile over a shared HTTP pool, the body
-//!   the passwords are written into, and passwords as IAM defines them.
-//!   Key custody (a Secrets Manager key source, rotation, key age) and
-//!   per-user clients belong here.
+//!   error), each IAM user's clients over a shared HTTP pool, the body the
+//!   passwords are written into, and passwords as IAM defines them; and
+//!   key custody ([`aws::keys`]): each user's key looked up when first
+//!   needed, from the callers' profiles or from AWS Secrets Manager, the
+//!   crash-safe rotation protocol, and key ages.
 //! - [`state`]: the attempt limit and the `request_id` outcomes, in memory
 //!   or Redis/Valkey behind one backend trait; the operator's view of a
 //!   caller's lockout.
@@ -33,16 +34,19 @@
 //!   metrics), the trace context, the instruments, and the log writer that
 //!   never blocks a runtime thread (and says when stdout stalls).
 //!
-//! Around them: [`server`] wires it all (health on both ports, reflection,
-//! shutdown), [`cli`] is the command line, [`config`] loads and validates
-//! the configuration (one file per section; caller templates are parsed in
-//! its `callers` and `templates`, and resolved in [`net::identity`]),
-//! [`explain`] tells which entry maps an identity, [`devpki`] writes a dev
-//! PKI, [`api`] holds the generated `credgate.v1` types, and
+//! Around them: [`custody`] checks every user's key on a schedule and
+//! rotates it under a lease in [`state`] (and serves `keys status` and
+//! `keys rotate`), [`server`] wires it all (health on both ports,
+//! reflection, shutdown), [`cli`] is the command line, [`config`] loads and
+//! validates the configuration (one file per section; caller templates are
+//! parsed in its `callers` and `templates`, and resolved in
+//! [`net::identity`]), [`explain`] tells which entry maps an identity,
+//! [`devpki`] writes a dev PKI, [`api`] holds the generated `credgate.v1`
+//! types, and
 //! [`error`], [`deadline`] and [`spiffe`] are the vocabulary every layer
 //! shares: the one error enum, its reason table and its one mapping to
 //! `tonic::Status`; the one deadline of a call; the SPIFFE ID rules.
-//! `change::fault` holds test-only fault points (cargo feature
+//! [`fault`] holds test-only fault points (cargo feature
 //! `fault-injection`, never in a shipped build).
 //!
 //! # Layers
@@ -52,12 +56,14 @@
 //! round a cycle. `layers.rs` checks it against every path in `src/` (test
 //! code aside), reading this list:
 //!
-//! 1. [`error`], [`deadline`], [`spiffe`], [`api`]: the shared vocabulary.
+//! 1. [`error`], [`deadline`], [`spiffe`], [`api`], [`fault`]: the shared
+//!    vocabulary.
 //! 2. [`config`]: the validated configuration.
 //! 3. [`telemetry`]: logs, audit events, traces and metrics.
 //! 4. [`net`], [`state`], [`aws`]: the connections, the shared state and
 //!    AWS, each knowing nothing of the other two.
-//! 5. [`change`]: one password change, over the three below it.
+//! 5. [`change`], [`custody`]: one password change, and the keys' schedule
+//!    and rotations, each over the three below them.
 //! 6. [`rpc`]: each call, from its span to its handler.
 //! 7. [`server`], [`devpki`], [`explain`]: what the commands run.
 //! 8. [`cli`]: the commands.
@@ -69,10 +75,13 @@ pub(crate) mod aws;
 pub(crate) mod change;
 pub mod cli;
 pub(crate) mod config;
+pub(crate) mod custody;
 pub(crate) mod deadline;
 pub mod devpki;
 pub(crate) mod error;
 pub(crate) mod explain;
+#[cfg(feature = "fault-injection")]
+pub(crate) mod fault;
 #[cfg(test)]
 mod layers;
 pub mod net;

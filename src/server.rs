@@ -20,12 +20,13 @@ use tower::Layer;
 
 use crate::{
     api::{self, password_service_server::PasswordServiceServer},
-    aws::credentials::{self, AwsClients},
     aws::iam::Iam,
+    aws::keys::{Keys, profiles},
     change::attempt::{Gate, UPSTREAM_TIMEOUT},
     change::policy_cache::PolicyCache,
     change::principal::Principals,
-    config::Config,
+    config::{Config, KeySource},
+    custody::{self, Custody},
     net::connections::{self, Connection, MakeService},
     net::identity::Callers,
     net::tls::ReloadingConfig,
@@ -135,12 +136,19 @@ pub(crate) async fn serve(
     let tls = load_tls(&config)?;
     connections::raise_fd_limit(config.server.max_connections);
     let gate = Arc::new(gate(&config, sink.clone()).await?);
-    // Whose key each profile holds, learnt in the background: SERVING does
-    // not wait for AWS, and a profile not verified yet is verified on use.
+    // Whose key each caller signs with, learnt in the background: SERVING
+    // does not wait for AWS, and a key not verified yet is verified on use.
     tokio::spawn({
         let gate = gate.clone();
         async move { gate.principals.verify_all(&gate.iam).await }
     });
+    let custody = Arc::new(Custody::new(
+        gate.iam.clone(),
+        gate.store.clone(),
+        &config.keys,
+        custody::signers(&config.callers),
+    ));
+    custody.export_metrics();
     let (reporter, health) = tonic_health::server::health_reporter();
     let health = health.max_decoding_message_size(MAX_REQUEST_BYTES);
     set_serving(&reporter, ServingStatus::Serving).await;
@@ -156,6 +164,8 @@ pub(crate) async fn serve(
 
     let stop = CancellationToken::new();
     tokio::spawn(tls.clone().watch(stop.clone()));
+    // Key ages and rotations, in the background from now on.
+    tokio::spawn(custody.run(stop.clone()));
     let sink_watcher = tokio::spawn(watch_sink(sink, reporter.clone(), stop.clone()));
     let mut tls_task = tokio::spawn(connections::serve(
         listeners.tls,
@@ -218,23 +228,28 @@ fn load_tls(config: &Config) -> Result<Arc<ReloadingConfig>, ServeError> {
     Ok(tls)
 }
 
-/// Everything an attempt needs: IAM over one client per profile, the state
-/// store, the profiles' identities and policies, the trackers shutdown
-/// waits on, and the log sink.
+/// Everything an attempt needs: IAM with each user's key from the
+/// configured source, the state store, the keys' identities and the
+/// policies, the trackers shutdown waits on, and the log sink.
 async fn gate(config: &Config, sink: Output) -> Result<Gate, ServeError> {
-    // Not fatal: the other callers can still be served, and the file may be
-    // fixed (Secret update) without a restart. Their calls fail with
-    // UPSTREAM_CREDENTIALS_REJECTED meanwhile.
-    for problem in credentials::missing_profiles(&config.callers).await {
-        tracing::warn!(problem, "caller cannot be served until its profile exists");
+    let profiles = config
+        .callers
+        .iter()
+        .filter_map(|c| c.aws_profile.as_deref());
+    if config.keys.source == KeySource::Profiles {
+        // Not fatal: the other callers can still be served, and the file may
+        // be fixed (Secret update) without a restart. Their calls fail with
+        // UPSTREAM_CREDENTIALS_REJECTED meanwhile.
+        for problem in profiles::missing_profiles(profiles.clone()).await {
+            tracing::warn!(problem, "caller cannot be served until its profile exists");
+        }
     }
-    let profiles = || config.callers.iter().map(|c| c.aws_profile.as_str());
-    let clients = AwsClients::new(&config.aws, profiles()).await;
+    let keys = Keys::new(&config.aws, &config.keys, profiles).await;
     Ok(Gate {
-        iam: Iam::new(clients),
+        iam: Arc::new(Iam::new(keys)),
         store: open_store(config).await?,
-        principals: Principals::new(&config.callers),
-        policies: PolicyCache::new(profiles()),
+        principals: Principals::new(custody::signers(&config.callers)),
+        policies: PolicyCache::new(),
         tracker: TaskTracker::new(),
         at_iam: TaskTracker::new(),
         sink,

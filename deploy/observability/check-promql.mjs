@@ -153,4 +153,6 @@ if (json) {
   }
   process.stdout.write(`${results.length} expressions, ${results.filter((r) => r.errors.length).length} with errors\n`);
 }
-process.exit(failed ? 1 : 0);
+// exitCode, not exit(): exit() ends the process before a pipe has taken
+// more than its 64 KiB buffer of the output above.
+process.exitCode = failed ? 1 : 0;

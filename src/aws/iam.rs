@@ -17,11 +17,11 @@ use std::{
     error::Error as StdError,
     future::Future,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use aws_config::timeout::TimeoutConfig;
-use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::{Credentials, provider::error::CredentialsError};
 use aws_sdk_iam::{
     error::{ProvideErrorMetadata, SdkError},
     operation::RequestId,
@@ -31,7 +31,8 @@ use tracing::Instrument;
 
 use crate::{
     aws::change_body::{FillPasswords, NEW_PLACEHOLDER, OLD_PLACEHOLDER},
-    aws::credentials::{AwsClients, CONNECT_TIMEOUT, ProfileClient, TRANSMITTED},
+    aws::credentials::{CONNECT_TIMEOUT, TRANSMITTED, UserClients},
+    aws::keys::{Keys, Signer, key_id::redact_key_ids},
     aws::password::{Password, Policy},
     deadline::Deadline,
     error::{AwsContext, Cause, Error, IamCode, Violation},
@@ -135,7 +136,9 @@ impl Failure {
 /// The SDK error as the SDK renders it with its whole context (endpoint,
 /// connector, IAM's message): for the server log only.
 fn sdk_cause<E: StdError + 'static>(err: &SdkError<E>) -> Cause {
-    Cause::msg(aws_sdk_iam::error::DisplayErrorContext(err).to_string())
+    Cause::msg(redact_key_ids(
+        &aws_sdk_iam::error::DisplayErrorContext(err).to_string(),
+    ))
 }
 
 fn find_in_chain<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
@@ -233,6 +236,10 @@ fn for_read(err: Error) -> Error {
     }
 }
 
+/// Budget of each key-management call (rotation, key age): a background
+/// step, not bound to a caller's deadline.
+const KEY_CALL_BUDGET: Duration = Duration::from_secs(15);
+
 /// Whose key a profile holds, as STS or IAM reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CallerIdentity {
@@ -240,20 +247,76 @@ pub(crate) struct CallerIdentity {
     pub(crate) arn: String,
 }
 
+/// What an ARN says about its principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Principal {
+    /// An IAM user, by name (the last path segment).
+    User(String),
+    /// The account root user.
+    Root,
+    /// Anything else: an assumed-role or federated session.
+    Other,
+}
+
+impl Principal {
+    /// Reads `arn:<partition>:iam::<account>:user/<path/>name`,
+    /// `arn:<partition>:iam::<account>:root`, or anything else.
+    pub(crate) fn of_arn(arn: &str) -> Self {
+        let mut parts = arn.splitn(6, ':');
+        let (Some("arn"), Some(_partition), Some(service), Some(_region), Some(_account)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Self::Other;
+        };
+        match (service, parts.next()) {
+            ("iam", Some("root")) => Self::Root,
+            ("iam", Some(resource)) => match resource.strip_prefix("user/") {
+                Some(path) => Self::User(path.rsplit('/').next().unwrap_or_default().to_owned()),
+                None => Self::Other,
+            },
+            _ => Self::Other,
+        }
+    }
+}
+
+/// One access key of a user, as IAM lists it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AccessKeyInfo {
+    /// The access key id.
+    pub(crate) id: String,
+    /// `Active` (else `Inactive`).
+    pub(crate) active: bool,
+    /// When it was created.
+    pub(crate) created: Option<SystemTime>,
+}
+
+/// When an access key was last used, as IAM records it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct LastUsed {
+    /// When; `None`: never (or not yet recorded).
+    pub(crate) at: Option<SystemTime>,
+    /// The service it was used with.
+    pub(crate) service: Option<String>,
+}
+
 /// AWS, as credgate uses it.
 pub(crate) struct Iam {
-    clients: AwsClients,
+    keys: Keys,
 }
 
 impl Iam {
-    /// Wraps the per-profile clients.
-    pub(crate) fn new(clients: AwsClients) -> Self {
-        Self { clients }
+    /// Signs with the users' keys from `keys`.
+    pub(crate) fn new(keys: Keys) -> Self {
+        Self { keys }
     }
 
-    /// The clients.
-    pub(crate) fn clients(&self) -> &AwsClients {
-        &self.clients
+    /// Where the keys come from.
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// Changes the console password of `profile`'s IAM user, signed with
@@ -263,15 +326,15 @@ impl Iam {
     /// run it inside a [`TRANSMITTED`] scope.
     pub(crate) async fn change_password(
         &self,
-        profile: &str,
+        signer: &Signer,
         old: &Password,
         new: &Password,
         deadline: Deadline,
         signer_is_iam_user: Option<bool>,
     ) -> Result<String, Error> {
-        let span = client_span("ChangePassword", self.clients.region());
+        let span = client_span("ChangePassword", self.keys.region());
         let result = self
-            .call(profile, deadline, signer_is_iam_user, |client, connect| {
+            .call(signer, deadline, signer_is_iam_user, |client, connect| {
                 // Placeholders: the passwords go into the body only where
                 // it is wiped (change_body).
                 let op = client
@@ -292,13 +355,13 @@ impl Iam {
     /// The account password policy, `None` when the account has none.
     pub(crate) async fn password_policy(
         &self,
-        profile: &str,
+        signer: &Signer,
         deadline: Deadline,
     ) -> Result<Option<Policy>, Error> {
         let result = self
             .read(
                 "GetAccountPasswordPolicy",
-                profile,
+                signer,
                 deadline,
                 |client, connect| {
                     iam_connect(
@@ -316,15 +379,15 @@ impl Iam {
         }
     }
 
-    /// Whose key `profile` holds: STS `GetCallerIdentity` (no permission
+    /// Whose key `signer` holds: STS `GetCallerIdentity` (no permission
     /// needed), else IAM `GetUser` (needs `iam:GetUser` on itself).
     pub(crate) async fn caller_identity(
         &self,
-        profile: &str,
+        signer: &Signer,
         deadline: Deadline,
     ) -> Result<CallerIdentity, (Error, Error)> {
         let sts = self
-            .read("GetCallerIdentity", profile, deadline, |client, connect| {
+            .read("GetCallerIdentity", signer, deadline, |client, connect| {
                 sts_connect(client.sts.get_caller_identity().customize(), connect).send()
             })
             .await;
@@ -338,7 +401,7 @@ impl Iam {
             Err(e) => e,
         };
         let user = self
-            .read("GetUser", profile, deadline, |client, connect| {
+            .read("GetUser", signer, deadline, |client, connect| {
                 iam_connect(client.iam.get_user().customize(), connect).send()
             })
             .await;
@@ -353,12 +416,165 @@ impl Iam {
         }
     }
 
+    /// The access keys of `iam_user`, listed with `clients` (the user's own
+    /// key: `iam:ListAccessKeys` on itself).
+    pub(crate) async fn list_access_keys(
+        &self,
+        clients: &UserClients,
+        iam_user: &str,
+    ) -> Result<Vec<AccessKeyInfo>, Error> {
+        let call = clients.iam.list_access_keys().user_name(iam_user).send();
+        let out = self.direct("ListAccessKeys", call, false).await?;
+        Ok(out
+            .access_key_metadata()
+            .iter()
+            .filter_map(|k| {
+                Some(AccessKeyInfo {
+                    id: k.access_key_id()?.to_owned(),
+                    active: k.status() == Some(&aws_sdk_iam::types::StatusType::Active),
+                    created: k.create_date().and_then(|d| SystemTime::try_from(*d).ok()),
+                })
+            })
+            .collect())
+    }
+
+    /// A new access key of `iam_user`, created with `clients`.
+    pub(crate) async fn create_access_key(
+        &self,
+        clients: &UserClients,
+        iam_user: &str,
+    ) -> Result<Credentials, Error> {
+        let call = clients.iam.create_access_key().user_name(iam_user).send();
+        let out = self.direct("CreateAccessKey", call, true).await?;
+        let key = out
+            .access_key()
+            .ok_or_else(|| Error::IamError(AwsContext::default()))?;
+        Ok(Credentials::new(
+            key.access_key_id(),
+            key.secret_access_key(),
+            None,
+            None,
+            "credgate-rotation",
+        ))
+    }
+
+    /// Marks `iam_user`'s key `key_id` inactive, with `clients`.
+    pub(crate) async fn deactivate_access_key(
+        &self,
+        clients: &UserClients,
+        iam_user: &str,
+        key_id: &str,
+    ) -> Result<(), Error> {
+        let call = clients
+            .iam
+            .update_access_key()
+            .user_name(iam_user)
+            .access_key_id(key_id)
+            .status(aws_sdk_iam::types::StatusType::Inactive)
+            .send();
+        self.direct("UpdateAccessKey", call, true).await.map(|_| ())
+    }
+
+    /// Deletes `iam_user`'s key `key_id`, with `clients`.
+    pub(crate) async fn delete_access_key(
+        &self,
+        clients: &UserClients,
+        iam_user: &str,
+        key_id: &str,
+    ) -> Result<(), Error> {
+        let call = clients
+            .iam
+            .delete_access_key()
+            .user_name(iam_user)
+            .access_key_id(key_id)
+            .send();
+        self.direct("DeleteAccessKey", call, true).await.map(|_| ())
+    }
+
+    /// When key `key_id` was last used, asked with `clients`.
+    pub(crate) async fn access_key_last_used(
+        &self,
+        clients: &UserClients,
+        key_id: &str,
+    ) -> Result<LastUsed, Error> {
+        let call = clients
+            .iam
+            .get_access_key_last_used()
+            .access_key_id(key_id)
+            .send();
+        let out = self.direct("GetAccessKeyLastUsed", call, false).await?;
+        let used = out.access_key_last_used();
+        Ok(LastUsed {
+            at: used
+                .and_then(|u| u.last_used_date())
+                .and_then(|d| SystemTime::try_from(*d).ok()),
+            // IAM says "N/A" for a key never used.
+            service: used
+                .map(|u| u.service_name().to_owned())
+                .filter(|s| s != "N/A"),
+        })
+    }
+
+    /// Whose key `clients` sign with, by STS `GetCallerIdentity` alone (no
+    /// permission needed): how a new key is proven before it is promoted.
+    pub(crate) async fn identity_of(&self, clients: &UserClients) -> Result<CallerIdentity, Error> {
+        let call = clients.sts.get_caller_identity().send();
+        let out = self.direct("GetCallerIdentity", call, false).await?;
+        Ok(CallerIdentity {
+            arn: out
+                .arn()
+                .ok_or_else(|| Error::IamError(AwsContext::default()))?
+                .to_owned(),
+        })
+    }
+
+    /// One key-management call, signed with the clients it was built on
+    /// (a rotation signs with the key it read, or the one it just created:
+    /// never one looked up anew), within [`KEY_CALL_BUDGET`], in a CLIENT
+    /// span. Nothing is retried here: a rotation resumes from the secret's
+    /// stages instead. A `write` whose answer is lost is `OUTCOME_UNKNOWN`.
+    async fn direct<T, E>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, SdkError<E>>>,
+        write: bool,
+    ) -> Result<T, Error>
+    where
+        T: RequestId,
+        E: AwsError,
+    {
+        let span = client_span(method, self.keys.region());
+        let result =
+            match tokio::time::timeout(KEY_CALL_BUDGET, call.instrument(span.clone())).await {
+                Ok(Ok(out)) => {
+                    let request_id = out.request_id().unwrap_or_default().to_owned();
+                    Ok((out, request_id))
+                }
+                Ok(Err(err)) => {
+                    let failure = Failure::of(err);
+                    tracing::debug!(failure = ?failure, method, "AWS call failed");
+                    let err = classify(failure, true);
+                    Err(if write { err } else { for_read(err) })
+                }
+                Err(_) if write => Err(Error::OutcomeUnknown {
+                    aws: None,
+                    cause: Some(Cause::msg(format!(
+                        "no answer from IAM within {}s",
+                        KEY_CALL_BUDGET.as_secs()
+                    ))),
+                }),
+                Err(_) => Err(Error::IamTimeout),
+            };
+        record_outcome(&span, method, &result);
+        result.map(|(out, _)| out)
+    }
+
     /// A read in a CLIENT span named for `method`, bounded by the deadline
     /// as a whole; its outcome is recorded on the span and in the metrics.
     async fn read<T, E, F>(
         &self,
         method: &'static str,
-        profile: &str,
+        signer: &Signer,
         deadline: Deadline,
         op: F,
     ) -> Result<(T, String), Error>
@@ -367,11 +583,11 @@ impl Iam {
         E: AwsError,
         F: SdkCall<T, E>,
     {
-        let span = client_span(method, self.clients.region());
+        let span = client_span(method, self.keys.region());
         let transmitted = Arc::default();
         let call = TRANSMITTED.scope(
             Arc::clone(&transmitted),
-            self.call(profile, deadline, Some(true), op),
+            self.call(signer, deadline, Some(true), op),
         );
         let result = match tokio::time::timeout_at(
             deadline.instant(),
@@ -389,7 +605,7 @@ impl Iam {
 
     async fn call<T, E, F>(
         &self,
-        profile: &str,
+        signer: &Signer,
         deadline: Deadline,
         signer_is_iam_user: Option<bool>,
         op: F,
@@ -402,10 +618,7 @@ impl Iam {
         let mut refreshed = false;
         let mut attempt = 1;
         loop {
-            let client = self
-                .clients
-                .get(profile)
-                .ok_or(Error::UpstreamCredentialsRejected(None, None))?;
+            let client = self.keys.for_user(signer).await?;
             let connect = match connect_timeout(deadline.remaining()) {
                 Ok(connect) => connect,
                 Err(()) => return Err(Error::DeadlineBeforeSend { stage: "connect" }),
@@ -416,16 +629,18 @@ impl Iam {
                     return Ok((out, request_id));
                 }
                 Err(err) => {
-                    tracing::debug!(error = %aws_sdk_iam::error::DisplayErrorContext(&err), attempt, "AWS call failed");
-                    Failure::of(err)
+                    let failure = Failure::of(err);
+                    tracing::debug!(failure = ?failure, attempt, "AWS call failed");
+                    failure
                 }
             };
             if failure.is_stale_credentials() && !refreshed {
                 refreshed = true;
-                if self.clients.refresh(profile).await {
+                if self.keys.refresh(signer).await {
                     tracing::info!(
-                        profile,
-                        "AWS rejected the credentials; re-read the profile, trying once more"
+                        iam_user = signer.iam_user(),
+                        profile = signer.profile(),
+                        "AWS rejected the credentials; re-read the key, trying once more"
                     );
                 }
                 not_transmitted();
@@ -450,15 +665,15 @@ impl Iam {
     }
 }
 
-/// One SDK call as [`Iam`] runs it: given a profile's client and the
+/// One SDK call as [`Iam`] runs it: given a user's clients and the
 /// connect timeout left, the call's future.
-trait SdkCall<T, E>: Fn(&ProfileClient, Option<TimeoutConfig>) -> Self::Call {
+trait SdkCall<T, E>: Fn(&UserClients, Option<TimeoutConfig>) -> Self::Call {
     type Call: Future<Output = Result<T, SdkError<E>>>;
 }
 
 impl<T, E, F, Fut> SdkCall<T, E> for F
 where
-    F: Fn(&ProfileClient, Option<TimeoutConfig>) -> Fut,
+    F: Fn(&UserClients, Option<TimeoutConfig>) -> Fut,
     Fut: Future<Output = Result<T, SdkError<E>>>,
 {
     type Call = Fut;
@@ -538,6 +753,11 @@ fn method_span_name(method: &'static str) -> &'static str {
         "GetAccountPasswordPolicy" => "IAM.GetAccountPasswordPolicy",
         "GetUser" => "IAM.GetUser",
         "GetCallerIdentity" => "STS.GetCallerIdentity",
+        "ListAccessKeys" => "IAM.ListAccessKeys",
+        "CreateAccessKey" => "IAM.CreateAccessKey",
+        "UpdateAccessKey" => "IAM.UpdateAccessKey",
+        "DeleteAccessKey" => "IAM.DeleteAccessKey",
+        "GetAccessKeyLastUsed" => "IAM.GetAccessKeyLastUsed",
         _ => "IAM",
     }
 }
@@ -606,6 +826,39 @@ mod tests {
             code: Some(IamCode::parse(code)),
             request_id: Some("rid".to_owned()),
             status,
+        }
+    }
+
+    #[test]
+    fn arns_are_read_by_kind() {
+        let cases = [
+            (
+                "arn:aws:iam::123456789012:user/alice",
+                Principal::User("alice".into()),
+            ),
+            (
+                "arn:aws:iam::123456789012:user/team/ops/alice",
+                Principal::User("alice".into()),
+            ),
+            (
+                "arn:aws-cn:iam::123456789012:user/bob",
+                Principal::User("bob".into()),
+            ),
+            ("arn:aws:iam::123456789012:root", Principal::Root),
+            (
+                "arn:aws:sts::123456789012:assumed-role/admin/session",
+                Principal::Other,
+            ),
+            (
+                "arn:aws:sts::123456789012:federated-user/bob",
+                Principal::Other,
+            ),
+            ("arn:aws:iam::123456789012:role/admin", Principal::Other),
+            ("not an arn", Principal::Other),
+            ("", Principal::Other),
+        ];
+        for (arn, principal) in cases {
+            assert_eq!(Principal::of_arn(arn), principal, "{arn}");
         }
     }
 

@@ -40,6 +40,7 @@ use tracing::Instrument;
 use crate::{
     aws::credentials::TRANSMITTED,
     aws::iam::Iam,
+    aws::keys::Signer,
     aws::password::Password,
     change::audit::{AuditSlot, Outcome},
     change::policy_cache::PolicyCache,
@@ -56,7 +57,8 @@ pub(crate) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything an attempt needs, shared by all of them.
 pub(crate) struct Gate {
-    pub(crate) iam: Iam,
+    /// Shared with the key custody's background work.
+    pub(crate) iam: Arc<Iam>,
     pub(crate) store: Store,
     pub(crate) principals: Principals,
     pub(crate) policies: PolicyCache,
@@ -272,6 +274,7 @@ fn runs_again_on_retry(reason: Reason) -> bool {
             | Reason::CallerConcurrencyExceeded
             | Reason::AuditUnavailable
             | Reason::TooManyRequestIds
+            | Reason::KeySourceUnavailable
             // Nothing was sent, and a new caller's key is often provisioned
             // minutes after its first call: the retry then runs.
             | Reason::IamUserNotProvisioned
@@ -382,7 +385,7 @@ impl Witness {
     fn answered(&self, answer: Answer) -> Answer {
         let _ = self.answer.set(answer.clone());
         #[cfg(feature = "fault-injection")]
-        crate::change::fault::point("after_iam");
+        crate::fault::point("after_iam");
         answer
     }
 
@@ -424,19 +427,19 @@ struct Prepared {
     verified: bool,
 }
 
-/// Finds the caller's key, verifies the profile and checks the new
-/// password against the account policy.
+/// Whose key signs for `caller`.
+pub(crate) fn signer(caller: &Caller) -> Signer {
+    Signer::new(&caller.iam_user, caller.aws_profile.as_deref())
+}
+
+/// Verifies the caller's key and checks the new password against the
+/// account policy.
 async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
     let caller = &request.caller;
-    provisioned(gate, caller, request.deadline).await?;
+    let signer = signer(caller);
     let (iam_user, verified) = match gate
         .principals
-        .check(
-            &gate.iam,
-            &caller.aws_profile,
-            &caller.iam_user,
-            request.deadline,
-        )
+        .check(&gate.iam, &signer, request.deadline)
         .await?
     {
         Principal::Verified(name) => (name, true),
@@ -444,7 +447,7 @@ async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
     };
     match gate
         .policies
-        .get(&gate.iam, &caller.aws_profile, request.deadline)
+        .get(&gate.iam, &signer, request.deadline)
         .await
     {
         Ok(Some(policy)) => {
@@ -474,24 +477,6 @@ async fn prepare(gate: &Gate, request: &Request) -> Result<Prepared, Error> {
     Ok(Prepared { iam_user, verified })
 }
 
-/// Whether the caller's key exists: an exact entry's profile was set up at
-/// start; a templated caller's built profile may not be in the AWS shared
-/// files (`IAM_USER_NOT_PROVISIONED`, nothing sent to IAM).
-pub(crate) async fn provisioned(
-    gate: &Gate,
-    caller: &Caller,
-    deadline: Deadline,
-) -> Result<(), Error> {
-    bounded(deadline, "key", async {
-        if gate.iam.clients().provision(&caller.aws_profile).await {
-            Ok(())
-        } else {
-            Err(Error::IamUserNotProvisioned)
-        }
-    })
-    .await
-}
-
 /// Calls IAM `ChangePassword`, answering the caller at its deadline at the
 /// latest, and returns IAM's real outcome (also into `witness`).
 async fn change(
@@ -513,10 +498,11 @@ async fn change(
     // The signer's kind disambiguates InvalidUserType: a verified profile is
     // known to hold an IAM user's key; otherwise the key's shape decides.
     let verified = verified.then_some(true);
+    let signer = signer(caller);
     let call = TRANSMITTED.scope(
         transmitted.clone(),
         gate.iam.change_password(
-            &caller.aws_profile,
+            &signer,
             &request.old,
             &request.new,
             request.deadline,
@@ -599,11 +585,12 @@ fn verdict(answer: &Answer) -> Verdict {
         | Error::IamUnreachable(_)
         | Error::IamThrottled(_)
         | Error::IamUserMismatch
-        | Error::IamUserNotProvisioned
         | Error::StateUnavailable(_)
         | Error::UpstreamCredentialsRejected(..)
         | Error::IamAccessDenied(_)
         | Error::LoginProfileMissing(_)
+        | Error::IamUserNotProvisioned
+        | Error::KeySourceUnavailable(_)
         | Error::AuditUnavailable
         | Error::Internal {
             maybe_sent: false, ..
@@ -726,7 +713,6 @@ mod tests {
             (Error::DeadlineBeforeSend { stage: "iam" }, Verdict::Release),
             (Error::IamTimeout, Verdict::Release),
             (Error::IamUserMismatch, Verdict::Release),
-            (Error::IamUserNotProvisioned, Verdict::Release),
             (
                 Error::CallerConcurrencyExceeded { limit: 5 },
                 Verdict::Release,
@@ -772,6 +758,11 @@ mod tests {
                 Error::Replayed(Box::new(
                     Error::OldPasswordIncorrect(aws(IamCode::InvalidUserType)).rejection(),
                 )),
+                Verdict::Release,
+            ),
+            (Error::IamUserNotProvisioned, Verdict::Release),
+            (
+                Error::KeySourceUnavailable(Cause::msg("down")),
                 Verdict::Release,
             ),
         ];

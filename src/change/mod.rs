@@ -6,7 +6,5 @@
 
 pub(crate) mod attempt;
 pub(crate) mod audit;
-#[cfg(feature = "fault-injection")]
-pub(crate) mod fault;
 pub(crate) mod policy_cache;
 pub(crate) mod principal;

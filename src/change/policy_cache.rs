@@ -1,4 +1,4 @@
-//! The account password policy per profile: read once, shared by every call,
+//! The account password policy per signer: read once, shared by every call,
 //! refreshed after a minute.
 //!
 //! Single-flight: a cold or expired entry is fetched by one call while the
@@ -7,11 +7,17 @@
 //! `iam:GetAccountPasswordPolicy` costs one extra IAM call a minute, not one
 //! per change.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
 
 use tokio::{sync::Mutex, time::Instant};
 
-use crate::{aws::iam::Iam, aws::password::Policy, deadline::Deadline, error::Error};
+use crate::{
+    aws::iam::Iam, aws::keys::Signer, aws::password::Policy, deadline::Deadline, error::Error,
+};
 
 /// How long a policy is trusted. Short: a stricter policy should apply
 /// within a minute, and IAM checks every change itself anyway.
@@ -29,27 +35,32 @@ struct Cached {
     until: Instant,
 }
 
+type Slot = Arc<Mutex<Option<Cached>>>;
+
 /// See the module docs.
+#[derive(Default)]
 pub(crate) struct PolicyCache {
-    by_profile: HashMap<String, Mutex<Option<Cached>>>,
+    by_signer: std::sync::Mutex<HashMap<Signer, Slot>>,
 }
 
 impl PolicyCache {
-    /// An empty cache for `profiles`.
-    pub(crate) fn new<'a>(profiles: impl IntoIterator<Item = &'a str>) -> Self {
-        Self {
-            by_profile: profiles
-                .into_iter()
-                .map(|p| (p.to_owned(), Mutex::new(None)))
-                .collect(),
-        }
+    /// An empty cache; a signer's slot is made when it first asks.
+    pub(crate) fn new() -> Self {
+        Self::default()
     }
 
-    /// The policy for `profile`, from the cache or from IAM.
-    pub(crate) async fn get(&self, iam: &Iam, profile: &str, deadline: Deadline) -> Answer {
-        let Some(slot) = self.by_profile.get(profile) else {
-            return iam.password_policy(profile, deadline).await;
-        };
+    fn slot(&self, signer: &Signer) -> Slot {
+        self.by_signer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(signer.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// The policy for `signer`, from the cache or from IAM.
+    pub(crate) async fn get(&self, iam: &Iam, signer: &Signer, deadline: Deadline) -> Answer {
+        let slot = self.slot(signer);
         // Held across the fetch: that is what makes it single-flight.
         let mut cached = tokio::time::timeout_at(deadline.instant(), slot.lock())
             .await
@@ -59,7 +70,7 @@ impl PolicyCache {
         {
             return c.answer.clone();
         }
-        let answer = iam.password_policy(profile, deadline).await;
+        let answer = iam.password_policy(signer, deadline).await;
         let ttl = match &answer {
             Ok(_) => Some(POLICY_TTL),
             Err(Error::IamAccessDenied(_)) => Some(DENIED_TTL),

@@ -1,13 +1,17 @@
-//! Verified mappings: whose key each profile really holds.
+//! Verified mappings: whose key each signer really holds.
 //!
-//! `[[callers]]` says "this caller acts as IAM user X with profile P"; only
-//! AWS knows whose key P holds. At start-up every distinct profile is asked
-//! (STS `GetCallerIdentity`, which needs no permission; IAM `GetUser` as the
-//! fallback) in the background, and a profile not verified yet is verified on
-//! first use. A profile whose key belongs to another IAM user, to the root
-//! user or to a role session is refused (`IAM_USER_MISMATCH`) without calling
-//! `ChangePassword`; one whose identity cannot be read at all is served as
-//! before, with one warning. A refreshed key (rotation) is verified again.
+//! `[[callers]]` says "this caller acts as IAM user X" (with the key of
+//! profile P, or the key of X's secret); only AWS knows whose key that is.
+//! At start-up every configured signer is asked (STS `GetCallerIdentity`,
+//! which needs no permission; IAM `GetUser` as the fallback) in the
+//! background, and a signer not verified yet is verified on first use. A key
+//! that belongs to another IAM user, to the root user or to a role session is
+//! refused (`IAM_USER_MISMATCH`) without calling `ChangePassword`; one whose
+//! identity cannot be read at all is served as before, with one warning. A
+//! changed key (a re-read profile, a rotated secret) is verified again. A
+//! signer without a key at all (`IAM_USER_NOT_PROVISIONED`) or whose key
+//! cannot be read right now (`KEY_SOURCE_UNAVAILABLE`) is refused before
+//! anything is sent to AWS.
 
 use std::{
     collections::HashMap,
@@ -18,7 +22,12 @@ use std::{
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use crate::{aws::iam::Iam, config::CallerSettings, deadline::Deadline, error::Error};
+use crate::{
+    aws::iam::{Iam, Principal},
+    aws::keys::Signer,
+    deadline::Deadline,
+    error::Error,
+};
 
 /// How long an unverifiable profile is served before credgate asks again
 /// (STS may have been down, or a permission may have been added).
@@ -27,42 +36,6 @@ const RETRY_UNVERIFIABLE: Duration = Duration::from_secs(60);
 const BACKGROUND_BUDGET: Duration = Duration::from_secs(10);
 /// Profiles verified at once in the background.
 const BACKGROUND_CONCURRENCY: usize = 4;
-
-/// What an ARN says about its principal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Principal {
-    /// An IAM user, by name (the last path segment).
-    User(String),
-    /// The account root user.
-    Root,
-    /// Anything else: an assumed-role or federated session.
-    Other,
-}
-
-impl Principal {
-    /// Reads `arn:<partition>:iam::<account>:user/<path/>name`,
-    /// `arn:<partition>:iam::<account>:root`, or anything else.
-    pub(crate) fn of_arn(arn: &str) -> Self {
-        let mut parts = arn.splitn(6, ':');
-        let (Some("arn"), Some(_partition), Some(service), Some(_region), Some(_account)) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return Self::Other;
-        };
-        match (service, parts.next()) {
-            ("iam", Some("root")) => Self::Root,
-            ("iam", Some(resource)) => match resource.strip_prefix("user/") {
-                Some(path) => Self::User(path.rsplit('/').next().unwrap_or_default().to_owned()),
-                None => Self::Other,
-            },
-            _ => Self::Other,
-        }
-    }
-}
 
 /// The verdict on a profile, for one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,87 +55,104 @@ enum State {
 }
 
 struct Profile {
-    /// The configured `iam_user` (config makes it one per profile).
+    /// The IAM user the key must be.
     expected: String,
     state: Mutex<State>,
-    /// One verification at a time per profile.
+    /// One verification at a time per signer.
     flight: tokio::sync::Mutex<()>,
 }
 
-/// Verification state of every configured profile, and of every templated
-/// caller's profile once used.
+/// Verification state of every signer seen: the configured ones from the
+/// start, any other (a templated caller) once it calls.
 pub(crate) struct Principals {
-    by_profile: HashMap<String, Profile>,
-    /// Templated callers' profiles, each expecting the IAM user of the
-    /// first caller that used it. Only profiles the shared files define
-    /// get here (`AwsClients::provision` comes first), so the files bound
-    /// it. Issue 19's second part moves every check to first use.
-    templated: Mutex<HashMap<String, Arc<Profile>>>,
+    configured: Vec<Signer>,
+    by_signer: Mutex<HashMap<Signer, Arc<Profile>>>,
+    /// The IAM user each profile holds the key of: the configured
+    /// callers' from the start, a templated caller's profile the first
+    /// user that used it. Config refuses two users on one profile among
+    /// exact entries; this refuses it across templates too.
+    profile_users: Mutex<HashMap<String, String>>,
 }
 
 impl Principals {
-    /// Every distinct profile of `callers`, none verified yet.
-    pub(crate) fn new(callers: &[CallerSettings]) -> Self {
-        let mut by_profile = HashMap::new();
-        for c in callers {
-            by_profile
-                .entry(c.aws_profile.clone())
-                .or_insert_with(|| Profile::new(&c.iam_user));
-        }
+    /// The configured `signers`, none verified yet.
+    pub(crate) fn new(signers: impl IntoIterator<Item = Signer>) -> Self {
+        let mut configured: Vec<Signer> = signers.into_iter().collect();
+        configured.sort();
+        configured.dedup();
+        let profile_users = configured
+            .iter()
+            .filter_map(|s| Some((s.profile()?.to_owned(), s.iam_user().to_owned())))
+            .collect();
         Self {
-            by_profile,
-            templated: Mutex::default(),
+            configured,
+            by_signer: Mutex::new(HashMap::new()),
+            profile_users: Mutex::new(profile_users),
         }
     }
 
-    /// The verdict on `profile` for a call, from a caller acting as
-    /// `iam_user`, due by `deadline`, verifying it first if needed.
-    /// `Err(IamUserMismatch)` refuses the call — also when the profile is
-    /// already known to hold another configured user's key; a deadline
-    /// reached while verifying is `DEADLINE_BEFORE_SEND` (nothing was sent).
-    pub(crate) async fn check(
-        &self,
-        iam: &Iam,
-        profile: &str,
-        iam_user: &str,
-        deadline: Deadline,
-    ) -> Result<Verdict, Error> {
-        let templated;
-        let entry = match self.by_profile.get(profile) {
-            Some(entry) => entry,
-            None => {
-                templated = self
-                    .templated
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entry(profile.to_owned())
-                    .or_insert_with(|| Arc::new(Profile::new(iam_user)))
-                    .clone();
-                &templated
-            }
+    /// `Err(IamUserMismatch)` when `signer`'s profile already holds another
+    /// IAM user's key (two templates, or a template and an exact entry,
+    /// reaching one profile as different users); otherwise the profile is
+    /// now `signer`'s user's.
+    fn claim_profile(&self, signer: &Signer) -> Result<(), Error> {
+        let Some(profile) = signer.profile() else {
+            return Ok(());
         };
-        // One profile holds one user's key: a second user on it (two
-        // templates, or a template and an exact entry) is refused.
-        if entry.expected != iam_user {
+        let mut users = self
+            .profile_users
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let expected = users
+            .entry(profile.to_owned())
+            .or_insert_with(|| signer.iam_user().to_owned());
+        if expected != signer.iam_user() {
             tracing::error!(
                 profile,
-                iam_user,
-                expected_iam_user = entry.expected.as_str(),
+                iam_user = signer.iam_user(),
+                expected_iam_user = expected.as_str(),
                 "two callers act as different IAM users with one profile; refused"
             );
             return Err(Error::IamUserMismatch);
         }
-        Self::verify(iam, profile, entry, deadline).await
+        Ok(())
     }
 
-    /// The verdict on `entry`, verifying it first if needed.
-    async fn verify(
+    fn entry(&self, signer: &Signer) -> Arc<Profile> {
+        self.by_signer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(signer.clone())
+            .or_insert_with(|| {
+                Arc::new(Profile {
+                    expected: signer.iam_user().to_owned(),
+                    state: Mutex::new(State::Unknown),
+                    flight: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    /// The verdict on `signer` for a call due by `deadline`, reading its key
+    /// and verifying it first if needed. `Err(IamUserMismatch)` refuses the
+    /// call, and so do `IAM_USER_NOT_PROVISIONED` and `KEY_SOURCE_UNAVAILABLE`;
+    /// a deadline reached on the way is `DEADLINE_BEFORE_SEND` (nothing was
+    /// sent to IAM).
+    pub(crate) async fn check(
+        &self,
         iam: &Iam,
-        profile: &str,
-        entry: &Profile,
+        signer: &Signer,
         deadline: Deadline,
     ) -> Result<Verdict, Error> {
-        let generation = iam.clients().generation(profile);
+        // The key first: without one there is nothing to verify or send.
+        tokio::time::timeout_at(deadline.instant(), iam.keys().for_user(signer))
+            .await
+            .map_err(|_| Error::DeadlineBeforeSend { stage: "key" })??;
+        // One profile holds one user's key: a second user on it is refused
+        // before anything is sent.
+        self.claim_profile(signer)?;
+        let entry = self.entry(signer);
+        let generation = iam.keys().generation(signer);
         if let Some(known) = entry.known(generation) {
             return known;
         }
@@ -173,8 +163,8 @@ impl Principals {
         if let Some(known) = entry.known(generation) {
             return known;
         }
-        match iam.caller_identity(profile, deadline).await {
-            Ok(identity) => entry.settle(profile, generation, &identity.arn),
+        match iam.caller_identity(signer, deadline).await {
+            Ok(identity) => entry.settle(signer, generation, &identity.arn),
             // Out of this call's time: leave the profile unverified and let
             // the next call (or the background task) finish the job.
             Err((Error::DeadlineBeforeSend { .. } | Error::IamTimeout, _))
@@ -183,13 +173,16 @@ impl Principals {
             {
                 Err(Error::DeadlineBeforeSend { stage: "identity" })
             }
+            // No key, or none readable: refused, nothing was sent.
+            Err((e @ (Error::IamUserNotProvisioned | Error::KeySourceUnavailable(_)), _)) => Err(e),
             Err((sts, iam_err)) => {
                 tracing::warn!(
-                    profile,
+                    iam_user = signer.iam_user(),
+                    profile = signer.profile(),
                     sts = %sts,
                     sts_cause = %crate::error::chain(&sts),
                     iam = %iam_err,
-                    "cannot read whose key this profile holds (STS GetCallerIdentity and IAM GetUser \
+                    "cannot read whose key this is (STS GetCallerIdentity and IAM GetUser \
                      both failed); serving it as configured, unverified"
                 );
                 *entry.lock() = State::Unverifiable {
@@ -201,41 +194,44 @@ impl Principals {
         }
     }
 
-    /// Verifies every profile, a few at a time, each within its own
-    /// budget. `serve` runs it in the background: start-up does not wait.
+    /// Verifies every configured signer, a few at a time, each within its
+    /// own budget. `serve` runs it in the background: start-up does not wait.
     pub(crate) async fn verify_all(&self, iam: &Iam) {
-        futures_util::stream::iter(self.by_profile.iter())
-            .for_each_concurrent(BACKGROUND_CONCURRENCY, |(profile, entry)| async move {
+        futures_util::stream::iter(&self.configured)
+            .for_each_concurrent(BACKGROUND_CONCURRENCY, |signer| async move {
                 let deadline = Deadline::at(Instant::now() + BACKGROUND_BUDGET);
-                let _ = Self::verify(iam, profile, entry, deadline).await;
+                let _ = self.check(iam, signer, deadline).await;
             })
             .await;
     }
 
-    /// Offline problems and verdicts for `check-config --online`: every
-    /// profile, one line per problem.
+    /// Problems and verdicts for `check-config --online`: every configured
+    /// signer, one line per problem.
     pub(crate) async fn problems(&self, iam: &Iam) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut profiles: Vec<&String> = self.by_profile.keys().collect();
-        profiles.sort();
-        for profile in profiles {
+        for signer in &self.configured {
             let deadline = Deadline::at(Instant::now() + BACKGROUND_BUDGET);
-            let entry = &self.by_profile[profile];
-            match Self::verify(iam, profile, entry, deadline).await {
+            match self.check(iam, signer, deadline).await {
                 Ok(Verdict::Verified(_)) => {}
                 Ok(Verdict::Unverifiable) => problems.push(format!(
-                    "aws_profile {profile:?}: cannot verify whose key it holds: neither STS \
+                    "{signer}: cannot verify whose key it holds: neither STS \
                      GetCallerIdentity nor IAM GetUser answered (see the log above)"
                 )),
                 Err(Error::IamUserMismatch) => {
+                    let entry = self.entry(signer);
                     problems.push(format!(
-                        "aws_profile {profile:?} signs as {}, not as the configured IAM user {:?}",
+                        "{signer} signs as {}, not as the configured IAM user {:?}",
                         entry.signer(),
                         entry.expected
                     ));
                 }
+                Err(Error::IamUserNotProvisioned) => problems.push(format!(
+                    "{signer}: no such key (IAM user {:?} is not provisioned)",
+                    signer.iam_user()
+                )),
                 Err(e) => problems.push(format!(
-                    "aws_profile {profile:?}: cannot verify whose key it holds: {e}"
+                    "{signer}: cannot verify whose key it holds: {e}: {}",
+                    crate::error::chain(&e)
                 )),
             }
         }
@@ -244,14 +240,6 @@ impl Principals {
 }
 
 impl Profile {
-    fn new(expected: &str) -> Self {
-        Self {
-            expected: expected.to_owned(),
-            state: Mutex::new(State::Unknown),
-            flight: tokio::sync::Mutex::new(()),
-        }
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -275,14 +263,15 @@ impl Profile {
         }
     }
 
-    fn settle(&self, profile: &str, generation: u64, arn: &str) -> Result<Verdict, Error> {
+    fn settle(&self, signer: &Signer, generation: u64, arn: &str) -> Result<Verdict, Error> {
         let principal = Principal::of_arn(arn);
         match &principal {
             Principal::User(name) if *name == self.expected => {
                 tracing::info!(
-                    profile,
+                    iam_user = signer.iam_user(),
+                    profile = signer.profile(),
                     arn,
-                    "profile verified: its key is the configured IAM user's"
+                    "key verified: it is the configured IAM user's"
                 );
                 *self.lock() = State::Verified {
                     name: name.clone(),
@@ -297,11 +286,12 @@ impl Profile {
                     Principal::Other => "a role or federated session, not an IAM user",
                 };
                 tracing::error!(
-                    profile,
+                    iam_user = signer.iam_user(),
+                    profile = signer.profile(),
                     arn,
                     expected_iam_user = self.expected.as_str(),
-                    "profile holds the key of {what}: its callers are refused with IAM_USER_MISMATCH \
-                     until the profile is fixed"
+                    "the key is {what}'s: its callers are refused with IAM_USER_MISMATCH \
+                     until it is fixed"
                 );
                 *self.lock() = State::Mismatch {
                     arn: arn.to_owned(),
@@ -330,62 +320,26 @@ mod tests {
     /// profile is an exact entry's or was first used by a templated caller.
     #[tokio::test]
     async fn a_profile_first_held_for_one_user_refuses_another() {
-        let settings = crate::config::AwsSettings {
-            // Nothing listens there; nothing is sent anyway.
-            endpoint_url: Some("http://127.0.0.1:9".to_owned()),
-            ..crate::config::AwsSettings::default()
-        };
-        let iam = Iam::new(crate::aws::credentials::AwsClients::new(&settings, ["p"]).await);
-        let exact = CallerSettings {
-            matcher: crate::config::Matcher::CommonName("alice".into()),
-            iam_user: "alice".into(),
-            aws_profile: "p".into(),
-            entry: 0,
-        };
-        let principals = Principals::new(&[exact]);
-        let now = || Deadline::at(Instant::now());
-        let refused = principals.check(&iam, "p", "bob", now()).await;
+        let principals = Principals::new([Signer::new("alice", Some("p"))]);
+        let refused = principals.claim_profile(&Signer::new("bob", Some("p")));
         assert!(
             matches!(refused, Err(Error::IamUserMismatch)),
             "{refused:?}"
         );
+        assert!(
+            principals
+                .claim_profile(&Signer::new("alice", Some("p")))
+                .is_ok()
+        );
         // A templated caller's profile: the first user it served holds it.
-        let first = principals.check(&iam, "t", "carol", now()).await;
-        assert!(!matches!(first, Err(Error::IamUserMismatch)), "{first:?}");
-        let second = principals.check(&iam, "t", "dave", now()).await;
+        assert!(
+            principals
+                .claim_profile(&Signer::new("carol", Some("t")))
+                .is_ok()
+        );
+        let second = principals.claim_profile(&Signer::new("dave", Some("t")));
         assert!(matches!(second, Err(Error::IamUserMismatch)), "{second:?}");
-    }
-
-    #[test]
-    fn arns_are_read_by_kind() {
-        let cases = [
-            (
-                "arn:aws:iam::123456789012:user/alice",
-                Principal::User("alice".into()),
-            ),
-            (
-                "arn:aws:iam::123456789012:user/team/ops/alice",
-                Principal::User("alice".into()),
-            ),
-            (
-                "arn:aws-cn:iam::123456789012:user/bob",
-                Principal::User("bob".into()),
-            ),
-            ("arn:aws:iam::123456789012:root", Principal::Root),
-            (
-                "arn:aws:sts::123456789012:assumed-role/admin/session",
-                Principal::Other,
-            ),
-            (
-                "arn:aws:sts::123456789012:federated-user/bob",
-                Principal::Other,
-            ),
-            ("arn:aws:iam::123456789012:role/admin", Principal::Other),
-            ("not an arn", Principal::Other),
-            ("", Principal::Other),
-        ];
-        for (arn, principal) in cases {
-            assert_eq!(Principal::of_arn(arn), principal, "{arn}");
-        }
+        // Secrets Manager keys are found by the user: nothing to share.
+        assert!(principals.claim_profile(&Signer::new("erin", None)).is_ok());
     }
 }

@@ -16,8 +16,12 @@ use std::{
 use toml::{Table, Value};
 
 use super::{
+    keys::KeySource,
     problems::Problems,
-    templates::{self, CallerTemplate, IdentityTemplate, NameTemplate, Position, TemplateKind},
+    templates::{
+        self, CallerTemplate, IdentityTemplate, NameTemplate, Position, TemplateKind,
+        is_iam_user_name,
+    },
 };
 use crate::spiffe;
 
@@ -37,8 +41,10 @@ pub(crate) struct CallerSettings {
     pub matcher: Matcher,
     /// The IAM user this caller acts as.
     pub iam_user: String,
-    /// The shared-config profile holding that user's access key.
-    pub aws_profile: String,
+    /// The shared-config profile holding that user's access key (source
+    /// `profiles`); `None` with Secrets Manager, where the key is found by
+    /// `iam_user`.
+    pub aws_profile: Option<String>,
     /// Its index in `[[callers]]`, for messages, logs and audit.
     pub entry: usize,
 }
@@ -84,7 +90,11 @@ impl fmt::Display for Matcher {
 }
 
 /// The entries: exact ones, and templates.
-pub(super) fn parse(p: &mut Problems, root: &Table) -> (Vec<CallerSettings>, Vec<CallerTemplate>) {
+pub(super) fn parse(
+    p: &mut Problems,
+    root: &Table,
+    source: KeySource,
+) -> (Vec<CallerSettings>, Vec<CallerTemplate>) {
     let mut seen = Seen::default();
     let mut callers = Vec::new();
     let mut templates = Vec::new();
@@ -95,7 +105,7 @@ pub(super) fn parse(p: &mut Problems, root: &Table) -> (Vec<CallerSettings>, Vec
             continue;
         };
         p.unknown_keys(t, &format!("{path}."), KEYS);
-        match caller(p, &path, i, t, &mut seen) {
+        match caller(p, &path, i, t, source, &mut seen) {
             Some(Entry::Exact(caller)) => callers.push(caller),
             Some(Entry::Template(template)) => templates.push(template),
             None => {}
@@ -138,10 +148,17 @@ fn entries<'a>(p: &mut Problems, root: &'a Table) -> &'a [Value] {
 
 /// One entry, checked against the entries before it: its identity must be
 /// new, and its profile must not already hold another IAM user's key.
-fn caller(p: &mut Problems, path: &str, index: usize, t: &Table, seen: &mut Seen) -> Option<Entry> {
+fn caller(
+    p: &mut Problems,
+    path: &str,
+    index: usize,
+    t: &Table,
+    source: KeySource,
+    seen: &mut Seen,
+) -> Option<Entry> {
     let matchers = matchers(p, path, t)?;
     let iam_user = p.required_string(t, path, "iam_user");
-    let aws_profile = p.required_string(t, path, "aws_profile");
+    let aws_profile = profile(p, path, t, source);
     let matcher = only_matcher(p, path, matchers)?;
     if let Some(kind) = template_kind(p, path, &matcher)? {
         return template(p, path, index, kind, &matcher, iam_user?, aws_profile?)
@@ -154,6 +171,22 @@ fn caller(p: &mut Problems, path: &str, index: usize, t: &Table, seen: &mut Seen
         return None;
     }
     let (iam_user, aws_profile) = (iam_user?, aws_profile?);
+    let Some(aws_profile) = aws_profile else {
+        // Secrets Manager: the user names its secret.
+        if !is_iam_user_name(&iam_user) {
+            p.push(format!(
+                "{path}.iam_user: {iam_user:?} is not an IAM user name ([A-Za-z0-9+=,.@_-], \
+                 1 to 64 characters)"
+            ));
+            return None;
+        }
+        return Some(Entry::Exact(CallerSettings {
+            matcher,
+            iam_user,
+            aws_profile: None,
+            entry: index,
+        }));
+    };
     // A profile holds one user's key: two users on one profile means one
     // caller would act as the other's IAM user.
     match seen.profiles.get(&aws_profile) {
@@ -172,9 +205,26 @@ fn caller(p: &mut Problems, path: &str, index: usize, t: &Table, seen: &mut Seen
     Some(Entry::Exact(CallerSettings {
         matcher,
         iam_user,
-        aws_profile,
+        aws_profile: Some(aws_profile),
         entry: index,
     }))
+}
+
+/// `aws_profile`, as the key source wants it: required for `profiles`,
+/// absent for Secrets Manager (the key is the secret of `iam_user`).
+/// `None`: a problem was reported; `Some(None)`: no profile, rightly.
+fn profile(p: &mut Problems, path: &str, t: &Table, source: KeySource) -> Option<Option<String>> {
+    match source {
+        KeySource::Profiles => p.required_string(t, path, "aws_profile").map(Some),
+        KeySource::SecretsManager if t.contains_key("aws_profile") => {
+            p.push(format!(
+                "{path}.aws_profile: not used with keys.source = \"secretsmanager\" (the key \
+                 is the secret of iam_user); remove it"
+            ));
+            None
+        }
+        KeySource::SecretsManager => Some(None),
+    }
 }
 
 /// Which template kind the matcher's value is, `Some(None)` when it is no
@@ -202,7 +252,7 @@ fn template(
     kind: TemplateKind,
     matcher: &Matcher,
     iam_user: String,
-    aws_profile: String,
+    aws_profile: Option<String>,
 ) -> Option<CallerTemplate> {
     let (Matcher::SpiffeId(text) | Matcher::DnsName(text) | Matcher::CommonName(text)) = matcher;
     let key = kind.key();
@@ -222,11 +272,12 @@ fn template(
             })
             .ok()
     };
-    let (iam_user, aws_profile) = (
-        name("iam_user", &iam_user),
-        name("aws_profile", &aws_profile),
-    );
-    let (iam_user, aws_profile) = (iam_user?, aws_profile?);
+    let iam_user = name("iam_user", &iam_user);
+    let aws_profile = match aws_profile {
+        Some(profile) => Some(name("aws_profile", &profile)?),
+        None => None,
+    };
+    let iam_user = iam_user?;
     let mut ok = true;
     if let Some(why) = iam_user.never_an_iam_user() {
         p.push(format!(
@@ -237,11 +288,14 @@ fn template(
     }
     // One profile holds one user's key: whatever tells two users apart
     // must tell their profiles apart too.
-    let unused: Vec<&str> = iam_user
-        .capture_names()
-        .filter(|c| !aws_profile.capture_names().any(|d| d == *c))
-        .collect();
-    if !unused.is_empty() {
+    let unused: Vec<&str> = match &aws_profile {
+        Some(profile) => iam_user
+            .capture_names()
+            .filter(|c| !profile.capture_names().any(|d| d == *c))
+            .collect(),
+        None => Vec::new(),
+    };
+    if let (Some(aws_profile), false) = (&aws_profile, unused.is_empty()) {
         p.push(format!(
             "{path}.aws_profile: {:?} must use every capture iam_user uses (missing {}): \
              a profile holds one IAM user's key",

@@ -9,6 +9,7 @@
 
 mod aws;
 mod callers;
+mod keys;
 mod limits;
 mod problems;
 mod server;
@@ -25,6 +26,7 @@ use toml::Table;
 
 pub(crate) use aws::AwsSettings;
 pub(crate) use callers::{CallerSettings, MAX_NAME_LEN, Matcher};
+pub(crate) use keys::{KeySettings, KeySource, SecretName};
 pub(crate) use limits::LimitSettings;
 use problems::Problems;
 pub(crate) use server::ServerSettings;
@@ -45,6 +47,7 @@ pub(crate) const SECTIONS: &[(&str, &[&str])] = &[
     ("limits", limits::KEYS),
     ("state", state::KEYS),
     ("telemetry", telemetry::KEYS),
+    ("keys", keys::KEYS),
     ("callers", callers::KEYS),
 ];
 
@@ -66,6 +69,8 @@ pub(crate) struct Config {
     pub state: StateSettings,
     /// Log format.
     pub telemetry: TelemetrySettings,
+    /// Where the IAM users' access keys live, and their age and rotation.
+    pub keys: KeySettings,
     /// Caller identities and the IAM users they act as: the exact entries
     /// (every part of credgate that lists callers or profiles reads these).
     pub callers: Vec<CallerSettings>,
@@ -104,7 +109,8 @@ impl Config {
         let limits = limits::parse(&mut p, &root);
         let state = state::parse(&mut p, &root);
         let telemetry = telemetry::parse(&mut p, &root);
-        let (callers, templates) = callers::parse(&mut p, &root);
+        let keys = keys::parse(&mut p, &root);
+        let (callers, templates) = callers::parse(&mut p, &root, keys.source);
         match tls {
             Some(tls) if p.0.is_empty() => Ok(Self {
                 server,
@@ -113,6 +119,7 @@ impl Config {
                 limits,
                 state,
                 telemetry,
+                keys,
                 callers,
                 templates,
             }),

@@ -49,6 +49,13 @@ impl Default for StateSettings {
     }
 }
 
+impl StateSettings {
+    /// Whether every replica shares the state (Redis/Valkey).
+    pub(crate) fn is_shared(&self) -> bool {
+        matches!(self.backend, StateBackend::Redis(_))
+    }
+}
+
 /// The state backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StateBackend {

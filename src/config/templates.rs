@@ -509,8 +509,8 @@ pub(crate) struct CallerTemplate {
     pub identity: IdentityTemplate,
     /// The IAM user each acts as.
     pub iam_user: NameTemplate,
-    /// The profile holding that user's key.
-    pub aws_profile: NameTemplate,
+    /// The profile holding that user's key (source `profiles`).
+    pub aws_profile: Option<NameTemplate>,
 }
 
 /// What a template makes of one identity it matched.
@@ -520,8 +520,8 @@ pub(crate) struct Built {
     pub captures: Captures,
     /// The IAM user name; checked by the caller against [`is_iam_user_name`].
     pub iam_user: String,
-    /// The profile name.
-    pub aws_profile: String,
+    /// The profile name (source `profiles`).
+    pub aws_profile: Option<String>,
 }
 
 impl CallerTemplate {
@@ -529,7 +529,7 @@ impl CallerTemplate {
     pub(crate) fn build(&self, captures: Captures) -> Built {
         Built {
             iam_user: self.iam_user.build(&captures),
-            aws_profile: self.aws_profile.build(&captures),
+            aws_profile: self.aws_profile.as_ref().map(|p| p.build(&captures)),
             captures,
         }
     }

@@ -220,7 +220,10 @@ fn templates_are_parsed_apart_from_the_exact_entries() {
             .expect("matches"),
     );
     assert_eq!(
-        (built.iam_user.as_str(), built.aws_profile.as_str()),
+        (
+            built.iam_user.as_str(),
+            built.aws_profile.as_deref().unwrap_or_default()
+        ),
         ("svc-a-b", "a-b")
     );
 }
@@ -599,6 +602,128 @@ fn a_spiffe_id_must_use_the_spiffe_scheme() {
     let text = MINIMAL.replace("spiffe://corp.example/ns/a/sa/a", "https://a/b");
     let err = Config::parse(&text).expect_err("invalid");
     assert!(err.problems[0].contains("is not a SPIFFE ID"), "{err}");
+}
+
+#[test]
+fn keys_default_to_the_profiles_source_with_the_designed_durations() {
+    let config = Config::parse(MINIMAL).expect("valid");
+    let keys = &config.keys;
+    assert_eq!(keys.source, KeySource::Profiles);
+    assert_eq!(keys.secret_name.template(), "credgate/{iam_user}");
+    assert_eq!(keys.refresh, Duration::from_secs(60));
+    assert_eq!(keys.rotate_after, Some(Duration::from_secs(30 * 86400)));
+    assert_eq!(keys.old_key_grace, Duration::from_secs(600));
+    assert_eq!(keys.warn_key_age, Duration::from_secs(90 * 86400));
+    assert_eq!(config.callers[0].aws_profile.as_deref(), Some("a"));
+}
+
+const SECRETS_MANAGER: &str = r#"
+    [tls]
+    cert = "c.pem"
+    key = "k.pem"
+    client_ca = "ca.pem"
+    [keys]
+    source = "secretsmanager"
+    secret_name = "prod/credgate/{iam_user}"
+    refresh = "30s"
+    rotate_after = "0s"
+    old_key_grace = "5m"
+    warn_key_age = "60d"
+    [[callers]]
+    spiffe_id = "spiffe://corp.example/ns/a/sa/a"
+    iam_user = "a-svc"
+"#;
+
+#[test]
+fn with_secrets_manager_callers_need_no_profile_and_rotation_can_be_off() {
+    let config = Config::parse(SECRETS_MANAGER).expect("valid");
+    let keys = &config.keys;
+    assert_eq!(keys.source, KeySource::SecretsManager);
+    assert_eq!(
+        keys.secret_name.of("a-svc").as_deref(),
+        Some("prod/credgate/a-svc")
+    );
+    assert_eq!(keys.refresh, Duration::from_secs(30));
+    assert_eq!(keys.rotate_after, None, "\"0s\" is never");
+    assert_eq!(keys.old_key_grace, Duration::from_secs(300));
+    assert_eq!(keys.warn_key_age, Duration::from_secs(60 * 86400));
+    assert_eq!(config.callers[0].aws_profile, None);
+}
+
+#[test]
+fn every_key_custody_problem_is_reported_at_once() {
+    let text = r#"
+        [tls]
+        cert = "c.pem"
+        key = "k.pem"
+        client_ca = "ca.pem"
+        [keys]
+        source = "secretsmanager"
+        secret_name = "{iam_user}"
+        refresh = "10m"
+        rotate_after = "soon"
+        old_key_grace = "5m"
+        warn_key_age = "0s"
+        [[callers]]
+        spiffe_id = "spiffe://corp.example/ns/a/sa/a"
+        iam_user = "a"
+        aws_profile = "a"
+        [[callers]]
+        common_name = "b"
+        iam_user = "b c"
+    "#;
+    let err = Config::parse(text).expect_err("invalid");
+    let all = err.problems.join("\n");
+    for needle in [
+        "keys.secret_name: \"{iam_user}\" needs a fixed prefix",
+        "keys.rotate_after: \"soon\" is not a duration",
+        "keys.warn_key_age: must be greater than zero",
+        "keys.old_key_grace (5m) must be at least twice keys.refresh (10m)",
+        "callers[0].aws_profile: not used with keys.source = \"secretsmanager\"",
+        "callers[1].iam_user: \"b c\" is not an IAM user name",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert_eq!(err.problems.len(), 6, "{all}");
+}
+
+#[test]
+fn secrets_manager_keys_are_refused_with_the_profiles_source() {
+    let text = MINIMAL.replace(
+        "[[callers]]",
+        "[keys]\nsource = \"profiles\"\nrefresh = \"1m\"\nrotate_after = \"7d\"\n\
+         warn_key_age = \"30d\"\n[[callers]]",
+    );
+    let err = Config::parse(&text).expect_err("invalid");
+    assert_eq!(
+        err.problems,
+        [
+            "keys.refresh: applies to source \"secretsmanager\" only (source is \"profiles\")",
+            "keys.rotate_after: applies to source \"secretsmanager\" only (source is \"profiles\")",
+        ]
+    );
+    let text = MINIMAL.replace("[[callers]]", "[keys]\nsource = \"vault\"\n[[callers]]");
+    let err = Config::parse(&text).expect_err("invalid");
+    assert_eq!(
+        err.problems,
+        ["keys.source: \"vault\" is not \"profiles\" or \"secretsmanager\""]
+    );
+}
+
+#[test]
+fn a_rotation_must_outlast_the_old_keys_grace() {
+    let text = SECRETS_MANAGER.replace("rotate_after = \"0s\"", "rotate_after = \"5m\"");
+    let err = Config::parse(&text).expect_err("invalid");
+    assert_eq!(
+        err.problems,
+        [
+            "keys.rotate_after (5m) must be longer than keys.old_key_grace (5m), or \"0s\" \
+          (never): a rotation ends only once the old key is gone"
+        ]
+    );
+    let text = MINIMAL.replace("    aws_profile = \"a\"\n", "");
+    let err = Config::parse(&text).expect_err("invalid");
+    assert_eq!(err.problems, ["callers[0].aws_profile: missing"]);
 }
 
 /// `docs/configuration.md`: for each `## `[section]`` heading, the keys in

@@ -193,8 +193,9 @@ pub(crate) struct Caller {
     pub key: String,
     /// The IAM user this caller acts as, as configured or built.
     pub iam_user: String,
-    /// The profile whose access key signs for that user.
-    pub aws_profile: String,
+    /// The profile whose access key signs for that user (source
+    /// `profiles`); `None` when the key is found by `iam_user`.
+    pub aws_profile: Option<String>,
     /// The `[[callers]]` entry that mapped it.
     pub entry: usize,
     /// That entry's template, for a templated caller (logs and audit say
@@ -547,7 +548,7 @@ mod tests {
         let entry = |matcher, user: &str| CallerSettings {
             matcher,
             iam_user: user.into(),
-            aws_profile: user.into(),
+            aws_profile: Some(user.into()),
             entry: 0,
         };
         Callers::new(
@@ -701,7 +702,7 @@ mod tests {
             ))
             .expect("templated SPIFFE ID");
         assert_eq!(api.iam_user, "svc-payments-api");
-        assert_eq!(api.aws_profile, "payments-api");
+        assert_eq!(api.aws_profile.as_deref(), Some("payments-api"));
         assert_eq!(api.identity, "spiffe://corp.example/ns/payments/sa/api");
         assert_eq!(api.key, "spiffe:spiffe://corp.example/ns/payments/sa/api");
         assert_eq!(api.entry, 1);

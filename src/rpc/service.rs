@@ -109,14 +109,11 @@ impl PasswordService for PasswordGate {
         request: Request<GetPasswordPolicyRequest>,
     ) -> Result<Response<GetPasswordPolicyResponse>, Status> {
         let admitted = admitted(&request)?;
-        attempt::provisioned(&self.gate, &admitted.caller, admitted.deadline)
-            .await
-            .map_err(reject)?;
-        let profile = &admitted.caller.aws_profile;
+        let signer = attempt::signer(&admitted.caller);
         let policy = self
             .gate
             .policies
-            .get(&self.gate.iam, profile, admitted.deadline)
+            .get(&self.gate.iam, &signer, admitted.deadline)
             .await
             .map_err(reject)?;
         Ok(Response::new(GetPasswordPolicyResponse {

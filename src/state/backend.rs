@@ -1,6 +1,7 @@
 //! The contract between [`Store`](super::Store) and where the state lives:
 //! the [`Backend`] trait, the two atomic steps of an attempt ([`BeginOp`],
-//! [`EndOp`]) and what they answer, and what is stored for a `request_id`.
+//! [`EndOp`]) and what they answer, what is stored for a `request_id`, and
+//! the leases that let one replica at a time do a job (a key rotation).
 //! [`memory`](super::memory) and [`redis`](super::redis) implement it; the
 //! same behavioural suite (`state::tests`) runs against both.
 
@@ -229,6 +230,30 @@ pub(crate) trait Backend: Send + Sync + 'static {
         until: Instant,
         lost_after: Duration,
     ) -> BoxFuture<'a, Result<Option<Began>, Cause>>;
+    /// Takes the lease `name` for `owner` for `ttl`, unless another owner
+    /// holds it; `owner` taking it again (a resend) renews it. Whether
+    /// `owner` holds it now.
+    fn lease_acquire<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, Cause>>;
+    /// Extends `owner`'s lease `name` to `ttl` from now; `false` when
+    /// `owner` no longer holds it (it expired, another took it).
+    fn lease_renew<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, Cause>>;
+    /// Gives `owner`'s lease `name` up; `false` when `owner` did not hold
+    /// it (then it is left as it is).
+    fn lease_release<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Cause>>;
     /// Whether the store keeps every key until its TTL: its eviction
     /// policies (one per Cluster primary), `None` when it has none.
     fn eviction_policies(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, Cause>>;

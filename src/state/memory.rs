@@ -1,4 +1,5 @@
-//! The in-process state backend: one replica's promises only.
+//! The in-process state backend: one replica's promises only (its leases
+//! too: they keep this process's own jobs apart, never another replica's).
 //!
 //! One lock over every caller's attempts and `request_id` records makes each
 //! [`Backend`] step atomic, as a Lua script is in Redis. Bounded: a caller's
@@ -158,10 +159,19 @@ struct Callers {
     last_sweep: Option<Instant>,
 }
 
+/// A lease: its owner and when it expires.
+#[derive(Debug)]
+struct Lease {
+    owner: String,
+    expires: Instant,
+}
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct Memory {
     callers: Mutex<Callers>,
+    /// Leases by name; an expired one is as good as none.
+    leases: Mutex<HashMap<String, Lease>>,
     /// Woken whenever a record changes, for retries waiting on a claim.
     changed: Notify,
 }
@@ -312,6 +322,44 @@ impl Memory {
         u32::try_from(forgotten).unwrap_or(u32::MAX)
     }
 
+    /// Takes or renews `name` for `owner` when `may_take` (a free lease may
+    /// be taken) or `owner` holds it; whether `owner` holds it now.
+    fn lease_now(&self, name: &str, owner: &str, ttl: Duration, may_take: bool) -> bool {
+        let now = Instant::now();
+        let mut leases = lock(&self.leases);
+        leases.retain(|_, l| l.expires > now);
+        match leases.get_mut(name) {
+            Some(lease) if lease.owner == owner => {
+                lease.expires = now + ttl;
+                true
+            }
+            Some(_) => false,
+            None if may_take => {
+                leases.insert(
+                    name.to_owned(),
+                    Lease {
+                        owner: owner.to_owned(),
+                        expires: now + ttl,
+                    },
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release_now(&self, name: &str, owner: &str) -> bool {
+        let now = Instant::now();
+        let mut leases = lock(&self.leases);
+        match leases.get(name) {
+            Some(lease) if lease.owner == owner && lease.expires > now => {
+                leases.remove(name);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn peek(&self, caller: &str, request_id: &str) -> Option<Began> {
         let now = Instant::now();
         lock(&self.callers)
@@ -371,6 +419,32 @@ impl Backend for Memory {
             }
         }
         .boxed()
+    }
+
+    fn lease_acquire<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, Cause>> {
+        std::future::ready(Ok(self.lease_now(name, owner, ttl, true))).boxed()
+    }
+
+    fn lease_renew<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, Cause>> {
+        std::future::ready(Ok(self.lease_now(name, owner, ttl, false))).boxed()
+    }
+
+    fn lease_release<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Cause>> {
+        std::future::ready(Ok(self.release_now(name, owner))).boxed()
     }
 
     fn eviction_policies(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, Cause>> {

@@ -24,6 +24,11 @@
 //! take is retried in the background too. So no claim is left behind whose
 //! IAM call never started.
 //!
+//! [`Store::lease`] lets one replica at a time do a job (a key rotation):
+//! a lease is one record with its owner's random token and a TTL, renewed
+//! and given up by its owner only. In memory it keeps this process's jobs
+//! apart, never two replicas'.
+//!
 //! Nothing stored here is, or is derived from, a password. Every operation
 //! has a time budget; any failure is [`Error::StateUnavailable`] and the
 //! caller fails closed.
@@ -133,7 +138,8 @@ pub(crate) struct Lockout {
     pub(crate) retry_after: Option<Duration>,
 }
 
-/// The configured store.
+/// The configured store (a handle: clones share it).
+#[derive(Clone)]
 pub(crate) struct Store {
     shared: Arc<Shared>,
 }
@@ -323,6 +329,22 @@ impl Store {
     /// whether the store can be reached and keeps every key until its TTL.
     pub(crate) async fn verify(&self) -> Result<(), Unfit> {
         self.shared.check_policy().await
+    }
+
+    /// Takes the lease `name` for `ttl`: `None` while another holder has it.
+    pub(crate) async fn lease(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
+        let shared = &self.shared;
+        let owner = unique_id();
+        let held = shared
+            .track("lease", shared.backend.lease_acquire(name, &owner, ttl))
+            .await?;
+        Ok(held.then(|| Lease {
+            shared: shared.clone(),
+            name: name.to_owned(),
+            owner,
+            ttl,
+            released: false,
+        }))
     }
 
     /// Waits up to `within` for background `end`s (shutdown).
@@ -736,6 +758,80 @@ impl Drop for Ticket {
             self.op(Verdict::Release, EndRecord::Release)
         };
         self.shared.end_in_background(op, false);
+    }
+}
+
+/// A lease this process holds (see [`Store::lease`]). Dropped without
+/// [`Lease::release`], it is given up in the background; a process that
+/// dies leaves it to expire.
+#[must_use = "a lease is held until released; dropping it gives it up in the background"]
+pub(crate) struct Lease {
+    shared: Arc<Shared>,
+    name: String,
+    owner: String,
+    ttl: Duration,
+    released: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("name", &self.name)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// Extends the lease to its TTL from now: `false` when it was lost (it
+    /// expired and another holder may have taken it).
+    pub(crate) async fn renew(&self) -> Result<bool, Error> {
+        let shared = &self.shared;
+        shared
+            .track(
+                "lease",
+                shared
+                    .backend
+                    .lease_renew(&self.name, &self.owner, self.ttl),
+            )
+            .await
+    }
+
+    /// Its TTL.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Gives the lease up: whether it was still held.
+    pub(crate) async fn release(mut self) -> Result<bool, Error> {
+        self.released = true;
+        let shared = &self.shared;
+        shared
+            .track(
+                "lease",
+                shared.backend.lease_release(&self.name, &self.owner),
+            )
+            .await
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, name, owner) = (
+            self.shared.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.owner),
+        );
+        runtime.spawn(async move {
+            // Best effort: a lease not given up expires on its own.
+            let _ = shared.backend.lease_release(&name, &owner).await;
+        });
     }
 }
 

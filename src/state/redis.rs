@@ -18,7 +18,10 @@
 //!   expiry, which bounds how many it may hold;
 //! - `{caller}:released:<attempt>` — a short-lived mark that an attempt
 //!   whose `begin` was never answered was given up, so that the `begin`, if
-//!   still on its way, cannot claim after.
+//!   still on its way, cannot claim after;
+//! - `{lease:<name>}:owner` — a lease (one key, its owner's random token,
+//!   expiring on its own): taken with `SET NX` semantics, renewed and given
+//!   up only by the owner, compare-and-set in one script.
 
 use std::time::Duration;
 
@@ -222,12 +225,46 @@ return {'done', v}
 "#
 );
 
+/// KEYS: lease. ARGV: owner, ttl ms. Takes a free lease or renews the
+/// owner's; 1 when the owner holds it now.
+const LEASE_ACQUIRE: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+if v then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"#;
+
+/// KEYS: lease. ARGV: owner, ttl ms. Renews the owner's lease only.
+const LEASE_RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"#;
+
+/// KEYS: lease. ARGV: owner. Deletes the owner's lease only.
+const LEASE_RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#;
+
 struct Scripts {
     begin: Script,
     end: Script,
     failures: Script,
     reset: Script,
     peek: Script,
+    lease_acquire: Script,
+    lease_renew: Script,
+    lease_release: Script,
 }
 
 /// How the servers are reached.
@@ -373,6 +410,9 @@ impl Redis {
                 failures: Script::new(FAILURES),
                 reset: Script::new(RESET),
                 peek: Script::new(PEEK),
+                lease_acquire: Script::new(LEASE_ACQUIRE),
+                lease_renew: Script::new(LEASE_RENEW),
+                lease_release: Script::new(LEASE_RELEASE),
             },
         })
     }
@@ -580,6 +620,25 @@ impl Redis {
         }
     }
 
+    /// Runs a lease script on lease `name`: whether it answered 1.
+    async fn lease(
+        &self,
+        script: &Script,
+        name: &str,
+        owner: &str,
+        ttl: Option<Duration>,
+    ) -> Result<bool, Cause> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.key(&format!("lease:{name}"), "owner"))
+            .arg(owner);
+        if let Some(ttl) = ttl {
+            invocation.arg(ms(ttl));
+        }
+        let held: i64 = self.script(&invocation).await?;
+        Ok(held == 1)
+    }
+
     async fn peek(&self, caller: &str, request_id: &str) -> Result<Option<Began>, Cause> {
         let mut invocation = self.scripts.peek.prepare_invoke();
         invocation.key(self.key(caller, &format!("request:{request_id}")));
@@ -676,6 +735,35 @@ impl Backend for Redis {
         lost_after: Duration,
     ) -> BoxFuture<'a, Result<Option<Began>, Cause>> {
         poll_until(until, lost_after, move || self.peek(caller, request_id)).boxed()
+    }
+
+    fn lease_acquire<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, Cause>> {
+        self.lease(&self.scripts.lease_acquire, name, owner, Some(ttl))
+            .boxed()
+    }
+
+    fn lease_renew<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, Cause>> {
+        self.lease(&self.scripts.lease_renew, name, owner, Some(ttl))
+            .boxed()
+    }
+
+    fn lease_release<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Cause>> {
+        self.lease(&self.scripts.lease_release, name, owner, None)
+            .boxed()
     }
 
     fn eviction_policies(&self) -> BoxFuture<'_, Result<Option<Vec<String>>, Cause>> {

@@ -697,3 +697,110 @@ fn a_caller_key_cannot_move_its_hash_tag() {
         "p:{cn:a%7Db%7Bc%25}:attempts:failed"
     );
 }
+
+#[tokio::test]
+async fn one_holder_at_a_time_holds_a_lease_and_only_it_renews_or_gives_it_up() {
+    for b in Bench::all() {
+        let store = b.store(3, Duration::from_secs(60), 100);
+        let ttl = Duration::from_secs(5);
+        let first = store
+            .lease("rotate:u", ttl)
+            .await
+            .expect("store")
+            .unwrap_or_else(|| panic!("{}: a free lease is taken", b.name));
+        assert!(
+            store.lease("rotate:u", ttl).await.expect("store").is_none(),
+            "{}: a held lease is refused to another holder",
+            b.name
+        );
+        let other = store.lease("rotate:v", ttl).await.expect("store");
+        assert!(other.is_some(), "{}: leases are by name", b.name);
+        assert!(first.renew().await.expect("store"), "{}", b.name);
+        assert!(first.release().await.expect("store"), "{}", b.name);
+        let second = store.lease("rotate:u", ttl).await.expect("store");
+        assert!(second.is_some(), "{}: free again once given up", b.name);
+        // A dropped lease is given up in the background.
+        drop(second);
+        eventually("a dropped lease is given up", async || {
+            matches!(store.lease("rotate:u", ttl).await, Ok(Some(_)))
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_by_another_and_its_old_holder_cannot_touch_it() {
+    for b in Bench::all() {
+        let store = b.store(3, Duration::from_secs(60), 100);
+        let stale = store
+            .lease("rotate:u", Duration::from_millis(300))
+            .await
+            .expect("store")
+            .expect("taken");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let now = store
+            .lease("rotate:u", Duration::from_secs(5))
+            .await
+            .expect("store")
+            .unwrap_or_else(|| panic!("{}: an expired lease is free", b.name));
+        assert!(!stale.renew().await.expect("store"), "{}", b.name);
+        assert!(!stale.release().await.expect("store"), "{}", b.name);
+        // The old holder's release did not free the new holder's lease.
+        assert!(
+            store
+                .lease("rotate:u", Duration::from_secs(5))
+                .await
+                .expect("store")
+                .is_none(),
+            "{}",
+            b.name
+        );
+        assert!(now.renew().await.expect("store"), "{}", b.name);
+    }
+}
+
+#[tokio::test]
+async fn replicas_share_a_lease_through_redis_in_one_key() {
+    let b = Bench::redis();
+    let server = b.server.as_ref().expect("redis");
+    let (one, two) = (
+        b.store(3, Duration::from_secs(60), 100),
+        b.store(3, Duration::from_secs(60), 100),
+    );
+    let held = one
+        .lease("rotate:portal-svc", Duration::from_secs(5))
+        .await
+        .expect("store")
+        .expect("taken");
+    assert!(
+        two.lease("rotate:portal-svc", Duration::from_secs(5))
+            .await
+            .expect("store")
+            .is_none(),
+        "the other replica is refused"
+    );
+    let ::redis::Value::Array(keys) = server.run(&["KEYS", "*"]).await else {
+        panic!("KEYS answers an array");
+    };
+    assert_eq!(
+        keys,
+        vec![::redis::Value::BulkString(
+            b"test:{lease:rotate:portal-svc}:owner".to_vec()
+        )],
+        "one key per lease"
+    );
+    let ::redis::Value::Int(ttl) = server
+        .run(&["PTTL", "test:{lease:rotate:portal-svc}:owner"])
+        .await
+    else {
+        panic!("PTTL answers an integer");
+    };
+    assert!((1..=5000).contains(&ttl), "it expires on its own: {ttl}");
+    assert!(held.release().await.expect("store"));
+    assert!(
+        two.lease("rotate:portal-svc", Duration::from_secs(5))
+            .await
+            .expect("store")
+            .is_some()
+    );
+}

@@ -33,6 +33,9 @@ pub(crate) struct Metrics {
     /// gone from the store (`record`: `missing`, or `replaced` by another
     /// call that then also reached IAM).
     pub state_lost_records: Counter<u64>,
+    /// `credgate.keys.rotations`: key rotation runs by `outcome` (`ok`: a
+    /// rotation completed, its old key deleted; `failed`).
+    pub key_rotations: Counter<u64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -72,6 +75,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
                 "request_id outcomes whose claim was gone from the state store (record: missing|replaced)",
             )
             .build(),
+        key_rotations: meter
+            .u64_counter("credgate.keys.rotations")
+            .with_description("IAM access key rotations by outcome (outcome: ok|failed)")
+            .build(),
     }
 });
 
@@ -107,6 +114,36 @@ pub(crate) fn observe_crl_expiry(expires_in: impl Fn() -> Option<i64> + Send + S
                 }
             })
             .build()
+    });
+}
+
+/// Exports `credgate.keys.oldest_age` (seconds: the oldest access key in
+/// use, when one is known) and `credgate.keys.over_age` (how many users'
+/// keys are older than `keys.warn_key_age`). No per-user labels.
+pub(crate) fn observe_key_ages(
+    oldest: impl Fn() -> Option<u64> + Send + Sync + 'static,
+    over_age: impl Fn() -> u64 + Send + Sync + 'static,
+) {
+    static GAUGES: OnceLock<(ObservableGauge<u64>, ObservableGauge<u64>)> = OnceLock::new();
+    GAUGES.get_or_init(|| {
+        let meter = global::meter("credgate");
+        (
+            meter
+                .u64_observable_gauge("credgate.keys.oldest_age")
+                .with_unit("s")
+                .with_description("Age of the oldest IAM access key credgate signs with")
+                .with_callback(move |observer| {
+                    if let Some(seconds) = oldest() {
+                        observer.observe(seconds, &[]);
+                    }
+                })
+                .build(),
+            meter
+                .u64_observable_gauge("credgate.keys.over_age")
+                .with_description("IAM users whose access key is older than keys.warn_key_age")
+                .with_callback(move |observer| observer.observe(over_age(), &[]))
+                .build(),
+        )
     });
 }
 

@@ -18,7 +18,9 @@ mod metrics;
 
 pub(crate) use context::{current_ids, extract_parent};
 pub(crate) use logs::{AUDIT_REFUSED_EVENT, AUDIT_TARGET};
-pub(crate) use metrics::{count_iam_outcome, metrics, observe_crl_expiry, observe_state_up};
+pub(crate) use metrics::{
+    count_iam_outcome, metrics, observe_crl_expiry, observe_key_ages, observe_state_up,
+};
 
 use std::time::Duration;
 

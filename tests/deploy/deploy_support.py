@@ -33,9 +33,11 @@ KUSTOMIZE_TREES = {
     "base": DEPLOY / "kubernetes" / "base",
     "cert-manager": DEPLOY / "kubernetes" / "overlays" / "cert-manager",
     "redis": DEPLOY / "kubernetes" / "overlays" / "redis",
+    "secretsmanager": DEPLOY / "kubernetes" / "overlays" / "secretsmanager",
 }
 CERT_MANAGER_DIR = KUSTOMIZE_TREES["cert-manager"]
 REDIS_DIR = KUSTOMIZE_TREES["redis"]
+SECRETS_MANAGER_DIR = KUSTOMIZE_TREES["secretsmanager"]
 OBSERVABILITY_DIR = DEPLOY / "observability"
 # API groups of the CRDs the overlays use (no schema in kubernetes-validate).
 CERT_MANAGER_GROUP = "cert-manager.io/"
@@ -113,14 +115,14 @@ def config(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return tomllib.loads(config_text(objs))
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 
 
 def seconds(duration: str) -> float:
-    """A humantime duration as written in credgate.toml ("20s", "15m", "1m30s")."""
+    """A humantime duration as written in credgate.toml ("20s", "15m", "1m30s", "30d")."""
     parts = _DURATION.findall(duration)
     assert parts and _DURATION.sub("", duration).strip() == "", f"not a duration: {duration!r}"
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
     return sum(float(n) * scale[unit] for n, unit in parts)
 
 
@@ -288,6 +290,11 @@ def uses_redis(objs: list[dict[str, Any]]) -> bool:
     """Whether credgate.toml configures the Redis/Valkey state backend."""
     state = config(objs).get("state", {})
     return "url" in state or state.get("backend") == "redis"
+
+
+def uses_secrets_manager(objs: list[dict[str, Any]]) -> bool:
+    """Whether credgate.toml reads the users' keys from AWS Secrets Manager."""
+    return config(objs).get("keys", {}).get("source") == "secretsmanager"
 
 
 def toml_dumps(doc: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from deploy_support import (
     rewrite,
     tls_secret_from_pki,
     uses_redis,
+    uses_secrets_manager,
     volume_secret_name,
 )
 
@@ -50,13 +51,12 @@ def check_config_argv(objs, dockerfile, bin_path: Path, root: Path) -> list[str]
 def lay_out_pod(objs, root: Path, bin_path: Path, config_maps=None) -> None:
     callers = config(objs)["callers"]
     pki = dev_pki(bin_path, root / "pki", [c["spiffe_id"] for c in callers if "spiffe_id" in c])
-    profiles = {
-        c["aws_profile"]: (f"AKIAEXAMPLE{i:09d}", f"example-secret-{i}") for i, c in enumerate(callers)
-    }
-    secrets = {
-        volume_secret_name(objs, "tls"): tls_secret_from_pki(pki["dir"]),
-        volume_secret_name(objs, "aws"): aws_secret(profiles, config(objs)["aws"]["region"]),
-    }
+    secrets = {volume_secret_name(objs, "tls"): tls_secret_from_pki(pki["dir"])}
+    if not uses_secrets_manager(objs):
+        profiles = {
+            c["aws_profile"]: (f"AKIAEXAMPLE{i:09d}", f"example-secret-{i}") for i, c in enumerate(callers)
+        }
+        secrets[volume_secret_name(objs, "aws")] = aws_secret(profiles, config(objs)["aws"]["region"])
     if uses_redis(objs):
         secrets[volume_secret_name(objs, "redis")] = REDIS_SECRET
     lay_out_mounts(objs, root, secrets=secrets, config_maps=config_maps)

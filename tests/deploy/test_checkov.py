@@ -60,6 +60,7 @@ EXPECTED_SKIPS = {
     # Overlays set the namespace and drop that skip: CKV_K8S_21 runs there.
     "cert-manager": {DIGEST_SKIP},
     "redis": {DIGEST_SKIP},
+    "secretsmanager": {DIGEST_SKIP},
     # An operator's overlay that pins the digest and drops the skip: nothing skipped.
     "digest-pinned": set(),
 }
@@ -238,7 +239,7 @@ def test_namespace_and_digest_checks_pass_where_they_apply(checkov_scan):
     """The skips are about the base's placeholders only: with a namespace (every
     overlay) CKV_K8S_21 passes, and with a pinned digest CKV_K8S_43 passes."""
     passed = {(scanned_file(c), *resource_key(c)) for c in checkov_scan["results"]["passed_checks"]}
-    for tree in ("cert-manager", "redis", "digest-pinned"):
+    for tree in ("cert-manager", "redis", "secretsmanager", "digest-pinned"):
         for check_id, kind, name in NAMESPACE_SKIPS:
             assert (tree, check_id, kind, name) in passed, (tree, check_id, kind)
     assert ("digest-pinned", *DIGEST_SKIP) in passed

@@ -17,6 +17,7 @@ from deploy_support import (
     KUSTOMIZE_TREES,
     NONROOT_ID,
     REDIS_DIR,
+    SECRETS_MANAGER_DIR,
     config,
     config_map_for,
     container,
@@ -27,6 +28,7 @@ from deploy_support import (
     port_of,
     seconds,
     uses_redis,
+    uses_secrets_manager,
 )
 
 # DESIGN.md "Configuration": every key credgate accepts (unknown keys are errors).
@@ -45,6 +47,7 @@ ALLOWED_KEYS = {
         "command_timeout",
     },
     "telemetry": {"log_format"},
+    "keys": {"source", "secret_name", "refresh", "rotate_after", "old_key_grace", "warn_key_age"},
 }  # fmt: skip
 CALLER_KEYS = {"spiffe_id", "dns_name", "common_name", "iam_user", "aws_profile"}
 MATCHERS = {"spiffe_id", "dns_name", "common_name"}
@@ -71,7 +74,9 @@ def test_config_keys_are_the_designed_ones(objects):
         identity = (matcher, caller[matcher])
         assert identity not in identities, f"duplicate identity {identity}"
         identities.add(identity)
-        assert caller["iam_user"] and caller["aws_profile"]
+        assert caller["iam_user"]
+        # The key is a profile's, or (Secrets Manager) the secret of iam_user.
+        assert ("aws_profile" in caller) != uses_secrets_manager(objects), caller
 
 
 def test_config_values(objects):
@@ -152,8 +157,12 @@ def test_config_map_is_generated_with_a_hash(rendered):
     assert config_map_for(rendered["base"])["data"]["credgate.toml"] == source
     assert config_map_for(rendered["cert-manager"])["data"]["credgate.toml"] == source
     assert config_map_for(rendered["redis"])["data"]["credgate.toml"] == (REDIS_DIR / "credgate.toml").read_text()
+    assert (
+        config_map_for(rendered["secretsmanager"])["data"]["credgate.toml"]
+        == (SECRETS_MANAGER_DIR / "credgate.toml").read_text()
+    )
     names = {config_map_for(objs)["metadata"]["name"] for objs in rendered.values()}
-    assert len(names) == 2, "the redis overlay's config has its own hash, so applying it rolls the pods"
+    assert len(names) == 3, "each overlay's config has its own hash, so applying it rolls the pods"
     kustomization = yaml.safe_load((KUSTOMIZE_TREES["base"] / "kustomization.yaml").read_text())
     (generator,) = kustomization["configMapGenerator"]
     assert generator["name"] == "credgate-config" and generator["files"] == ["credgate.toml"]
@@ -178,9 +187,25 @@ def test_redis_overlay_config_is_the_base_plus_state(rendered):
         assert not {"ca_file", "client_cert", "client_key"} & set(state), "TLS files need rediss://"
 
 
+def test_secrets_manager_overlay_config_is_the_redis_one_plus_keys(rendered):
+    """overlays/secretsmanager carries a full copy of credgate.toml too: the
+    redis overlay's, plus [keys], its callers without aws_profile."""
+    redis, sm = config(rendered["redis"]), config(rendered["secretsmanager"])
+    keys = sm.pop("keys")
+    for caller in redis["callers"]:
+        caller.pop("aws_profile")
+    assert sm == redis, "overlays/secretsmanager/credgate.toml drifted from overlays/redis/credgate.toml"
+    assert keys["source"] == "secretsmanager"
+    assert keys["secret_name"].startswith("credgate/") and keys["secret_name"].endswith("{iam_user}")
+    assert seconds(keys["old_key_grace"]) >= 2 * seconds(keys["refresh"])
+    assert seconds(keys["rotate_after"]) > seconds(keys["old_key_grace"])
+    assert "state" in sm, "rotation by 2+ replicas needs the shared lease"
+
+
 def test_redis_password_is_a_file_in_the_redis_secret(rendered):
     objs = rendered["redis"]
     assert uses_redis(objs) and not any(uses_redis(rendered[t]) for t in ("base", "cert-manager"))
+    assert uses_redis(rendered["secretsmanager"])
     state = config(objs)["state"]
     mount = mount_path(objs, "redis")
     for key in ("password_file", "ca_file", "client_cert", "client_key"):

@@ -114,8 +114,14 @@ def test_metrics_json_lists_what_the_brief_names(metrics):
         "rpc.server.duration", "credgate.iam.outcomes", "credgate.limit.decisions",
         "credgate.idempotency.replays", "credgate.state.up", "credgate.state.errors",
         "credgate.state.duration", "credgate.state.lost_records",
-        "credgate.tls.crl.expires_in",
+        "credgate.tls.crl.expires_in", "credgate.keys.oldest_age", "credgate.keys.over_age",
+        "credgate.keys.rotations",
     }  # fmt: skip
+    # Keys: no per-user labels (DESIGN.md, "Telemetry").
+    assert otel["credgate.keys.oldest_age"]["unit"] == "s"
+    for name in ("credgate.keys.oldest_age", "credgate.keys.over_age"):
+        assert otel[name]["attributes"] == {}, name
+    assert set(otel["credgate.keys.rotations"]["attributes"]) == {"outcome"}
     assert otel["credgate.tls.crl.expires_in"]["unit"] == "s"
     assert {m for m, spec in otel.items() if spec.get("only_with_crl")} == {"credgate.tls.crl.expires_in"}
     assert "GetCallerIdentity" in otel["credgate.iam.outcomes"]["attributes"]["rpc.method"]["values"]
@@ -199,6 +205,10 @@ REQUIRED = {
     "CredgateLatencyHigh": "histogram_quantile(0.99",
     "CredgatePodRestarting": "kube_pod_container_status_restarts_total",
     "CredgateReplicasUnavailable": "kube_deployment_status_replicas_available",
+    "CredgateIamUserNotProvisioned": 'error_type="IAM_USER_NOT_PROVISIONED"',
+    "CredgateKeySourceUnavailable": 'error_type="KEY_SOURCE_UNAVAILABLE"',
+    "CredgateKeyOverAge": "credgate_keys_over_age",
+    "CredgateKeyRotationFailed": 'credgate_keys_rotations_total{outcome="failed"}',
 }
 
 

@@ -55,6 +55,8 @@ EXPECTED_KINDS = {
     "cert-manager": CERT_MANAGER_KINDS,
     # Shared state changes objects, adds none (the Secret is the operator's).
     "redis": CERT_MANAGER_KINDS,
+    # Keys in Secrets Manager change objects, add none (the role is AWS's).
+    "secretsmanager": CERT_MANAGER_KINDS,
 }
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

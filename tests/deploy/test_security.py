@@ -29,6 +29,7 @@ from deploy_support import (
     port_of,
     seconds,
     uses_redis,
+    uses_secrets_manager,
 )
 
 QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|k|M|G)?$")
@@ -107,7 +108,8 @@ def test_no_host_paths_or_writable_mounts(objects):
 
 def test_secret_and_config_volumes(objects):
     volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
-    secrets = ["tls", "aws"] + (["redis"] if uses_redis(objects) else [])
+    secrets = ["tls"] + ([] if uses_secrets_manager(objects) else ["aws"])
+    secrets += ["redis"] if uses_redis(objects) else []
     assert set(volumes) == {"config", *secrets}
     assert "configMap" in volumes["config"]
     for name in secrets:
@@ -145,7 +147,10 @@ def test_env_carries_only_file_paths(objects):
         path = PurePosixPath(var["value"])
         assert path.is_absolute(), f"{var['name']}={var['value']} is not a file path"
         assert any(path.is_relative_to(m) for m in mount_paths), f"{path} is on no mounted volume"
-    assert {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"} <= names
+    if uses_secrets_manager(objects):
+        assert not any(n.startswith("AWS_") for n in names), "no AWS credentials of any kind in the env"
+    else:
+        assert {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"} <= names
 
 
 def test_each_replica_exports_telemetry_under_its_pod_name(objects):
@@ -159,11 +164,32 @@ def test_each_replica_exports_telemetry_under_its_pod_name(objects):
 
 
 def test_aws_files_come_from_the_aws_secret(objects):
+    if uses_secrets_manager(objects):
+        pytest.skip("no AWS credentials file: see test_with_secrets_manager_no_aws_key_is_mounted")
     c = container(objects)
     env = {v["name"]: v.get("value") for v in c["env"]}
     aws_mount = next(m for m in c["volumeMounts"] if m["name"] == "aws")["mountPath"]
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"{aws_mount}/credentials"
     assert env["AWS_CONFIG_FILE"] == f"{aws_mount}/config"
+
+
+def test_with_secrets_manager_no_aws_key_is_mounted(rendered):
+    """overlays/secretsmanager: no AWS key in any file, variable or Secret of
+    the pod; credgate's own identity is its ServiceAccount's role (IRSA),
+    whose web identity token the EKS webhook projects on its own."""
+    objs = rendered["secretsmanager"]
+    assert uses_secrets_manager(objs)
+    spec = pod_spec(objs)
+    secrets = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"credgate-server-tls", "credgate-redis"}, secrets
+    assert not any(m["mountPath"].startswith("/etc/credgate/aws") for m in container(objs)["volumeMounts"])
+    sa = only(objs, "ServiceAccount", spec["serviceAccountName"])
+    role = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", role), role
+    assert sa["automountServiceAccountToken"] is False and spec["automountServiceAccountToken"] is False
+    for tree in ("base", "cert-manager", "redis"):
+        annotations = only(rendered[tree], "ServiceAccount")["metadata"].get("annotations", {})
+        assert "eks.amazonaws.com/role-arn" not in annotations, f"{tree}: no role where profiles hold the keys"
 
 
 def test_no_service_account_token_and_no_service_links(objects):

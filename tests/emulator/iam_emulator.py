@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""IAM emulator for credgate's tests: moto's server (IAM and STS on one port) with
-signing and IAM policy checks on, plus what moto lacks (ChangePassword, root
-credentials) and a test-only fault switch.
+"""IAM emulator for credgate's tests: moto's server (IAM, STS and Secrets Manager on
+one port) with signing and IAM policy checks on, plus what moto lacks
+(ChangePassword, root credentials, inactive keys refused, policies scoped to
+users and secrets with ${aws:username}) and a test-only fault switch.
 
 Usage: python tests/emulator/iam_emulator.py [--host 127.0.0.1] [--port 0]
                                               [--region us-east-1] [--ignore-stdin] [--verbose]
@@ -46,6 +47,9 @@ from moto.iam import urls as iam_urls  # noqa: E402
 from moto.iam.exceptions import NoSuchEntity  # noqa: E402
 from moto.iam.models import AccessKey, IAMBackend, User, iam_backends  # noqa: E402
 from moto.iam.responses import IamResponse  # noqa: E402
+from moto.secretsmanager import urls as secretsmanager_urls  # noqa: E402
+from moto.secretsmanager.models import SecretsManagerBackend, secretsmanager_backends  # noqa: E402
+from moto.secretsmanager.responses import SecretsManagerResponse  # noqa: E402
 from moto.moto_server.werkzeug_app import (  # noqa: E402
     DomainDispatcherApplication,
     MotoRequestHandler,
@@ -99,6 +103,29 @@ RAW_BODY_ENVIRON_KEY = "iam_emulator.raw_body"
 ROOT_CHANGE_PASSWORD_MESSAGE = (
     "The request was rejected because the type of user for the transaction was incorrect."
 )
+
+
+class JsonError(HTTPException):
+    """An error of an AWS JSON-protocol service (Secrets Manager): {"__type", "message"}."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__()
+        self.code = status
+        self.error_code = code
+        self.message = message
+        self.description = json.dumps({"__type": code, "message": message})
+
+    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        return [("Content-Type", "application/x-amz-json-1.1")]
+
+
+# How the JSON-protocol services name the authentication errors moto raises
+# with IAM's names.
+JSON_AUTH_ERRORS = {
+    "InvalidClientTokenId": "UnrecognizedClientException",
+    "SignatureDoesNotMatch": "InvalidSignatureException",
+    "AccessDenied": "AccessDeniedException",
+}
 
 
 class IamError(HTTPException):
@@ -235,10 +262,19 @@ _moto_create_access_key = access_control.create_access_key
 
 
 def create_access_key(account_id: str, partition: str, access_key_id: str, headers: Any) -> Any:
-    """moto's key lookup for authentication, which also knows the emulated root keys."""
+    """moto's key lookup for authentication, which also knows the emulated root keys,
+    refuses inactive keys, and resolves ${aws:username} in the signer's policies."""
     secret = ROOT_KEYS.get(access_key_id)
     if secret is None:
-        return _moto_create_access_key(account_id, partition, access_key_id, headers)
+        key = _moto_create_access_key(account_id, partition, access_key_id, headers)
+        if isinstance(key, access_control.IAMUserAccessKey):
+            # IAM refuses a deactivated key as it refuses an unknown one
+            # (InvalidClientTokenId); moto would go on signing with it.
+            stored = iam_backends[account_id][partition].access_keys.get(access_key_id)
+            if stored is not None and stored.status != "Active":
+                raise access_control.CreateAccessKeyFailure(reason="InvalidId")
+            resolve_username(key)
+        return key
     # A long-term key sent with a session token is refused, as moto does for
     # IAM users' keys (InvalidClientTokenId).
     if "X-Amz-Security-Token" in headers:
@@ -246,8 +282,47 @@ def create_access_key(account_id: str, partition: str, access_key_id: str, heade
     return RootAccessKey(account_id, partition, access_key_id, secret)
 
 
+def resolve_username(key: Any) -> None:
+    """Makes the user key's policies read ${aws:username} as the signing user's
+    name, as IAM evaluates that policy variable (moto would match it literally)."""
+    collect = key.collect_policies
+    user = key._owner_user_name
+
+    def collect_resolved() -> list[str]:
+        documents = []
+        for policy in collect():
+            document = access_control.IAMPolicy(policy)._policy_json
+            documents.append(json.dumps(document).replace("${aws:username}", user))
+        return documents
+
+    key.collect_policies = collect_resolved
+
+
 # IAMRequestBase looks the function up in its module on every request.
 access_control.create_access_key = create_access_key
+
+
+_moto_update_secret_version_stage = SecretsManagerBackend.update_secret_version_stage
+
+
+def update_secret_version_stage(
+    self: SecretsManagerBackend,
+    secret_id: str,
+    version_stage: str,
+    remove_from_version_id: str,
+    move_to_version_id: str,
+) -> tuple[str, str]:
+    """moto's stage move, after which GetSecretValue without a stage also reads the
+    version AWSCURRENT moved to (moto would go on answering the version it left)."""
+    result = _moto_update_secret_version_stage(
+        self, secret_id, version_stage, remove_from_version_id, move_to_version_id
+    )
+    if version_stage == "AWSCURRENT" and move_to_version_id:
+        self.secrets[secret_id].set_default_version_id(move_to_version_id)
+    return result
+
+
+SecretsManagerBackend.update_secret_version_stage = update_secret_version_stage  # type: ignore[method-assign]
 
 
 def new_root_key() -> tuple[str, str]:
@@ -311,7 +386,7 @@ class EmulatorResponse(BaseResponse):
         try:
             super()._authenticate_and_authorize_normal_action(resource)
         except _RESTError as error:
-            self._reject(IamError(error.error_type, error.message, error.code, self.XMLNS))
+            self._reject(self._error(error.error_type, error.message, error.code))
         fault = FAULTS.take(action, signer)
         if fault is None:
             return
@@ -329,15 +404,19 @@ class EmulatorResponse(BaseResponse):
             self.normalized_request.environ[RESPONSE_FAULT_ENVIRON_KEY] = fault
             if not fault.apply:
                 # Stop here so the action never runs; this answer is replaced.
-                self._reject(IamError("ServiceUnavailable", "replaced", fault.status, self.XMLNS))
+                self._reject(self._error("ServiceUnavailable", "replaced", fault.status))
             return
         if fault.error is not None:
-            self._reject(IamError(fault.error, fault.message, fault.status, self.XMLNS))
+            self._reject(self._error(fault.error, fault.message, fault.status))
 
-    def _reject(self, error: IamError) -> NoReturn:
+    def _error(self, code: str, message: str, status: int) -> HTTPException:
+        """An error in this service's own shape (IAM's and STS's XML)."""
+        return IamError(code, message, status, self.XMLNS)
+
+    def _reject(self, error: HTTPException) -> NoReturn:
         # moto answers an exception raised during authentication with its
         # description alone, without its headers: add the content type here.
-        self.response_headers["Content-Type"] = "text/xml"
+        self.response_headers["Content-Type"] = dict(error.get_headers())["Content-Type"]
         raise error
 
     @staticmethod
@@ -371,8 +450,44 @@ class EmulatorStsResponse(EmulatorResponse, TokenResponse):
         return super().get_caller_identity()
 
 
+# IAM actions on a user, whose resource is that user's ARN (moto evaluates
+# every IAM action against "*", so a policy scoped to users would never match).
+USER_ACTIONS = frozenset(
+    {
+        "ChangePassword",
+        "GetUser",
+        "ListAccessKeys",
+        "CreateAccessKey",
+        "UpdateAccessKey",
+        "DeleteAccessKey",
+        "GetAccessKeyLastUsed",
+    }
+)
+
+
 class EmulatorIamResponse(EmulatorResponse, IamResponse):
     """moto's IAM handler plus ChangePassword, the emulator's additions and the emulated root."""
+
+    def _determine_resource(self) -> str:
+        # IAM authorizes these actions against the user they act on: the one
+        # named, the owner of the key named, else the signer.
+        if self._get_action() not in USER_ACTIONS:
+            return super()._determine_resource()
+        name = self._get_param("UserName")
+        backend = self._iam_backend
+        key_id = self._get_param("AccessKeyId")
+        if not name and self._get_action() == "GetAccessKeyLastUsed" and key_id:
+            owner = backend.get_user_from_access_key_id(key_id)
+            name = owner.name if owner else None
+        if not name:
+            signer = self._signer_user()
+            name = signer.name if signer else None
+        if not name:
+            return "*"
+        try:
+            return backend.get_user(name).arn
+        except NoSuchEntity:
+            return f"arn:{self.partition}:iam::{self.current_account}:user/{name}"
 
     def get_user(self) -> Any:
         # GetUser without UserName describes the caller. For the root, IAM
@@ -442,6 +557,28 @@ class EmulatorIamResponse(EmulatorResponse, IamResponse):
             "<RequestId>-</RequestId></ResponseMetadata></ChangePasswordResponse>"
         )
         return body, {"status": 200, "Content-Type": "text/xml"}
+
+
+class EmulatorSecretsManagerResponse(EmulatorResponse, SecretsManagerResponse):
+    """moto's Secrets Manager handler plus the emulator's call counting and faults,
+    errors in Secrets Manager's JSON, and policies evaluated against the secret's ARN."""
+
+    def _error(self, code: str, message: str, status: int) -> HTTPException:
+        return JsonError(JSON_AUTH_ERRORS.get(code, code), message, status)
+
+    def _determine_resource(self) -> str:
+        secret_id = self._get_param("SecretId")
+        if not secret_id:
+            return "*"  # ListSecrets and the like act on no one secret.
+        if secret_id.startswith("arn:"):
+            return secret_id
+        backend = secretsmanager_backends[self.current_account][self.region]
+        secret = backend.secrets.get(secret_id)
+        if secret is not None:
+            return secret.arn
+        # A secret that does not exist yet: its name under the account's ARN
+        # prefix, which name-prefix policies (secret:credgate/*) match.
+        return f"arn:{self.partition}:secretsmanager:{self.region}:{self.current_account}:secret:{secret_id}"
 
 
 def validate_password_parameters(old_password: str, new_password: str) -> None:
@@ -633,12 +770,15 @@ def faulted_response(
 
 
 def build_app() -> Any:
-    """moto's server WSGI app, with IAM and STS routed to the emulator's handlers,
+    """moto's server WSGI app, with IAM, STS and Secrets Manager routed to the emulator's handlers,
     response-shape faults applied to their answers, and /_emulator/* in front."""
     # moto builds its IAM and STS Flask apps lazily, from the urls modules'
     # url_paths, on the first request: point the routes at our subclasses first.
     iam_urls.url_paths = {path: EmulatorIamResponse.dispatch for path in iam_urls.url_paths}
     sts_urls.url_paths = {path: EmulatorStsResponse.dispatch for path in sts_urls.url_paths}
+    secretsmanager_urls.url_paths = {
+        path: EmulatorSecretsManagerResponse.dispatch for path in secretsmanager_urls.url_paths
+    }
     moto_app = DomainDispatcherApplication(create_backend_app)
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

@@ -78,6 +78,20 @@ class Emulator:
     def admin(self) -> Any:
         return self.iam(self.info["admin_access_key_id"], self.info["admin_secret_access_key"])
 
+    def secretsmanager(self, access_key_id: str, secret_access_key: str) -> Any:
+        """A Secrets Manager client for the same endpoint (moto routes by the signing service name)."""
+        return boto3.client(
+            "secretsmanager",
+            endpoint_url=self.endpoint,
+            region_name=self.info["region"],
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+
+    def admin_secrets(self) -> Any:
+        return self.secretsmanager(self.info["admin_access_key_id"], self.info["admin_secret_access_key"])
+
     def root_key(self) -> tuple[str, str]:
         """A fresh emulated root key pair from POST /_emulator/root-key."""
         status, body = self.control("POST", "/_emulator/root-key", {})
@@ -1177,3 +1191,140 @@ def test_concurrent_get_account_password_policy_calls_are_counted_per_signer(emu
     assert emulator.calls("GetAccountPasswordPolicy", "alice") == 60
     assert emulator.calls("GetAccountPasswordPolicy", "bob") == 40
     assert emulator.calls("GetAccountPasswordPolicy") == 100
+
+
+# --- access keys, scoped policies and Secrets Manager (key custody) ---------------------------
+
+
+def put_policy(emulator: Emulator, user: str, statements: list[dict[str, Any]]) -> None:
+    document = {"Version": "2012-10-17", "Statement": statements}
+    emulator.admin().put_user_policy(UserName=user, PolicyName="scoped", PolicyDocument=json.dumps(document))
+
+
+def test_a_deactivated_key_no_longer_signs(emulator: Emulator) -> None:
+    user = create_user(emulator, "rotated")
+    sts = emulator.sts(user.access_key_id, user.secret_access_key)
+    assert sts.get_caller_identity()["Arn"].endswith(":user/rotated")
+    emulator.admin().update_access_key(UserName="rotated", AccessKeyId=user.access_key_id, Status="Inactive")
+    code, status, _ = error_of(sts.get_caller_identity)
+    assert (code, status) == ("InvalidClientTokenId", 403)
+    code, _, _ = error_of(user.client.get_user)
+    assert code == "InvalidClientTokenId"
+    emulator.admin().update_access_key(UserName="rotated", AccessKeyId=user.access_key_id, Status="Active")
+    assert sts.get_caller_identity()["Arn"].endswith(":user/rotated")
+
+
+def test_a_user_has_two_keys_at_most(emulator: Emulator) -> None:
+    create_user(emulator, "two-keys")
+    admin = emulator.admin()
+    admin.create_access_key(UserName="two-keys")
+    code, status, message = error_of(admin.create_access_key, UserName="two-keys")
+    assert (code, status) == ("LimitExceeded", 409), message
+    assert len(admin.list_access_keys(UserName="two-keys")["AccessKeyMetadata"]) == 2
+
+
+def test_a_policy_scoped_to_aws_username_lets_a_user_manage_only_its_own_keys(emulator: Emulator) -> None:
+    alice = create_user(emulator, "alice", permissions=None)
+    create_user(emulator, "bob", permissions=None)
+    own = "arn:aws:iam::*:user/${aws:username}"
+    put_policy(
+        emulator,
+        "alice",
+        [
+            {
+                "Effect": "Allow",
+                "Action": ["iam:ListAccessKeys", "iam:CreateAccessKey", "iam:GetAccessKeyLastUsed"],
+                "Resource": own,
+            }
+        ],
+    )
+    keys = alice.client.list_access_keys(UserName="alice")["AccessKeyMetadata"]
+    assert [k["AccessKeyId"] for k in keys] == [alice.access_key_id]
+    unnamed = alice.client.list_access_keys()["AccessKeyMetadata"]
+    assert [k["AccessKeyId"] for k in unnamed] == [alice.access_key_id], "the signer's, when no user is named"
+    assert alice.client.get_access_key_last_used(AccessKeyId=alice.access_key_id)["UserName"] == "alice"
+    for call, kwargs in [
+        (alice.client.list_access_keys, {"UserName": "bob"}),
+        (alice.client.create_access_key, {"UserName": "bob"}),
+    ]:
+        code, status, _ = error_of(call, **kwargs)
+        assert (code, status) == ("AccessDenied", 403), kwargs
+    # Not granted at all: UpdateAccessKey even on itself.
+    code, _, _ = error_of(
+        alice.client.update_access_key, UserName="alice", AccessKeyId=alice.access_key_id, Status="Inactive"
+    )
+    assert code == "AccessDenied"
+
+
+def test_secrets_manager_is_served_with_policies_on_the_secrets_arn(emulator: Emulator) -> None:
+    reader = create_user(emulator, "credgate-role", password=None, permissions=None)
+    put_policy(
+        emulator,
+        "credgate-role",
+        [
+            {
+                "Effect": "Allow",
+                "Action": ["secretsmanager:GetSecretValue", "secretsmanager:ListSecretVersionIds"],
+                "Resource": "arn:aws:secretsmanager:*:*:secret:credgate/*",
+            },
+            {"Effect": "Allow", "Action": "secretsmanager:ListSecrets", "Resource": "*"},
+        ],
+    )
+    admin = emulator.admin_secrets()
+    admin.create_secret(Name="credgate/portal-svc", SecretString=json.dumps({"access_key_id": "AKIA1"}))
+    admin.create_secret(Name="other/portal-svc", SecretString="{}")
+    secrets = emulator.secretsmanager(reader.access_key_id, reader.secret_access_key)
+    value = secrets.get_secret_value(SecretId="credgate/portal-svc")
+    assert json.loads(value["SecretString"]) == {"access_key_id": "AKIA1"}
+    assert value["VersionStages"] == ["AWSCURRENT"]
+    code, status, _ = error_of(secrets.get_secret_value, SecretId="other/portal-svc")
+    assert (code, status) == ("AccessDeniedException", 403)
+    code, _, _ = error_of(secrets.get_secret_value, SecretId="credgate/nobody")
+    assert code == "ResourceNotFoundException"
+    listed = secrets.list_secrets(Filters=[{"Key": "name", "Values": ["credgate/"]}])["SecretList"]
+    assert [s["Name"] for s in listed] == ["credgate/portal-svc"]
+    # Not granted: writing.
+    code, _, _ = error_of(secrets.put_secret_value, SecretId="credgate/portal-svc", SecretString="{}")
+    assert code == "AccessDeniedException"
+    # A bad key is the JSON protocol's error, not IAM's.
+    stranger = emulator.secretsmanager(reader.access_key_id, "wrong-secret")
+    code, _, _ = error_of(stranger.get_secret_value, SecretId="credgate/portal-svc")
+    assert code == "InvalidSignatureException"
+
+
+def test_secret_stages_move_as_a_rotation_needs(emulator: Emulator) -> None:
+    secrets = emulator.admin_secrets()
+    first = secrets.create_secret(Name="credgate/u", SecretString='{"k": 1}')["VersionId"]
+    token = "7d5c2b1a-0e4f-4a3b-9c8d-7e6f5a4b3c2d"
+    put = secrets.put_secret_value(
+        SecretId="credgate/u", SecretString='{"k": 2}', ClientRequestToken=token, VersionStages=["AWSPENDING"]
+    )
+    assert (put["VersionId"], put["VersionStages"]) == (token, ["AWSPENDING"])
+    # The same token and value again (a resend): the same version, nothing new.
+    again = secrets.put_secret_value(
+        SecretId="credgate/u", SecretString='{"k": 2}', ClientRequestToken=token, VersionStages=["AWSPENDING"]
+    )
+    assert again["VersionId"] == token
+    assert json.loads(secrets.get_secret_value(SecretId="credgate/u")["SecretString"]) == {"k": 1}
+    assert secrets.get_secret_value(SecretId="credgate/u", VersionStage="AWSPENDING")["VersionId"] == token
+    secrets.update_secret_version_stage(
+        SecretId="credgate/u", VersionStage="AWSCURRENT", MoveToVersionId=token, RemoveFromVersionId=first
+    )
+    secrets.update_secret_version_stage(SecretId="credgate/u", VersionStage="AWSPENDING", RemoveFromVersionId=token)
+    stages = {
+        v["VersionId"]: sorted(v["VersionStages"])
+        for v in secrets.list_secret_version_ids(SecretId="credgate/u")["Versions"]
+    }
+    assert stages == {first: ["AWSPREVIOUS"], token: ["AWSCURRENT"]}
+    assert json.loads(secrets.get_secret_value(SecretId="credgate/u")["SecretString"]) == {"k": 2}
+
+
+def test_secrets_manager_calls_are_counted_and_faulted(emulator: Emulator) -> None:
+    secrets = emulator.admin_secrets()
+    secrets.create_secret(Name="credgate/f", SecretString="{}")
+    emulator.add_fault(action="GetSecretValue", error="InternalServiceError", status=500)
+    code, status, message = error_of(secrets.get_secret_value, SecretId="credgate/f")
+    assert (code, status) == ("InternalServiceError", 500), message
+    secrets.get_secret_value(SecretId="credgate/f")
+    assert emulator.calls("GetSecretValue", "emulator-admin") == 2
+    assert emulator.calls("CreateSecret") == 1

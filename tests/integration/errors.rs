@@ -412,7 +412,7 @@ async fn an_unverifiable_session_key_is_served_and_iam_says_invalid_user_type() 
         .app
         .lines()
         .iter()
-        .filter(|l| l.contains("cannot read whose key this profile holds"))
+        .filter(|l| l.contains("cannot read whose key this is"))
         .count();
     assert_eq!(warnings, 1, "one WARN line for an unverifiable profile");
 }

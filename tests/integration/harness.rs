@@ -179,6 +179,8 @@ impl Emulator {
                 "iam:ChangePassword",
                 "iam:GetAccountPasswordPolicy",
                 "iam:GetUser",
+                "iam:ListAccessKeys",
+                "iam:GetAccessKeyLastUsed",
             ],
         )
         .await
@@ -226,9 +228,120 @@ impl Emulator {
         IamUser { name, key }
     }
 
-    /// A user allowed everything credgate needs, with `password`.
+    /// A user allowed everything credgate needs with the `profiles` key
+    /// source, with `password`.
     pub async fn standard_user(&self, password: &str) -> IamUser {
         self.standard_user_named(&unique("user"), password).await
+    }
+
+    /// A user with a console password (unless `None`), a key, and exactly
+    /// the shipped policy `deploy/aws/<policy>` as its only policy.
+    pub async fn user_with_policy(&self, password: Option<&str>, policy: &str) -> IamUser {
+        let user = self.user(password, &[]).await;
+        let document = std::fs::read_to_string(repo().join("deploy/aws").join(policy))
+            .unwrap_or_else(|e| panic!("deploy/aws/{policy}: {e}"));
+        self.admin()
+            .put_user_policy()
+            .user_name(&user.name)
+            .policy_name("shipped")
+            .policy_document(document)
+            .send()
+            .await
+            .expect("PutUserPolicy");
+        user
+    }
+
+    /// A Secrets Manager client signing as the administrator.
+    pub fn secrets(&self) -> aws_sdk_secretsmanager::Client {
+        aws_sdk_secretsmanager::Client::from_conf(
+            aws_sdk_secretsmanager::Config::builder()
+                .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
+                .region(aws_sdk_secretsmanager::config::Region::new(
+                    self.region.clone(),
+                ))
+                .endpoint_url(&self.endpoint)
+                .credentials_provider(self.admin.clone())
+                .build(),
+        )
+    }
+
+    /// Stores `key` as the secret `name` (the enrolment of its user).
+    pub async fn put_secret(&self, name: &str, key: &AccessKey) {
+        self.secrets()
+            .create_secret()
+            .name(name)
+            .secret_string(
+                serde_json::json!({"access_key_id": key.id, "secret_access_key": key.secret})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .expect("CreateSecret");
+    }
+
+    /// The key a stage of secret `name` holds (`AWSCURRENT`, `AWSPENDING`,
+    /// `AWSPREVIOUS`), if that stage exists.
+    pub async fn secret_key(&self, name: &str, stage: &str) -> Option<AccessKey> {
+        let out = self
+            .secrets()
+            .get_secret_value()
+            .secret_id(name)
+            .version_stage(stage)
+            .send()
+            .await
+            .ok()?;
+        let v: Value = serde_json::from_str(out.secret_string()?).expect("JSON secret");
+        Some(AccessKey {
+            id: v["access_key_id"].as_str()?.to_owned(),
+            secret: v["secret_access_key"].as_str()?.to_owned(),
+            session_token: None,
+        })
+    }
+
+    /// The ids of `user`'s access keys, with whether each is active.
+    pub async fn access_keys(&self, user: &str) -> Vec<(String, bool)> {
+        let out = self
+            .admin()
+            .list_access_keys()
+            .user_name(user)
+            .send()
+            .await
+            .expect("ListAccessKeys");
+        out.access_key_metadata()
+            .iter()
+            .map(|k| {
+                (
+                    k.access_key_id().unwrap_or_default().to_owned(),
+                    k.status() == Some(&aws_sdk_iam::types::StatusType::Active),
+                )
+            })
+            .collect()
+    }
+
+    /// Whose key `key` is, by STS (an `Err` with AWS's error code when it
+    /// does not sign).
+    pub async fn who_signs(&self, key: &AccessKey) -> Result<String, String> {
+        let sts = aws_sdk_sts::Client::from_conf(
+            aws_sdk_sts::Config::builder()
+                .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+                .region(aws_sdk_sts::config::Region::new(self.region.clone()))
+                .endpoint_url(&self.endpoint)
+                .credentials_provider(Credentials::new(
+                    key.id.clone(),
+                    key.secret.clone(),
+                    None,
+                    None,
+                    "test",
+                ))
+                .build(),
+        );
+        match sts.get_caller_identity().send().await {
+            Ok(out) => Ok(out.arn().unwrap_or_default().to_owned()),
+            Err(e) => {
+                use aws_sdk_sts::error::ProvideErrorMetadata;
+                Err(e.code().unwrap_or("no code").to_owned())
+            }
+        }
     }
 
     /// A new access key for `user`.
@@ -489,6 +602,9 @@ pub struct Setup<'a> {
     /// Profiles in the AWS credentials file besides the callers' own (those
     /// templated callers' built `aws_profile`s name).
     pub profiles: Vec<(String, AccessKey)>,
+    /// Keys from Secrets Manager instead of profiles: every line of
+    /// `[keys]` but `source`.
+    pub secrets_manager: Option<String>,
 }
 
 impl<'a> Setup<'a> {
@@ -510,12 +626,24 @@ impl<'a> Setup<'a> {
             aws_toml: String::new(),
             ports: None,
             profiles: Vec::new(),
+            secrets_manager: None,
         }
     }
 
     /// A profile `name` holding `key` in the AWS credentials file.
     pub fn profile(mut self, name: &str, key: &AccessKey) -> Self {
         self.profiles.push((name.to_owned(), key.clone()));
+        self
+    }
+
+    /// Keys from Secrets Manager, read as `identity`, with these `[keys]`
+    /// lines; the callers get no `aws_profile`.
+    pub fn secrets_manager(mut self, identity: &AccessKey, keys_toml: &str) -> Self {
+        self.env
+            .push(("AWS_ACCESS_KEY_ID".into(), identity.id.clone()));
+        self.env
+            .push(("AWS_SECRET_ACCESS_KEY".into(), identity.secret.clone()));
+        self.secrets_manager = Some(keys_toml.to_owned());
         self
     }
 
@@ -575,7 +703,12 @@ impl<'a> Setup<'a> {
             .unwrap_or_default();
         let mut credentials = String::new();
         let mut callers = String::new();
-        let keys = self.callers.iter().map(|c| (&c.profile, &c.key));
+        // With Secrets Manager the callers' keys are in their secrets only.
+        let keys = self
+            .callers
+            .iter()
+            .filter(|_| self.secrets_manager.is_none())
+            .map(|c| (&c.profile, &c.key));
         for (profile, key) in keys.chain(self.profiles.iter().map(|(p, k)| (p, k))) {
             credentials.push_str(&format!(
                 "[{profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
@@ -586,11 +719,21 @@ impl<'a> Setup<'a> {
             }
         }
         for c in &self.callers {
+            // With Secrets Manager a caller's key is its user's secret.
+            let profile = match &self.secrets_manager {
+                Some(_) => String::new(),
+                None => format!("aws_profile = {:?}\n", c.profile),
+            };
             callers.push_str(&format!(
-                "[[callers]]\n{}\niam_user = {:?}\naws_profile = {:?}\n\n",
-                c.matcher, c.iam_user, c.profile
+                "[[callers]]\n{}\niam_user = {:?}\n{profile}\n",
+                c.matcher, c.iam_user
             ));
         }
+        let keys = self
+            .secrets_manager
+            .as_ref()
+            .map(|keys| format!("[keys]\nsource = \"secretsmanager\"\n{keys}\n"))
+            .unwrap_or_default();
         put("credentials", &credentials);
         put("config", "");
         let (tls_port, admin_port) = self.ports.unwrap_or((0, 0));
@@ -605,7 +748,7 @@ impl<'a> Setup<'a> {
             "[server]\nlisten = \"127.0.0.1:{tls_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              {grace}{}\n\
              [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n{crl}\n\
-             [aws]\nregion = \"us-east-1\"\nendpoint_url = {:?}\n{}\n{}\n{callers}",
+             [aws]\nregion = \"us-east-1\"\nendpoint_url = {:?}\n{}\n{}\n{keys}{callers}",
             self.server_toml, self.emulator_endpoint, self.aws_toml, self.extra_toml
         );
         let path = put("credgate.toml", &config);
@@ -642,6 +785,34 @@ impl<'a> Setup<'a> {
         Credgate::spawn_quiet(dir, &config, &self.env, tls_port, admin_port)
     }
 
+    /// `credgate serve` on this configuration, which stays usable (for a
+    /// restart, another replica, or [`Setup::cli`]).
+    pub fn launch(&self) -> Credgate {
+        let (dir, config) = self.write();
+        Credgate::spawn(dir, &config, &self.env)
+    }
+
+    /// `credgate <args> --config <this configuration>` with the setup's
+    /// environment plus `env`, run to its end.
+    pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> CliRun {
+        let (dir, config) = self.write();
+        let mut cmd = credgate_command(dir.path());
+        cmd.args(args).arg("--config").arg(&config);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("credgate");
+        CliRun {
+            code: out.status.code(),
+            signal: std::os::unix::process::ExitStatusExt::signal(&out.status),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// `n` credgate processes on this one configuration (replicas).
     pub fn start_replicas(self, n: usize) -> Vec<Credgate> {
         (0..n)
@@ -649,6 +820,26 @@ impl<'a> Setup<'a> {
                 let (dir, config) = self.write();
                 Credgate::spawn(dir, &config, &self.env)
             })
+            .collect()
+    }
+}
+
+/// A finished command: its exit (code, or the signal that ended it) and
+/// its output.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// The stdout lines that are JSON objects.
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
 }
@@ -876,7 +1067,19 @@ impl Credgate {
     /// Waits (bounded: 15 s, three TLS reload periods) until a line
     /// satisfies `pred`.
     pub async fn wait_for_line(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        for _ in 0..300 {
+        self.wait_for_line_within(what, Duration::from_secs(15), pred)
+            .await
+    }
+
+    /// As [`Credgate::wait_for_line`], for up to `within`.
+    pub async fn wait_for_line_within(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
             for line in self.lines() {
                 if let Ok(v) = serde_json::from_str::<Value>(&line)
                     && pred(&v)

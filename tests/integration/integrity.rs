@@ -220,10 +220,10 @@ async fn time_spent_before_sending_ends_in_deadline_before_send_and_iam_sees_not
         if action == "GetAccountPasswordPolicy" {
             // Verified first (the background check), then the slow read.
             rig.app
-                .wait_for_line("the profile verified", |v| {
+                .wait_for_line("the key verified", |v| {
                     v["message"]
                         .as_str()
-                        .is_some_and(|m| m.starts_with("profile verified"))
+                        .is_some_and(|m| m.starts_with("key verified"))
                 })
                 .await;
         }

@@ -5,6 +5,7 @@
 //! receiver), all on 127.0.0.1.
 
 mod audit_trail;
+mod custody;
 mod edge;
 mod errors;
 mod examples;

@@ -442,3 +442,64 @@ async fn sentinel_failover_mid_test_keeps_the_limit_across_two_replicas() {
         Some("master")
     );
 }
+
+#[tokio::test]
+async fn a_key_rotation_takes_its_lease_on_a_redis_cluster() {
+    let emulator = Emulator::shared();
+    let cluster = Cluster::start().await;
+    let prefix = format!("credgate/{}", unique("cluster"));
+    let identity = emulator
+        .user_with_policy(None, "credgate-role-policy.json")
+        .await
+        .key;
+    let user = emulator
+        .user_with_policy(Some("Lease-pass-1!"), "managed-user-policy.json")
+        .await;
+    emulator
+        .put_secret(&format!("{prefix}/{}", user.name), &user.key)
+        .await;
+    let key_prefix = unique("credgate") + ":";
+    let urls: Vec<String> = cluster.nodes.iter().map(Redis::url).collect();
+    let pki = Pki::new();
+    let setup = Setup::new(emulator, &pki)
+        .caller(CallerEntry::spiffe(CALLER, &user))
+        .toml(&format!(
+            "[state]\ncluster_nodes = {}\nkey_prefix = {key_prefix:?}\n",
+            serde_json::to_string(&urls).expect("json")
+        ))
+        .secrets_manager(
+            &identity,
+            &format!(
+                "secret_name = \"{prefix}/{{iam_user}}\"\nrefresh = \"1s\"\n\
+                 old_key_grace = \"2s\"\nrotate_after = \"0s\""
+            ),
+        );
+    // Another replica's lease, as it holds it: one key, its owner's token.
+    let lease = format!("{key_prefix}{{lease:rotate:{}}}:owner", user.name);
+    let port = cluster.nodes[0].port().to_string();
+    let cli = |args: &[&str]| {
+        let mut all = vec!["-c", "-p", port.as_str()];
+        all.extend(args);
+        redis_cli(&all)
+    };
+    cli(&["SET", &lease, "another-replica", "PX", "60000"]);
+    let busy = setup.cli(&["keys", "rotate", "--iam-user", &user.name], &[]);
+    assert_eq!(busy.code, Some(69), "{busy:?}");
+    assert!(
+        busy.stderr.contains("in progress elsewhere"),
+        "{}",
+        busy.stderr
+    );
+    assert_eq!(emulator.calls("CreateAccessKey", &user.name).await, 0);
+    assert_eq!(
+        cli(&["GET", &lease]).trim(),
+        "another-replica",
+        "not taken over"
+    );
+
+    cli(&["DEL", &lease]);
+    let done = setup.cli(&["keys", "rotate", "--iam-user", &user.name], &[]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert_eq!(emulator.calls("CreateAccessKey", &user.name).await, 1);
+    assert_eq!(cli(&["EXISTS", &lease]).trim(), "0", "given up when done");
+}
