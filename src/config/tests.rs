@@ -688,6 +688,47 @@ fn every_key_custody_problem_is_reported_at_once() {
 }
 
 #[test]
+fn with_secrets_manager_a_template_builds_the_user_and_no_profile() {
+    let text = format!(
+        "{SECRETS_MANAGER}
+        [[callers]]
+        spiffe_id = \"spiffe://corp.example/tpl/{{ns}}/sa/{{sa}}\"
+        iam_user = \"svc-{{ns}}-{{sa}}\"
+        "
+    );
+    let config = Config::parse(&text).expect("valid");
+    let built = config.templates[0].build(
+        config.templates[0]
+            .identity
+            .matches("spiffe://corp.example/tpl/pay/sa/api")
+            .expect("matches"),
+    );
+    assert_eq!(built.iam_user, "svc-pay-api");
+    assert_eq!(built.aws_profile, None, "the key is the user's secret");
+    assert_eq!(
+        config.keys.secret_name.of(&built.iam_user).as_deref(),
+        Some("prod/credgate/svc-pay-api")
+    );
+
+    let with_profile = format!(
+        "{SECRETS_MANAGER}
+        [[callers]]
+        dns_name = \"{{svc}}.apps.corp.example\"
+        iam_user = \"app-{{svc}}\"
+        aws_profile = \"app-{{svc}}\"
+        "
+    );
+    let err = Config::parse(&with_profile).expect_err("invalid");
+    assert_eq!(
+        err.problems,
+        [
+            "callers[1].aws_profile: not used with keys.source = \"secretsmanager\" (the key is \
+          the secret of iam_user); remove it"
+        ]
+    );
+}
+
+#[test]
 fn secrets_manager_keys_are_refused_with_the_profiles_source() {
     let text = MINIMAL.replace(
         "[[callers]]",

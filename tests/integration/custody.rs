@@ -205,6 +205,100 @@ async fn a_key_from_secrets_manager_signs_and_a_user_without_a_secret_is_refused
     .await;
 }
 
+/// A template with Secrets Manager: each identity of the family acts as
+/// the user its captures build, with that user's own secret; one whose
+/// user has no secret yet is refused before IAM, and served once the
+/// secret exists, without a restart or a config change.
+#[tokio::test]
+async fn templated_callers_use_their_built_users_secrets_and_are_served_once_enrolled() {
+    let emulator = Emulator::shared();
+    let prefix = prefix();
+    let identity = identity(emulator).await;
+    let ns = unique("ns");
+    let api = emulator
+        .user_named_with_policy(
+            &format!("svc-{ns}-api"),
+            Some("Tpl-pass-1"),
+            "managed-user-policy.json",
+        )
+        .await;
+    emulator
+        .put_secret(&format!("{prefix}/{}", api.name), &api.key)
+        .await;
+    let late = emulator
+        .user_named_with_policy(
+            &format!("svc-{ns}-late"),
+            Some("Late-pass-1"),
+            "managed-user-policy.json",
+        )
+        .await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .toml(
+            r#"
+[[callers]]
+spiffe_id = "spiffe://corp.example/sm/{ns}/sa/{sa}"
+iam_user = "svc-{ns}-{sa}"
+"#,
+        )
+        .secrets_manager(&identity, &keys_toml(&prefix, FAST))
+        .start();
+    let id = |sa: &str| format!("spiffe://corp.example/sm/{ns}/sa/{sa}");
+
+    let changed = app
+        .client(&pki, &pki.spiffe_client(&id("api")))
+        .await
+        .change_password(change("Tpl-pass-1", "Tpl-pass-2"))
+        .await
+        .expect("the built user's key from its secret")
+        .into_inner();
+    assert_eq!(changed.iam_user, api.name);
+    assert!(emulator.password_is(&api, "Tpl-pass-2").await);
+
+    let mut late_client = app.client(&pki, &pki.spiffe_client(&id("late"))).await;
+    let status = late_client
+        .change_password(change("Late-pass-1", "Late-pass-2"))
+        .await
+        .expect_err("no secret yet");
+    expect_error(
+        &status,
+        Code::FailedPrecondition,
+        "IAM_USER_NOT_PROVISIONED",
+    );
+    for action in ["ChangePassword", "GetCallerIdentity"] {
+        assert_eq!(emulator.calls(action, &late.name).await, 0, "{action}");
+    }
+
+    // Enrolled: served within `refresh` (1 s), same connection, no restart.
+    emulator
+        .put_secret(&format!("{prefix}/{}", late.name), &late.key)
+        .await;
+    let mut served = None;
+    for _ in 0..50 {
+        match late_client
+            .change_password(change("Late-pass-1", "Late-pass-2"))
+            .await
+        {
+            Ok(response) => {
+                served = Some(response.into_inner());
+                break;
+            }
+            Err(status) => {
+                expect_error(
+                    &status,
+                    Code::FailedPrecondition,
+                    "IAM_USER_NOT_PROVISIONED",
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let served = served.expect("served once its secret exists");
+    assert_eq!(served.iam_user, late.name);
+    assert!(emulator.password_is(&late, "Late-pass-2").await);
+    assert!(emulator.password_is(&api, "Tpl-pass-2").await, "untouched");
+}
+
 #[tokio::test]
 async fn a_rotation_under_load_fails_no_call_and_leaves_one_key_the_secret_holds() {
     let emulator = Emulator::shared();

@@ -237,7 +237,18 @@ impl Emulator {
     /// A user with a console password (unless `None`), a key, and exactly
     /// the shipped policy `deploy/aws/<policy>` as its only policy.
     pub async fn user_with_policy(&self, password: Option<&str>, policy: &str) -> IamUser {
-        let user = self.user(password, &[]).await;
+        self.user_named_with_policy(&unique("user"), password, policy)
+            .await
+    }
+
+    /// As [`Emulator::user_with_policy`], named `name`.
+    pub async fn user_named_with_policy(
+        &self,
+        name: &str,
+        password: Option<&str>,
+        policy: &str,
+    ) -> IamUser {
+        let user = self.user_named(name, password, &[]).await;
         let document = std::fs::read_to_string(repo().join("deploy/aws").join(policy))
             .unwrap_or_else(|e| panic!("deploy/aws/{policy}: {e}"));
         self.admin()
