@@ -392,8 +392,8 @@ async fn explain(path: PathBuf, identity: &str) -> ExitCode {
 
 async fn check_online(config: &Config) -> Vec<String> {
     let iam = iam(config).await;
-    let mut problems = Principals::new(custody::signers(&config.callers))
-        .problems(&iam)
+    let mut problems = Principals::new()
+        .problems(&iam, &custody::signers(&config.callers))
         .await;
     if let Ok(store) = Store::new(&config.state, &config.limits, Duration::ZERO)
         && let Err(e) = store.verify().await
@@ -454,11 +454,7 @@ async fn lockout_command(action: LockoutAction) -> ExitCode {
 
 /// IAM with the configured key source.
 async fn iam(config: &Config) -> Iam {
-    let profiles = config
-        .callers
-        .iter()
-        .filter_map(|c| c.aws_profile.as_deref());
-    Iam::new(Keys::new(&config.aws, &config.keys, profiles).await)
+    Iam::new(Keys::new(&config.aws, &config.keys, &config.callers).await)
 }
 
 async fn keys_command(action: KeysAction) -> ExitCode {

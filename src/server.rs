@@ -136,12 +136,6 @@ pub(crate) async fn serve(
     let tls = load_tls(&config)?;
     connections::raise_fd_limit(config.server.max_connections);
     let gate = Arc::new(gate(&config, sink.clone()).await?);
-    // Whose key each caller signs with, learnt in the background: SERVING
-    // does not wait for AWS, and a key not verified yet is verified on use.
-    tokio::spawn({
-        let gate = gate.clone();
-        async move { gate.principals.verify_all(&gate.iam).await }
-    });
     let custody = Arc::new(Custody::new(
         gate.iam.clone(),
         gate.store.clone(),
@@ -244,11 +238,11 @@ async fn gate(config: &Config, sink: Output) -> Result<Gate, ServeError> {
             tracing::warn!(problem, "caller cannot be served until its profile exists");
         }
     }
-    let keys = Keys::new(&config.aws, &config.keys, profiles).await;
+    let keys = Keys::new(&config.aws, &config.keys, &config.callers).await;
     Ok(Gate {
         iam: Arc::new(Iam::new(keys)),
         store: open_store(config).await?,
-        principals: Principals::new(custody::signers(&config.callers)),
+        principals: Principals::new(),
         policies: PolicyCache::new(),
         tracker: TaskTracker::new(),
         at_iam: TaskTracker::new(),

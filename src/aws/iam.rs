@@ -789,13 +789,16 @@ fn record_outcome<T>(
                 .and_then(|a| a.code.as_ref())
                 .map_or(err.reason().as_str(), IamCode::as_str);
             telemetry::count_iam_outcome(method, code);
+            // Key custody reads every user's keys in one sweep: with AWS
+            // down, thousands fail alike, and custody logs one warning for
+            // the sweep. Every other failure is a warning of its own.
+            let sweep_read = matches!(method, "ListAccessKeys" | "GetAccessKeyLastUsed");
             span.in_scope(|| {
-                tracing::event!(
-                    tracing::Level::WARN,
-                    exception.type = code,
-                    exception.message = %err,
-                    "exception"
-                );
+                if sweep_read {
+                    tracing::debug!(exception.type = code, exception.message = %err, "exception");
+                } else {
+                    tracing::warn!(exception.type = code, exception.message = %err, "exception");
+                }
             });
         }
     }

@@ -2,9 +2,11 @@
 //!
 //! `[[callers]]` says "this caller acts as IAM user X" (with the key of
 //! profile P, or the key of X's secret); only AWS knows whose key that is.
-//! At start-up every configured signer is asked (STS `GetCallerIdentity`,
-//! which needs no permission; IAM `GetUser` as the fallback) in the
-//! background, and a signer not verified yet is verified on first use. A key
+//! Each signer is asked (STS `GetCallerIdentity`, which needs no permission;
+//! IAM `GetUser` as the fallback) at its first use, not at start: with
+//! thousands of configured callers, start-up would otherwise send thousands
+//! of calls to AWS and build thousands of clients (`check-config --online`
+//! asks for every configured one). A key
 //! that belongs to another IAM user, to the root user or to a role session is
 //! refused (`IAM_USER_MISMATCH`) without calling `ChangePassword`; one whose
 //! identity cannot be read at all is served as before, with one warning. A
@@ -19,7 +21,6 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use crate::{
@@ -32,10 +33,8 @@ use crate::{
 /// How long an unverifiable profile is served before credgate asks again
 /// (STS may have been down, or a permission may have been added).
 const RETRY_UNVERIFIABLE: Duration = Duration::from_secs(60);
-/// Budget of one profile's verification in the background.
-const BACKGROUND_BUDGET: Duration = Duration::from_secs(10);
-/// Profiles verified at once in the background.
-const BACKGROUND_CONCURRENCY: usize = 4;
+/// Budget of one signer's verification for `check-config --online`.
+const ONLINE_BUDGET: Duration = Duration::from_secs(10);
 
 /// The verdict on a profile, for one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,60 +61,17 @@ struct Profile {
     flight: tokio::sync::Mutex<()>,
 }
 
-/// Verification state of every signer seen: the configured ones from the
-/// start, any other (a templated caller) once it calls.
+/// Verification state of every signer that called (or that
+/// `check-config --online` asked about).
+#[derive(Default)]
 pub(crate) struct Principals {
-    configured: Vec<Signer>,
     by_signer: Mutex<HashMap<Signer, Arc<Profile>>>,
-    /// The IAM user each profile holds the key of: the configured
-    /// callers' from the start, a templated caller's profile the first
-    /// user that used it. Config refuses two users on one profile among
-    /// exact entries; this refuses it across templates too.
-    profile_users: Mutex<HashMap<String, String>>,
 }
 
 impl Principals {
-    /// The configured `signers`, none verified yet.
-    pub(crate) fn new(signers: impl IntoIterator<Item = Signer>) -> Self {
-        let mut configured: Vec<Signer> = signers.into_iter().collect();
-        configured.sort();
-        configured.dedup();
-        let profile_users = configured
-            .iter()
-            .filter_map(|s| Some((s.profile()?.to_owned(), s.iam_user().to_owned())))
-            .collect();
-        Self {
-            configured,
-            by_signer: Mutex::new(HashMap::new()),
-            profile_users: Mutex::new(profile_users),
-        }
-    }
-
-    /// `Err(IamUserMismatch)` when `signer`'s profile already holds another
-    /// IAM user's key (two templates, or a template and an exact entry,
-    /// reaching one profile as different users); otherwise the profile is
-    /// now `signer`'s user's.
-    fn claim_profile(&self, signer: &Signer) -> Result<(), Error> {
-        let Some(profile) = signer.profile() else {
-            return Ok(());
-        };
-        let mut users = self
-            .profile_users
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let expected = users
-            .entry(profile.to_owned())
-            .or_insert_with(|| signer.iam_user().to_owned());
-        if expected != signer.iam_user() {
-            tracing::error!(
-                profile,
-                iam_user = signer.iam_user(),
-                expected_iam_user = expected.as_str(),
-                "two callers act as different IAM users with one profile; refused"
-            );
-            return Err(Error::IamUserMismatch);
-        }
-        Ok(())
+    /// None verified yet.
+    pub(crate) fn new() -> Self {
+        Self::default()
     }
 
     fn entry(&self, signer: &Signer) -> Arc<Profile> {
@@ -148,9 +104,6 @@ impl Principals {
         tokio::time::timeout_at(deadline.instant(), iam.keys().for_user(signer))
             .await
             .map_err(|_| Error::DeadlineBeforeSend { stage: "key" })??;
-        // One profile holds one user's key: a second user on it is refused
-        // before anything is sent.
-        self.claim_profile(signer)?;
         let entry = self.entry(signer);
         let generation = iam.keys().generation(signer);
         if let Some(known) = entry.known(generation) {
@@ -194,23 +147,12 @@ impl Principals {
         }
     }
 
-    /// Verifies every configured signer, a few at a time, each within its
-    /// own budget. `serve` runs it in the background: start-up does not wait.
-    pub(crate) async fn verify_all(&self, iam: &Iam) {
-        futures_util::stream::iter(&self.configured)
-            .for_each_concurrent(BACKGROUND_CONCURRENCY, |signer| async move {
-                let deadline = Deadline::at(Instant::now() + BACKGROUND_BUDGET);
-                let _ = self.check(iam, signer, deadline).await;
-            })
-            .await;
-    }
-
-    /// Problems and verdicts for `check-config --online`: every configured
-    /// signer, one line per problem.
-    pub(crate) async fn problems(&self, iam: &Iam) -> Vec<String> {
+    /// Problems and verdicts for `check-config --online`: every one of
+    /// `signers`, one line per problem.
+    pub(crate) async fn problems(&self, iam: &Iam, signers: &[Signer]) -> Vec<String> {
         let mut problems = Vec::new();
-        for signer in &self.configured {
-            let deadline = Deadline::at(Instant::now() + BACKGROUND_BUDGET);
+        for signer in signers {
+            let deadline = Deadline::at(Instant::now() + ONLINE_BUDGET);
             match self.check(iam, signer, deadline).await {
                 Ok(Verdict::Verified(_)) => {}
                 Ok(Verdict::Unverifiable) => problems.push(format!(
@@ -308,38 +250,5 @@ impl Profile {
             State::Mismatch { arn, .. } => arn.clone(),
             _ => "an unknown principal".to_owned(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One profile holds one user's key: a caller acting as another user
-    /// with it is refused before anything is asked of AWS, whether the
-    /// profile is an exact entry's or was first used by a templated caller.
-    #[tokio::test]
-    async fn a_profile_first_held_for_one_user_refuses_another() {
-        let principals = Principals::new([Signer::new("alice", Some("p"))]);
-        let refused = principals.claim_profile(&Signer::new("bob", Some("p")));
-        assert!(
-            matches!(refused, Err(Error::IamUserMismatch)),
-            "{refused:?}"
-        );
-        assert!(
-            principals
-                .claim_profile(&Signer::new("alice", Some("p")))
-                .is_ok()
-        );
-        // A templated caller's profile: the first user it served holds it.
-        assert!(
-            principals
-                .claim_profile(&Signer::new("carol", Some("t")))
-                .is_ok()
-        );
-        let second = principals.claim_profile(&Signer::new("dave", Some("t")));
-        assert!(matches!(second, Err(Error::IamUserMismatch)), "{second:?}");
-        // Secrets Manager keys are found by the user: nothing to share.
-        assert!(principals.claim_profile(&Signer::new("erin", None)).is_ok());
     }
 }

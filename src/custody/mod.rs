@@ -203,14 +203,26 @@ impl Custody {
     /// the users with a secret (Secrets Manager).
     pub(crate) async fn users(&self) -> Result<Vec<Signer>, String> {
         let mut users: BTreeSet<Signer> = self.configured.iter().cloned().collect();
-        if let Some(secrets) = self.iam.keys().secrets() {
-            let enrolled = secrets
-                .enrolled()
-                .await
-                .map_err(|e| format!("{e}: {}", crate::error::chain(&e)))?;
-            users.extend(enrolled.iter().map(|u| Signer::new(u, None)));
-        }
+        users.extend(self.enrolled_unconfigured().await?);
         Ok(users.into_iter().collect())
+    }
+
+    /// The users with a secret (Secrets Manager) that no configured caller
+    /// names: a sweep checks them after the configured ones, which it does
+    /// not copy (there may be thousands).
+    async fn enrolled_unconfigured(&self) -> Result<Vec<Signer>, String> {
+        let Some(secrets) = self.iam.keys().secrets() else {
+            return Ok(Vec::new());
+        };
+        let enrolled = secrets
+            .enrolled()
+            .await
+            .map_err(|e| format!("{e}: {}", crate::error::chain(&e)))?;
+        Ok(enrolled
+            .iter()
+            .map(|u| Signer::new(u, None))
+            .filter(|s| self.configured.binary_search(s).is_err())
+            .collect())
     }
 
     /// Reads `signer`'s key: its id and age, whether a rotation is
@@ -218,7 +230,7 @@ impl Custody {
     pub(crate) async fn inspect(&self, signer: &Signer, last_used: bool) -> Report {
         let mut report = Report::new(signer);
         let user = signer.iam_user();
-        let clients = match self.iam.keys().for_user(signer).await {
+        let clients = match self.iam.keys().peek(signer).await {
             Ok(clients) => clients,
             Err(Error::IamUserNotProvisioned) => {
                 report.state = RotationState::NotProvisioned;
@@ -405,17 +417,18 @@ impl Custody {
     }
 
     async fn check_all(self: &Arc<Self>, stop: &CancellationToken) {
-        let users = match self.users().await {
-            Ok(users) => users,
+        let extra = match self.enrolled_unconfigured().await {
+            Ok(extra) => extra,
             Err(e) => {
                 tracing::warn!(
                     error = e,
                     "cannot list the users with a secret; checking the configured ones"
                 );
-                self.configured.clone()
+                Vec::new()
             }
         };
-        let known: HashSet<&str> = users.iter().map(Signer::iam_user).collect();
+        let users = || self.configured.iter().chain(&extra);
+        let known: HashSet<&str> = users().map(Signer::iam_user).collect();
         for gone in self
             .ages
             .users()
@@ -424,17 +437,36 @@ impl Custody {
         {
             self.ages.forget(gone);
         }
-        futures_util::stream::iter(&users)
-            .for_each_concurrent(CHECK_CONCURRENCY, |signer| async move {
-                let report = self.inspect(signer, false).await;
-                if let Some(error) = &report.error {
-                    tracing::warn!(signer = %signer, error = error.as_str(), "cannot check this IAM user's key");
-                }
-                if self.settings.source == KeySource::SecretsManager && self.needs_run(&report) {
-                    self.spawn_rotation(signer.iam_user(), stop);
+        // With AWS down, thousands of users fail alike: one line per user
+        // at debug, and one warning for the check.
+        let failed = Mutex::new((0usize, None::<(Signer, String)>));
+        futures_util::stream::iter(users())
+            .for_each_concurrent(CHECK_CONCURRENCY, |signer| {
+                let failed = &failed;
+                async move {
+                    let report = self.inspect(signer, false).await;
+                    if let Some(error) = &report.error {
+                        tracing::debug!(signer = %signer, error = error.as_str(), "cannot check this IAM user's key");
+                        let mut failed = failed.lock().unwrap_or_else(PoisonError::into_inner);
+                        failed.0 += 1;
+                        failed.1.get_or_insert_with(|| (signer.clone(), error.clone()));
+                    }
+                    if self.settings.source == KeySource::SecretsManager && self.needs_run(&report) {
+                        self.spawn_rotation(signer.iam_user(), stop);
+                    }
                 }
             })
             .await;
+        let (count, first) = failed.into_inner().unwrap_or_else(PoisonError::into_inner);
+        if let Some((signer, error)) = first {
+            tracing::warn!(
+                failed = count,
+                checked = self.configured.len() + extra.len(),
+                first = %signer,
+                error = error.as_str(),
+                "cannot check some IAM users' keys (each at debug level)"
+            );
+        }
     }
 
     /// Whether `report` calls for a rotation run: one is unfinished, or the
@@ -479,11 +511,15 @@ impl Custody {
 }
 
 /// Whose keys the configured callers sign with.
+/// The configured callers' signers, each once.
 pub(crate) fn signers(callers: &[CallerSettings]) -> Vec<Signer> {
-    callers
+    let mut signers: Vec<Signer> = callers
         .iter()
         .map(|c| Signer::new(&c.iam_user, c.aws_profile.as_deref()))
-        .collect()
+        .collect();
+    signers.sort();
+    signers.dedup();
+    signers
 }
 
 /// An error as a line: its message and cause chain (never a secret: no

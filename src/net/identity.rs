@@ -196,8 +196,6 @@ pub(crate) struct Caller {
     /// The profile whose access key signs for that user (source
     /// `profiles`); `None` when the key is found by `iam_user`.
     pub aws_profile: Option<String>,
-    /// The `[[callers]]` entry that mapped it.
-    pub entry: usize,
     /// That entry's template, for a templated caller (logs and audit say
     /// which rule let it in).
     pub template: Option<Arc<str>>,
@@ -209,7 +207,7 @@ pub(crate) struct Caller {
 #[derive(Debug)]
 pub(crate) enum Mapping<'a> {
     /// An exact entry.
-    Exact(&'a Arc<Caller>),
+    Exact(&'a Exact),
     /// A template, and what it built.
     Template {
         /// The entry.
@@ -253,16 +251,29 @@ impl Mapping<'_> {
     }
 }
 
+/// An exact entry as the index keeps it; its [`Caller`] is made when the
+/// identity connects, as a templated one's is, so that ten thousand
+/// configured callers cost a few hundred bytes each until they call.
+#[derive(Debug)]
+pub(crate) struct Exact {
+    /// The IAM user.
+    pub iam_user: String,
+    /// The profile holding its key (source `profiles`).
+    pub aws_profile: Option<String>,
+    /// Its index in `[[callers]]`.
+    pub entry: usize,
+}
+
 /// Fewest dead entries the shared-caller map holds before it is swept.
 const MIN_SWEEP: usize = 1024;
 
 /// The `[[callers]]` table, indexed for lookups.
 #[derive(Debug)]
 pub(crate) struct Callers {
-    by_matcher: HashMap<Matcher, Arc<Caller>>,
+    by_matcher: HashMap<Matcher, Exact>,
     templates: TemplateIndex,
     max_in_flight: usize,
-    /// Templated callers by resolved identity. An entry lives while some
+    /// Callers by resolved identity (exact or templated). An entry lives while some
     /// connection or attempt holds its caller; dead ones are swept once the
     /// map has doubled since the last sweep, so it holds at most about
     /// twice the live callers (which `max_connections` bounds) plus
@@ -297,21 +308,12 @@ impl Callers {
         let by_matcher = callers
             .iter()
             .map(|c| {
-                let identity = match &c.matcher {
-                    Matcher::SpiffeId(v) | Matcher::DnsName(v) | Matcher::CommonName(v) => {
-                        v.clone()
-                    }
-                };
-                let caller = Caller {
-                    identity,
-                    key: c.matcher.state_key(),
+                let exact = Exact {
                     iam_user: c.iam_user.clone(),
                     aws_profile: c.aws_profile.clone(),
                     entry: c.entry,
-                    template: None,
-                    in_flight: Arc::new(Semaphore::new(max_in_flight)),
                 };
-                (c.matcher.clone(), Arc::new(caller))
+                (c.matcher.clone(), exact)
             })
             .collect();
         Self {
@@ -376,8 +378,8 @@ impl Callers {
         {
             return Mapping::Unmapped(Unmapped::InvalidSpiffeId(why));
         }
-        if let Some(caller) = self.by_matcher.get(identity) {
-            return Mapping::Exact(caller);
+        if let Some(exact) = self.by_matcher.get(identity) {
+            return Mapping::Exact(exact);
         }
         match identity {
             Matcher::SpiffeId(id) => self.templates.lookup(TemplateKind::SpiffeId, id),
@@ -386,27 +388,29 @@ impl Callers {
         }
     }
 
-    /// The caller of a mapped identity: an exact entry's, or the one shared
-    /// caller of a templated identity.
+    /// The one shared caller of a mapped identity, exact or templated.
     fn caller(&self, identity: Matcher, mapping: Mapping<'_>) -> Option<Arc<Caller>> {
-        let (template, built) = match mapping {
-            Mapping::Exact(caller) => return Some(caller.clone()),
-            Mapping::Template { template, built } => (template, built),
-            Mapping::Unmapped(_) => return None,
-        };
         let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(caller) = resolved.callers.get(&identity).and_then(Weak::upgrade) {
             return Some(caller);
         }
+        let (iam_user, aws_profile, template) = match mapping {
+            Mapping::Exact(exact) => (exact.iam_user.clone(), exact.aws_profile.clone(), None),
+            Mapping::Template { template, built } => (
+                built.iam_user,
+                built.aws_profile,
+                Some(template.identity.text.clone()),
+            ),
+            Mapping::Unmapped(_) => return None,
+        };
         let (Matcher::SpiffeId(value) | Matcher::DnsName(value) | Matcher::CommonName(value)) =
             &identity;
         let caller = Arc::new(Caller {
             identity: value.clone(),
             key: identity.state_key(),
-            iam_user: built.iam_user,
-            aws_profile: built.aws_profile,
-            entry: template.entry,
-            template: Some(template.identity.text.clone()),
+            iam_user,
+            aws_profile,
+            template,
             in_flight: Arc::new(Semaphore::new(self.max_in_flight)),
         });
         resolved.insert(identity, &caller);
@@ -705,7 +709,6 @@ mod tests {
         assert_eq!(api.aws_profile.as_deref(), Some("payments-api"));
         assert_eq!(api.identity, "spiffe://corp.example/ns/payments/sa/api");
         assert_eq!(api.key, "spiffe:spiffe://corp.example/ns/payments/sa/api");
-        assert_eq!(api.entry, 1);
         assert_eq!(
             api.template.as_deref(),
             Some("spiffe://corp.example/ns/{ns}/sa/{sa}")
@@ -715,7 +718,6 @@ mod tests {
             .expect("templated DNS name");
         assert_eq!(web.iam_user, "app-web");
         assert_eq!(web.key, "dns:web.apps.corp.example");
-        assert_eq!(web.entry, 2);
     }
 
     #[test]
@@ -730,7 +732,6 @@ mod tests {
             .expect("exact");
         assert_eq!(portal.iam_user, "portal-svc");
         assert_eq!(portal.template, None);
-        assert_eq!(portal.entry, 0);
     }
 
     #[test]

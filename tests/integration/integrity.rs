@@ -217,16 +217,6 @@ async fn time_spent_before_sending_ends_in_deadline_before_send_and_iam_sees_not
                 json!({"delay_seconds": 3.0, "count": -1}),
             )
             .await;
-        if action == "GetAccountPasswordPolicy" {
-            // Verified first (the background check), then the slow read.
-            rig.app
-                .wait_for_line("the key verified", |v| {
-                    v["message"]
-                        .as_str()
-                        .is_some_and(|m| m.starts_with("key verified"))
-                })
-                .await;
-        }
         let status = rig
             .client()
             .await

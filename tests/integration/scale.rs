@@ -30,8 +30,8 @@ enum Profiles {
     /// One profile (and IAM user) for every exact caller: one set of AWS
     /// clients, so what grows is the configuration and identity side.
     Shared,
-    /// A profile per caller, as in production today: one set of AWS
-    /// clients each.
+    /// A profile per caller, as in production: one set of AWS clients
+    /// each, built only when the caller (or key custody) uses it.
     PerCaller,
 }
 
@@ -43,7 +43,7 @@ struct Started {
 /// Starts credgate with `exact` exact callers plus the templates, and
 /// measures the time from spawn to health SERVING and the RSS then.
 async fn start(pki: &Pki, exact: usize, profiles: Profiles) -> Started {
-    // AWS nobody listens on: the background verification of every profile
+    // AWS nobody listens on: key custody's sweep of every user's key
     // fails at once and sends nothing anywhere.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -66,8 +66,7 @@ async fn start(pki: &Pki, exact: usize, profiles: Profiles) -> Started {
         });
     }
     let spawned = Instant::now();
-    // Quiet: 10,000 profiles make 10,000 log lines of their background
-    // verification, which this test does not need.
+    // Quiet: this test reads no log line.
     let app = setup.env("RUST_LOG", "warn").start_quiet();
     let mut serving = false;
     for _ in 0..2400 {
@@ -79,8 +78,9 @@ async fn start(pki: &Pki, exact: usize, profiles: Profiles) -> Started {
     }
     assert!(serving, "not SERVING within 120 s");
     let serving_after = spawned.elapsed();
-    // Let start-up's transient allocations settle.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let start-up's transient allocations settle, and key custody's first
+    // sweep (one failed ListAccessKeys per user) run.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     Started {
         serving_after,
         rss_kib: app.rss_kib(),
@@ -108,28 +108,20 @@ async fn ten_thousand_callers_reach_serving_and_cost_little_each_on_the_identity
         per_caller.rss_kib,
         per_caller_kib(&per_caller),
     );
-    // Configuration, identity index, per-caller limits: a few hundred
-    // bytes each; 4 KiB is generous (AWS clients per profile are ~35 KiB).
-    assert!(
-        per_caller_kib(&shared) < 4.0,
-        "{:.2} KiB per caller on the config/identity side",
-        per_caller_kib(&shared)
-    );
-    assert!(
-        shared.serving_after < Duration::from_secs(30),
-        "{:?}",
-        shared.serving_after
-    );
-    // Today every profile gets its AWS clients at start (issue 19's second
-    // part makes them lazy): bounded generously, and reported.
-    assert!(
-        per_caller.serving_after < Duration::from_secs(120),
-        "{:?}",
-        per_caller.serving_after
-    );
-    assert!(
-        per_caller.rss_kib < 1024 * 1024,
-        "{} KiB",
-        per_caller.rss_kib
-    );
+    // Configuration, identity index, the key source's list of profiles:
+    // about 2 KiB each in the release build (docs/benchmark.md); 6 KiB is
+    // generous for a debug build on a loaded machine. Before clients were
+    // built lazily, a profile each cost about 35 KiB per caller.
+    for (what, started) in [("one profile", &shared), ("a profile each", &per_caller)] {
+        assert!(
+            per_caller_kib(started) < 6.0,
+            "{what}: {:.2} KiB per caller",
+            per_caller_kib(started)
+        );
+        assert!(
+            started.serving_after < Duration::from_secs(30),
+            "{what}: SERVING after {:?}",
+            started.serving_after
+        );
+    }
 }

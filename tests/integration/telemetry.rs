@@ -109,8 +109,9 @@ async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_c
     assert_eq!(a["aws.request_id"], response.iam_request_id);
     assert_eq!(a["cloud.region"], "us-east-1");
 
-    // The SDK's own spans nest under one of credgate's IAM CLIENT spans
-    // (GetAccountPasswordPolicy for the policy pre-check, ChangePassword),
+    // The SDK's own spans nest under one of credgate's AWS CLIENT spans
+    // (STS GetCallerIdentity verifying the key at its first use,
+    // GetAccountPasswordPolicy for the policy pre-check, ChangePassword),
     // which are children of the server span: never at the root.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let spans = receiver.spans();
@@ -118,7 +119,7 @@ async fn a_call_exports_a_server_span_continuing_the_callers_trace_with_an_iam_c
         spans.iter().map(|s| (s.span_id.clone(), s)).collect();
     let is_ours = |s: &opentelemetry_proto::tonic::trace::v1::Span| {
         s.kind == SpanKind::Client as i32
-            && s.name.starts_with("IAM.")
+            && (s.name.starts_with("IAM.") || s.name.starts_with("STS."))
             && s.parent_span_id == server.span_id
     };
     let sdk: Vec<_> = spans

@@ -3,11 +3,14 @@
 //! ([`rotation`], crash-safe, one replica at a time) and how old it is
 //! ([`age`]).
 //!
-//! A key is looked up per IAM user, when first needed ([`Keys::for_user`]):
-//! the set of users need not be known at start (caller templates build
-//! them from certificates), and a user nobody calls costs nothing.
+//! A key is looked up per IAM user, when first needed ([`Keys::for_user`]),
+//! and kept in a bounded cache ([`cache`]): the set of users need not be
+//! known at start (caller templates build them from certificates), a user
+//! nobody calls costs nothing, and thousands who called once do not stay
+//! in memory.
 
 pub(crate) mod age;
+pub(crate) mod cache;
 pub(crate) mod key_id;
 pub(crate) mod profiles;
 pub(crate) mod rotation;
@@ -17,7 +20,7 @@ use std::{fmt, sync::Arc};
 
 use crate::{
     aws::credentials::{ClientFactory, UserClients},
-    config::{AwsSettings, KeySettings, KeySource},
+    config::{AwsSettings, CallerSettings, KeySettings, KeySource},
     error::Error,
 };
 use profiles::Profiles;
@@ -73,17 +76,17 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    /// The configured source. With `profiles`, the clients of `profiles`
-    /// are built now from one parse of the files; everything else is
-    /// looked up on first use.
-    pub(crate) async fn new<'a>(
+    /// The configured source (`profiles`: the configured callers'). Every
+    /// user's key and clients are looked up on first use and kept in a
+    /// bounded cache ([`cache`]).
+    pub(crate) async fn new(
         aws: &AwsSettings,
         keys: &KeySettings,
-        profiles: impl IntoIterator<Item = &'a str>,
+        callers: &[CallerSettings],
     ) -> Self {
         let factory = ClientFactory::new(aws);
         let source = match keys.source {
-            KeySource::Profiles => Source::Profiles(Profiles::new(&factory, profiles).await),
+            KeySource::Profiles => Source::Profiles(Profiles::new(&factory, callers)),
             KeySource::SecretsManager => Source::Secrets(Secrets::new(&factory, keys).await),
         };
         Self { factory, source }
@@ -94,9 +97,22 @@ impl Keys {
     /// `KEY_SOURCE_UNAVAILABLE` when the source cannot be read.
     pub(crate) async fn for_user(&self, signer: &Signer) -> Result<Arc<UserClients>, Error> {
         match (&self.source, signer.profile()) {
-            (Source::Profiles(profiles), Some(profile)) => profiles.get(profile).await,
+            (Source::Profiles(profiles), Some(profile)) => {
+                profiles.get(profile, signer.iam_user()).await
+            }
             (Source::Profiles(_), None) => Err(Error::IamUserNotProvisioned),
             (Source::Secrets(secrets), _) => secrets.get(signer.iam_user()).await,
+        }
+    }
+
+    /// The clients of `signer` for a look at its key (custody's checks of
+    /// every user): as [`Keys::for_user`], but what is not cached already
+    /// is made for this look only.
+    pub(crate) async fn peek(&self, signer: &Signer) -> Result<Arc<UserClients>, Error> {
+        match (&self.source, signer.profile()) {
+            (Source::Profiles(profiles), Some(profile)) => profiles.peek(profile).await,
+            (Source::Profiles(_), None) => Err(Error::IamUserNotProvisioned),
+            (Source::Secrets(secrets), _) => secrets.peek(signer.iam_user()).await,
         }
     }
 

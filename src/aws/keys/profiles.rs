@@ -6,7 +6,9 @@
 //! metadata when a profile is missing, and silently sign as somebody else;
 //! credgate must never do that.
 //!
-//! The shared files are parsed once for all callers. aws-config's
+//! A profile's clients are built at its first use and kept in a bounded
+//! cache ([`cache`]); the files are parsed once for all of them, and parsed
+//! again only when they change. aws-config's
 //! `ProfileFileCredentialsProvider` parses and keeps its own copy of the whole
 //! files per profile, so memory grew with callers × profiles (each profile's
 //! provider held every profile of the files). Profiles holding static keys —
@@ -36,8 +38,10 @@ use aws_runtime::env_config::file::EnvConfigFiles;
 use aws_types::os_shim_internal::{Env, Fs};
 use tokio::time::Instant;
 
+use super::cache::{self, UserCache};
 use crate::{
     aws::credentials::{ClientFactory, UserClients},
+    config::CallerSettings,
     error::{Cause, Error},
 };
 
@@ -63,83 +67,151 @@ struct Slot {
     client: ArcSwap<UserClients>,
     /// When and on which files the last re-read happened.
     last_refresh: Mutex<Option<(Instant, FilesStamp)>>,
-    /// Bumped by every re-read: a verified identity belongs to a generation.
+    /// Replaced by every re-read: a verified identity belongs to a
+    /// generation.
     generation: AtomicU64,
 }
 
-/// The clients of each profile, by name: those of the configured callers
-/// built at start from one parse of the files, a templated caller's on
-/// first use once the files define it.
+/// The clients of each profile, by name, built on first use from the last
+/// parse of the files and kept in a bounded cache.
 pub(crate) struct Profiles {
     factory: ClientFactory,
-    by_profile: Mutex<HashMap<String, Arc<Slot>>>,
+    /// The configured callers' profiles and the IAM user each holds the key
+    /// of. One the files do not define is served anyway and fails at its
+    /// call (re-reading the files, so that a Secret updated later is picked
+    /// up); any other profile (a templated caller's) is
+    /// `IAM_USER_NOT_PROVISIONED` until the files define it.
+    configured: HashMap<String, String>,
+    /// The other profiles in use, each held by the IAM user of the first
+    /// caller that used it.
+    claimed: Mutex<HashMap<String, String>>,
+    slots: UserCache<Slot>,
     /// The last parse of the files and their stamp: one parse serves every
     /// new profile until the files change.
-    parsed: tokio::sync::Mutex<Option<(FilesStamp, Arc<ProfileSet>)>>,
+    parsed: tokio::sync::Mutex<Option<Parsed>>,
+}
+
+/// One parse of the files, and their stamp then.
+struct Parsed {
+    stamp: FilesStamp,
+    defined: Arc<Defined>,
+}
+
+/// What the files define, kept compact (a whole parse of 10,000 profiles
+/// would cost megabytes): each profile's static key, or `None` for one that
+/// the SDK's provider must resolve (a role, `credential_process`, SSO).
+type Defined = HashMap<String, Option<Credentials>>;
+
+fn compact(set: &ProfileSet) -> Defined {
+    set.profiles()
+        .map(|name| {
+            let keys = set.get_profile(name).and_then(static_credentials);
+            (name.to_owned(), keys)
+        })
+        .collect()
 }
 
 impl Profiles {
-    /// Builds the clients of every distinct profile from one parse of the files.
-    pub(crate) async fn new<'a>(
-        factory: &ClientFactory,
-        profiles: impl IntoIterator<Item = &'a str>,
-    ) -> Self {
-        let parsed = load_profiles().await.ok();
-        let by_profile = profiles
-            .into_iter()
-            .map(|profile| {
-                let client = build(factory, profile, parsed.as_ref());
-                (profile.to_owned(), Arc::new(Slot::new(client)))
-            })
+    /// The source over the configured `callers`' profiles; nothing is read
+    /// or built until a profile is first used.
+    pub(crate) fn new(factory: &ClientFactory, callers: &[CallerSettings]) -> Self {
+        let configured = callers
+            .iter()
+            .filter_map(|c| Some((c.aws_profile.clone()?, c.iam_user.clone())))
             .collect();
         Self {
             factory: factory.clone(),
-            by_profile: Mutex::new(by_profile),
+            configured,
+            claimed: Mutex::default(),
+            slots: UserCache::new(cache::MAX_USERS, cache::IDLE_AFTER),
             parsed: tokio::sync::Mutex::default(),
         }
     }
 
-    fn slot(&self, profile: &str) -> Option<Arc<Slot>> {
-        lock(&self.by_profile).get(profile).cloned()
+    /// The clients that sign with `profile`'s key for `iam_user` (see
+    /// [`Profiles::configured`] for a profile the files do not define).
+    /// One profile holds one user's key: `IAM_USER_MISMATCH` when it is
+    /// another user's (two templates, or a template and an exact entry,
+    /// reaching it as different users).
+    pub(crate) async fn get(
+        &self,
+        profile: &str,
+        iam_user: &str,
+    ) -> Result<Arc<UserClients>, Error> {
+        let configured = self.configured.get(profile);
+        if let Some(holder) = configured.filter(|u| *u != iam_user) {
+            return Err(mismatch(profile, iam_user, holder));
+        }
+        if let Some(slot) = self.slots.get(profile) {
+            if configured.is_none() {
+                self.claim(profile, iam_user)?;
+            }
+            return Ok(slot.client.load_full());
+        }
+        let parsed = self.parsed().await;
+        let defined = parsed.as_ref().ok().and_then(|d| d.get(profile));
+        if configured.is_none() {
+            if defined.is_none() {
+                return Err(match parsed {
+                    Ok(_) => Error::IamUserNotProvisioned,
+                    Err(e) => Error::KeySourceUnavailable(Cause::msg(format!(
+                        "cannot read the AWS shared files: {e}"
+                    ))),
+                });
+            }
+            self.claim(profile, iam_user)?;
+        }
+        let client = build(&self.factory, profile, defined.cloned().flatten());
+        let slot = self.slots.get_or_insert_with(profile, || Slot::new(client));
+        Ok(slot.client.load_full())
     }
 
-    /// The clients that sign as `profile`'s IAM user. A configured
-    /// caller's profile always has them (a profile missing from the files
-    /// fails at its first call, which re-reads them); any other profile (a
-    /// templated caller's) only once the files define it, else
-    /// `IAM_USER_NOT_PROVISIONED`.
-    pub(crate) async fn get(&self, profile: &str) -> Result<Arc<UserClients>, Error> {
-        if let Some(slot) = self.slot(profile) {
-            return Ok(slot.client.load_full());
-        }
-        let stamp = files_stamp().await;
-        // One parse at a time, shared by every profile while the files
-        // stay the same.
-        let mut parsed = self.parsed.lock().await;
-        if let Some(slot) = self.slot(profile) {
-            return Ok(slot.client.load_full());
-        }
-        let set = match &*parsed {
-            Some((at, set)) if *at == stamp => set.clone(),
-            _ => {
-                let set = Arc::new(load_profiles().await.map_err(|e| {
-                    Error::KeySourceUnavailable(Cause::msg(format!(
-                        "cannot read the AWS shared files: {e}"
-                    )))
-                })?);
-                *parsed = Some((stamp, set.clone()));
-                set
-            }
-        };
-        if set.get_profile(profile).is_none() {
-            return Err(Error::IamUserNotProvisioned);
-        }
-        let client = build(&self.factory, profile, Some(&set));
-        let slot = lock(&self.by_profile)
+    /// `profile` for `iam_user`, unless another user holds it.
+    fn claim(&self, profile: &str, iam_user: &str) -> Result<(), Error> {
+        let mut claimed = lock(&self.claimed);
+        let holder = claimed
             .entry(profile.to_owned())
-            .or_insert_with(|| Arc::new(Slot::new(client)))
-            .clone();
-        Ok(slot.client.load_full())
+            .or_insert_with(|| iam_user.to_owned());
+        if holder != iam_user {
+            return Err(mismatch(profile, iam_user, holder));
+        }
+        Ok(())
+    }
+
+    /// `profile`'s clients for a look at its key (custody's key-age check):
+    /// the cached ones, or clients made for this look only and not kept,
+    /// so that checking thousands of users keeps neither their clients nor
+    /// pushes out those of the users calling.
+    pub(crate) async fn peek(&self, profile: &str) -> Result<Arc<UserClients>, Error> {
+        if let Some(slot) = self.slots.peek(profile) {
+            return Ok(slot.client.load_full());
+        }
+        let parsed = self.parsed().await.map_err(|e| {
+            Error::KeySourceUnavailable(Cause::msg(format!(
+                "cannot read the AWS shared files: {e}"
+            )))
+        })?;
+        let Some(keys) = parsed.get(profile) else {
+            return Err(Error::IamUserNotProvisioned);
+        };
+        Ok(Arc::new(build(&self.factory, profile, keys.clone())))
+    }
+
+    /// The files as last parsed, parsed again when they changed on disk.
+    /// One parse at a time, shared by every profile while they stay the
+    /// same.
+    async fn parsed(&self) -> Result<Arc<Defined>, String> {
+        let mut parsed = self.parsed.lock().await;
+        let stamp = files_stamp();
+        if let Some(p) = parsed.as_ref().filter(|p| p.stamp == stamp) {
+            return Ok(p.defined.clone());
+        }
+        let defined = Arc::new(compact(&load_profiles().await?));
+        *parsed = Some(Parsed {
+            stamp,
+            defined: defined.clone(),
+        });
+        Ok(defined)
     }
 
     /// Rebuilds `profile`'s clients from a fresh read of the credentials
@@ -148,10 +220,10 @@ impl Profiles {
     /// not when the files are unchanged since a re-read less than
     /// [`REREAD_UNCHANGED_AFTER`] ago.
     pub(crate) async fn refresh(&self, profile: &str) -> bool {
-        let Some(slot) = self.slot(profile) else {
+        let Some(slot) = self.slots.get(profile) else {
             return false;
         };
-        let stamp = files_stamp().await;
+        let stamp = files_stamp();
         {
             let mut last = lock(&slot.last_refresh);
             if last
@@ -162,17 +234,22 @@ impl Profiles {
             }
             *last = Some((Instant::now(), stamp));
         }
-        let parsed = load_profiles().await.ok();
+        let keys = load_profiles()
+            .await
+            .ok()
+            .and_then(|set| static_credentials(set.get_profile(profile)?));
         slot.client
-            .store(Arc::new(build(&self.factory, profile, parsed.as_ref())));
-        slot.generation.fetch_add(1, Ordering::Release);
+            .store(Arc::new(build(&self.factory, profile, keys)));
+        slot.generation
+            .store(cache::generation(), Ordering::Release);
         true
     }
 
-    /// How many times `profile` was re-read: its key may have changed since
-    /// a lower generation was verified.
+    /// The generation of `profile`'s key: it may have changed since another
+    /// generation was verified (0: not in use).
     pub(crate) fn generation(&self, profile: &str) -> u64 {
-        self.slot(profile)
+        self.slots
+            .get(profile)
             .map_or(0, |s| s.generation.load(Ordering::Acquire))
     }
 }
@@ -182,19 +259,28 @@ impl Slot {
         Self {
             client: ArcSwap::from_pointee(client),
             last_refresh: Mutex::new(None),
-            generation: AtomicU64::new(0),
+            generation: AtomicU64::new(cache::generation()),
         }
     }
+}
+
+fn mismatch(profile: &str, iam_user: &str, holder: &str) -> Error {
+    tracing::error!(
+        profile,
+        iam_user,
+        expected_iam_user = holder,
+        "two callers act as different IAM users with one profile; refused"
+    );
+    Error::IamUserMismatch
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn build(factory: &ClientFactory, profile: &str, parsed: Option<&ProfileSet>) -> UserClients {
-    let static_keys = parsed
-        .and_then(|set| set.get_profile(profile))
-        .and_then(static_credentials);
+/// `profile`'s clients: over its static key when it has one, else over the
+/// SDK's provider for the profile.
+fn build(factory: &ClientFactory, profile: &str, static_keys: Option<Credentials>) -> UserClients {
     let credentials = match static_keys {
         Some(keys) => SharedCredentialsProvider::new(keys),
         // A missing profile lands here too: the provider then fails with
@@ -226,7 +312,10 @@ async fn load_profiles() -> Result<ProfileSet, String> {
 }
 
 /// The AWS shared files' sizes and modification times (`None`: missing).
-async fn files_stamp() -> FilesStamp {
+/// Two `stat`s of local files (a mounted Secret), on the calling thread:
+/// a hop to a blocking thread would cost more than they do, for every
+/// profile of a sweep over thousands.
+fn files_stamp() -> FilesStamp {
     let env = Env::real();
     let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
     let path = |var: &str, default: &str| {
@@ -241,7 +330,7 @@ async fn files_stamp() -> FilesStamp {
         path("AWS_CONFIG_FILE", "config"),
     ] {
         let meta = match file {
-            Some(file) => tokio::fs::metadata(file).await.ok(),
+            Some(file) => std::fs::metadata(file).ok(),
             None => None,
         };
         stamp.push(meta.and_then(|m| Some((m.len(), m.modified().ok()?))));

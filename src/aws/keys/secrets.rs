@@ -10,13 +10,14 @@
 //! is read again at once (at most once a second per user), so a rotated key
 //! reaches every replica on its first rejected call. While Secrets Manager
 //! cannot be read, a user's last key keeps serving (retried every few
-//! seconds); a user with no key at hand gets `KEY_SOURCE_UNAVAILABLE`.
+//! seconds); a user with no key at hand gets `KEY_SOURCE_UNAVAILABLE`. The
+//! users' keys are kept in a bounded cache ([`cache`](super::cache)): one
+//! idle long enough to be dropped is read again at its next call.
 //!
 //! This is also the one seam over aws-sdk-secretsmanager: the version and
 //! stage operations of a rotation, and the listing of the enrolled users.
 
 use std::{
-    collections::HashMap,
     fmt,
     sync::{
         Arc, Mutex, PoisonError,
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
+use super::cache::{self, UserCache};
 use crate::{
     aws::credentials::{CONNECT_TIMEOUT, ClientFactory, UserClients},
     config::{KeySettings, SecretName},
@@ -179,7 +181,7 @@ pub(crate) struct Secrets {
     factory: ClientFactory,
     names: SecretName,
     refresh: Duration,
-    by_user: Mutex<HashMap<String, Arc<Slot>>>,
+    by_user: UserCache<Slot>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -214,22 +216,17 @@ impl Secrets {
             factory: factory.clone(),
             names: keys.secret_name.clone(),
             refresh: keys.refresh,
-            by_user: Mutex::new(HashMap::new()),
+            by_user: UserCache::new(cache::MAX_USERS, cache::IDLE_AFTER),
         }
     }
 
     fn slot(&self, iam_user: &str) -> Arc<Slot> {
-        lock(&self.by_user)
-            .entry(iam_user.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Slot {
-                    held: Mutex::new(Held::Nothing),
-                    flight: tokio::sync::Mutex::new(()),
-                    generation: AtomicU64::new(0),
-                    last_forced: Mutex::new(None),
-                })
-            })
-            .clone()
+        self.by_user.get_or_insert_with(iam_user, || Slot {
+            held: Mutex::new(Held::Nothing),
+            flight: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(cache::generation()),
+            last_forced: Mutex::new(None),
+        })
     }
 
     /// The secret of `iam_user`, if it can have one.
@@ -253,6 +250,23 @@ impl Secrets {
             .map(|(clients, _)| clients)
     }
 
+    /// `iam_user`'s clients for a look at its key (custody's checks): the
+    /// cached ones while fresh, or clients over the secret's current key
+    /// made for this look only and not kept (see `Profiles::peek`).
+    pub(crate) async fn peek(&self, iam_user: &str) -> Result<Arc<UserClients>, Error> {
+        if let Some(Some(Ok(clients))) = self.by_user.peek(iam_user).map(|s| s.cached()) {
+            return Ok(clients);
+        }
+        let name = self.name_of(iam_user).ok_or(Error::IamUserNotProvisioned)?;
+        match self.read(&name, CURRENT).await {
+            Ok(key) => Ok(Arc::new(self.factory.with_key(key.credentials()))),
+            Err(SecretError::NotFound(_) | SecretError::Malformed { .. }) => {
+                Err(Error::IamUserNotProvisioned)
+            }
+            Err(e) => Err(Error::KeySourceUnavailable(Cause::new(e))),
+        }
+    }
+
     /// Reads `iam_user`'s secret again now, because IAM rejected its key.
     /// Returns whether the key changed (else a retry would fail the same).
     pub(crate) async fn refresh(&self, iam_user: &str) -> bool {
@@ -272,7 +286,9 @@ impl Secrets {
     /// (a rotation just promoted a new key); the old key still serves if
     /// that read fails.
     pub(crate) fn invalidate(&self, iam_user: &str) {
-        let slot = self.slot(iam_user);
+        let Some(slot) = self.by_user.get(iam_user) else {
+            return;
+        };
         let mut held = lock(&slot.held);
         match &mut *held {
             Held::Key { fresh_until, .. } => *fresh_until = Instant::now(),
@@ -280,9 +296,12 @@ impl Secrets {
         }
     }
 
-    /// How many times `iam_user`'s key changed since it was first read.
+    /// The generation of `iam_user`'s key: it may have changed since
+    /// another generation was verified (0: not in use).
     pub(crate) fn generation(&self, iam_user: &str) -> u64 {
-        self.slot(iam_user).generation.load(Ordering::Acquire)
+        self.by_user
+            .get(iam_user)
+            .map_or(0, |s| s.generation.load(Ordering::Acquire))
     }
 
     /// Reads the current key and installs it; returns its clients and
@@ -519,7 +538,8 @@ impl Slot {
         };
         drop(held);
         if changed {
-            self.generation.fetch_add(1, Ordering::Release);
+            self.generation
+                .store(cache::generation(), Ordering::Release);
         }
         changed
     }
