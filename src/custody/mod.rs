@@ -428,15 +428,7 @@ impl Custody {
             }
         };
         let users = || self.configured.iter().chain(&extra);
-        let known: HashSet<&str> = users().map(Signer::iam_user).collect();
-        for gone in self
-            .ages
-            .users()
-            .iter()
-            .filter(|u| !known.contains(u.as_str()))
-        {
-            self.ages.forget(gone);
-        }
+        self.ages.keep_only(users().map(Signer::iam_user));
         // With AWS down, thousands of users fail alike: one line per user
         // at debug, and one warning for the check.
         let failed = Mutex::new((0usize, None::<(Signer, String)>));

@@ -32,9 +32,9 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aws_config::profile::{Profile, ProfileFileCredentialsProvider, ProfileSet};
+use aws_config::profile::{Profile, ProfileFileCredentialsProvider};
 use aws_credential_types::{Credentials, provider::SharedCredentialsProvider};
-use aws_runtime::env_config::file::EnvConfigFiles;
+use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
 use aws_types::os_shim_internal::{Env, Fs};
 use tokio::time::Instant;
 
@@ -101,15 +101,6 @@ struct Parsed {
 /// would cost megabytes): each profile's static key, or `None` for one that
 /// the SDK's provider must resolve (a role, `credential_process`, SSO).
 type Defined = HashMap<String, Option<Credentials>>;
-
-fn compact(set: &ProfileSet) -> Defined {
-    set.profiles()
-        .map(|name| {
-            let keys = set.get_profile(name).and_then(static_credentials);
-            (name.to_owned(), keys)
-        })
-        .collect()
-}
 
 impl Profiles {
     /// The source over the configured `callers`' profiles; nothing is read
@@ -206,7 +197,7 @@ impl Profiles {
         if let Some(p) = parsed.as_ref().filter(|p| p.stamp == stamp) {
             return Ok(p.defined.clone());
         }
-        let defined = Arc::new(compact(&load_profiles().await?));
+        let defined = Arc::new(load_defined().await?);
         *parsed = Some(Parsed {
             stamp,
             defined: defined.clone(),
@@ -234,10 +225,10 @@ impl Profiles {
             }
             *last = Some((Instant::now(), stamp));
         }
-        let keys = load_profiles()
+        let keys = load_defined()
             .await
             .ok()
-            .and_then(|set| static_credentials(set.get_profile(profile)?));
+            .and_then(|mut defined| defined.remove(profile).flatten());
         slot.client
             .store(Arc::new(build(&self.factory, profile, keys)));
         slot.generation
@@ -294,21 +285,145 @@ fn build(factory: &ClientFactory, profile: &str, static_keys: Option<Credentials
     factory.build(credentials)
 }
 
-/// Parses the shared config and credentials files (`AWS_CONFIG_FILE`,
-/// `AWS_SHARED_CREDENTIALS_FILE`, else `~/.aws/...`) on a blocking thread.
-async fn load_profiles() -> Result<ProfileSet, String> {
+/// Sections of the credentials file given to the SDK's parser at once.
+/// Its parse of a whole file allocates about 1.2 KiB of small pieces per
+/// profile (12 MiB for 10,000), which glibc keeps once freed; a few hundred
+/// sections at a time reuse the same few hundred kilobytes, and what is
+/// kept is the compact map.
+const SECTIONS_PER_PARSE: usize = 256;
+
+/// Reads the shared config and credentials files (`AWS_CONFIG_FILE`,
+/// `AWS_SHARED_CREDENTIALS_FILE`, else `~/.aws/...`; a missing one is
+/// empty) and parses them on a blocking thread.
+async fn load_defined() -> Result<Defined, String> {
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        handle.block_on(aws_config::profile::load(
-            &Fs::real(),
-            &Env::real(),
-            &EnvConfigFiles::default(),
-            None,
-        ))
+        let [credentials, config] = shared_files().map(|path| match path {
+            Some(path) => match std::fs::read_to_string(&path) {
+                Ok(text) => Ok(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            },
+            None => Ok(String::new()),
+        });
+        defined(&handle, &config?, &credentials?, SECTIONS_PER_PARSE)
     })
     .await
     .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
+}
+
+/// Every profile of the two files, compact: the SDK parses the whole config
+/// file with `per_parse` sections of the credentials file at a time. Both
+/// sections of one name go to one parse (the SDK merges them), and a
+/// profile the config file defines is taken from the parse that also had
+/// its credentials section, if any (the SDK merges the files too).
+fn defined(
+    handle: &tokio::runtime::Handle,
+    config: &str,
+    credentials: &str,
+    per_parse: usize,
+) -> Result<Defined, String> {
+    let mut chunks: Vec<(String, std::collections::HashSet<&str>)> = Vec::new();
+    let mut chunk_of: HashMap<&str, usize> = HashMap::new();
+    for (name, text) in sections(credentials) {
+        let next = chunks.len().saturating_sub(1);
+        let index = *chunk_of.entry(name).or_insert_with(|| match chunks.last() {
+            Some((_, names)) if names.len() < per_parse.max(1) => next,
+            _ => chunks.len(),
+        });
+        if index == chunks.len() {
+            chunks.push((String::new(), std::collections::HashSet::new()));
+        }
+        let (chunk_text, names) = &mut chunks[index];
+        chunk_text.push_str(text);
+        names.insert(name);
+    }
+    if chunks.is_empty() {
+        chunks.push((String::new(), std::collections::HashSet::new()));
+    }
+    let mut out = Defined::new();
+    for (text, names) in chunks {
+        let files = EnvConfigFiles::builder()
+            .include_default_config_file(false)
+            .include_default_credentials_file(false)
+            .with_contents(EnvConfigFileKind::Config, config)
+            .with_contents(EnvConfigFileKind::Credentials, text)
+            .build();
+        let set = handle
+            .block_on(aws_config::profile::load(
+                &Fs::real(),
+                &Env::real(),
+                &files,
+                None,
+            ))
+            .map_err(|e| e.to_string())?;
+        for name in set.profiles() {
+            if names.contains(name) || !out.contains_key(name) {
+                let keys = set.get_profile(name).and_then(static_credentials);
+                out.insert(name.to_owned(), keys);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The credentials file's sections: the name in a header line (a line
+/// that starts with `[`, as the SDK's parser reads it) and the text up to
+/// the next one. Text before the first header goes with the first section
+/// (the SDK refuses a property there, as it should).
+fn sections(text: &str) -> Vec<(&str, &str)> {
+    let mut starts: Vec<usize> = Vec::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with('[') {
+            starts.push(offset);
+        }
+        offset += line.len();
+    }
+    if starts.is_empty() {
+        return if text.trim().is_empty() {
+            Vec::new()
+        } else {
+            vec![("", text)]
+        };
+    }
+    starts[0] = 0;
+    let mut out = Vec::with_capacity(starts.len());
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(text.len());
+        let section = &text[start..end];
+        let header = section
+            .lines()
+            .find(|l| l.starts_with('['))
+            .unwrap_or_default();
+        let name = header
+            .trim()
+            .trim_start_matches('[')
+            .split(']')
+            .next()
+            .unwrap_or_default()
+            .trim();
+        out.push((name, section));
+    }
+    out
+}
+
+/// The AWS shared credentials and config files' paths, as the SDK finds
+/// them (`~/` expanded).
+fn shared_files() -> [Option<std::path::PathBuf>; 2] {
+    let env = Env::real();
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let path = |var: &str, default: &str| match env.get(var).ok() {
+        Some(path) => match (path.strip_prefix("~/"), &home) {
+            (Some(rest), Some(home)) => Some(home.join(rest)),
+            _ => Some(std::path::PathBuf::from(path)),
+        },
+        None => home.as_ref().map(|h| h.join(".aws").join(default)),
+    };
+    [
+        path("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+        path("AWS_CONFIG_FILE", "config"),
+    ]
 }
 
 /// The AWS shared files' sizes and modification times (`None`: missing).
@@ -316,26 +431,13 @@ async fn load_profiles() -> Result<ProfileSet, String> {
 /// a hop to a blocking thread would cost more than they do, for every
 /// profile of a sweep over thousands.
 fn files_stamp() -> FilesStamp {
-    let env = Env::real();
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-    let path = |var: &str, default: &str| {
-        env.get(var)
-            .ok()
-            .map(std::path::PathBuf::from)
-            .or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
-    };
-    let mut stamp = Vec::new();
-    for file in [
-        path("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
-        path("AWS_CONFIG_FILE", "config"),
-    ] {
-        let meta = match file {
-            Some(file) => std::fs::metadata(file).ok(),
-            None => None,
-        };
-        stamp.push(meta.and_then(|m| Some((m.len(), m.modified().ok()?))));
-    }
-    stamp
+    shared_files()
+        .into_iter()
+        .map(|file| {
+            let meta = std::fs::metadata(file?).ok()?;
+            Some((meta.len(), meta.modified().ok()?))
+        })
+        .collect()
 }
 
 /// The profile's key pair, when that is all it holds.
@@ -357,14 +459,14 @@ fn static_credentials(profile: &Profile) -> Option<Credentials> {
 pub(crate) async fn missing_profiles<'a>(
     profiles: impl IntoIterator<Item = &'a str>,
 ) -> Vec<String> {
-    let parsed = match load_profiles().await {
-        Ok(set) => set,
+    let defined = match load_defined().await {
+        Ok(defined) => defined,
         Err(e) => return vec![format!("AWS shared config/credentials files: {e}")],
     };
     let wanted: BTreeSet<&str> = profiles.into_iter().collect();
     wanted
         .into_iter()
-        .filter(|p| parsed.get_profile(p).is_none())
+        .filter(|p| !defined.contains_key(*p))
         .map(|p| {
             format!(
                 "aws_profile {p:?} is not in the AWS shared config/credentials files \
@@ -372,4 +474,120 @@ pub(crate) async fn missing_profiles<'a>(
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+    }
+
+    /// The SDK's own parse of the whole files, compact.
+    fn whole(handle: &tokio::runtime::Handle, config: &str, credentials: &str) -> Defined {
+        defined(handle, config, credentials, usize::MAX).expect("parses")
+    }
+
+    const CONFIG: &str = "\
+[default]
+region = us-east-1
+[profile role]
+role_arn = arn:aws:iam::123456789012:role/r
+source_profile = a
+[profile both]
+region = eu-west-1
+[sso-session corp]
+sso_region = us-east-1
+";
+
+    const CREDENTIALS: &str = "\
+# a comment
+[a]
+aws_access_key_id = AKIAAAAAAAAAAAAAAAA1
+aws_secret_access_key = secret/with+chars=  ; a comment
+[b] # a comment on the header
+aws_access_key_id=AKIABBBBBBBBBBBBBBB2
+aws_secret_access_key=b
+s3 =
+  max_concurrent_requests = 20
+[ both ]
+aws_access_key_id = AKIABOTHBOTHBOTHBOT3
+aws_secret_access_key = both
+[a]
+aws_session_token = token-of-a
+[profile c]
+aws_access_key_id = AKIACCCCCCCCCCCCCCC4
+aws_secret_access_key = c
+";
+
+    #[test]
+    fn a_few_sections_at_a_time_read_what_one_whole_parse_reads() {
+        let rt = runtime();
+        let expected = whole(rt.handle(), CONFIG, CREDENTIALS);
+        // The SDK merged [a]'s two sections, the files' [both]s, and saw the
+        // role profile as dynamic.
+        let a = expected["a"].as_ref().expect("a static key");
+        assert_eq!(a.session_token(), Some("token-of-a"));
+        assert_eq!(a.secret_access_key(), "secret/with+chars=");
+        assert!(expected["both"].is_some());
+        assert_eq!(expected["role"], None);
+        assert!(expected.contains_key("default"));
+        for per_parse in 1..=4 {
+            assert_eq!(
+                defined(rt.handle(), CONFIG, CREDENTIALS, per_parse).expect("parses"),
+                expected,
+                "{per_parse} sections at a time"
+            );
+        }
+        assert_eq!(
+            defined(rt.handle(), "", "", 1).expect("parses"),
+            whole(rt.handle(), "", "")
+        );
+        assert!(defined(rt.handle(), "", "key = before any section\n", 1).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any mix of static, dynamic and repeated sections, in both files,
+        /// reads the same a few sections at a time as in one parse.
+        #[test]
+        fn chunked_parses_agree_with_one_parse(
+            sections in proptest::collection::vec((0u8..12, 0u8..4), 0..30),
+            in_config in proptest::collection::vec((0u8..12, any::<bool>()), 0..6),
+            per_parse in 1usize..5,
+        ) {
+            let mut credentials = String::new();
+            for (i, (name, kind)) in sections.iter().enumerate() {
+                credentials.push_str(&format!("[p{name}]\n"));
+                match kind {
+                    0 => credentials.push_str(&format!(
+                        "aws_access_key_id = AKIA{i:016}\naws_secret_access_key = s{i}\n"
+                    )),
+                    1 => credentials.push_str(&format!("aws_session_token = t{i}\n")),
+                    2 => credentials.push_str("credential_process = /bin/true\n"),
+                    _ => credentials.push_str("region = us-west-2\n"),
+                }
+            }
+            let mut config = String::new();
+            for (name, role) in &in_config {
+                config.push_str(&format!("[profile p{name}]\n"));
+                if *role {
+                    config.push_str("role_arn = arn:aws:iam::123456789012:role/r\n");
+                } else {
+                    config.push_str("region = eu-central-1\n");
+                }
+            }
+            let rt = runtime();
+            let expected = whole(rt.handle(), &config, &credentials);
+            prop_assert_eq!(
+                defined(rt.handle(), &config, &credentials, per_parse).expect("parses"),
+                expected
+            );
+        }
+    }
 }
