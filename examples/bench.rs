@@ -21,7 +21,11 @@
 //! - `credgate-redis`: 1 in flight with a `request_id`, state in Redis,
 //!   beside the same with state in memory (what a Redis round trip adds);
 //! - idle connections (RSS before/after 1,000 idle mTLS connections) and the
-//!   time from process start to SERVING.
+//!   time from process start to SERVING;
+//! - `callers`: credgate started with 10, 1,000 and 10,000 configured
+//!   callers (time to SERVING, RSS);
+//! - `distinct`: 1,000 distinct callers (one template) making one change
+//!   each (RSS after).
 //!
 //! Every call must succeed; any error fails the run. Linux only (`/proc`).
 
@@ -58,6 +62,9 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const PASSWORD_A: &str = "Bench-Passw0rd-A!";
 const PASSWORD_B: &str = "Bench-Passw0rd-B!";
+/// Distinct identities of the `distinct` mode (scripts/bench issues their
+/// certificates).
+const DISTINCT_CALLERS: usize = 1000;
 
 #[derive(Parser)]
 #[command(about = "credgate's benchmark (scripts/bench drives it)")]
@@ -112,18 +119,22 @@ fn form_value<'a>(body: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// `bench-<n>` from the SigV4 `Authorization` header's `AKIABENCH<n>` key.
-fn user_of(req: &Request<Incoming>) -> String {
+/// The SigV4 `Authorization` header's access key id.
+fn key_of(req: &Request<Incoming>) -> String {
     let auth = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let key = auth
-        .split("Credential=")
+    auth.split("Credential=")
         .nth(1)
         .and_then(|c| c.split('/').next())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `bench-<n>` for the key `AKIABENCH<n>`.
+fn user_of(key: &str) -> String {
     let n = key.trim_start_matches("AKIABENCH").trim_start_matches('0');
     format!("bench-{n}")
 }
@@ -132,7 +143,8 @@ async fn answer(
     req: Request<Incoming>,
     ids: Arc<AtomicU64>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let user = user_of(&req);
+    let key = key_of(&req);
+    let user = user_of(&key);
     let body = req
         .into_body()
         .collect()
@@ -156,6 +168,16 @@ async fn answer(
         "GetCallerIdentity" => format!(
             r#"<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><GetCallerIdentityResult><Arn>{arn}</Arn><UserId>AIDABENCH</UserId><Account>123456789012</Account></GetCallerIdentityResult><ResponseMetadata><RequestId>{id}</RequestId></ResponseMetadata></GetCallerIdentityResponse>"#
         ),
+        // Key custody's age check: the signing key, made yesterday (a key
+        // over warn_key_age would log a line per user).
+        "ListAccessKeys" => {
+            let created = humantime::format_rfc3339_seconds(
+                std::time::SystemTime::now() - Duration::from_secs(86_400),
+            );
+            format!(
+                r#"<ListAccessKeysResponse xmlns="{IAM}"><ListAccessKeysResult><AccessKeyMetadata><member><UserName>{user}</UserName><AccessKeyId>{key}</AccessKeyId><Status>Active</Status><CreateDate>{created}</CreateDate></member></AccessKeyMetadata><IsTruncated>false</IsTruncated></ListAccessKeysResult><ResponseMetadata><RequestId>{id}</RequestId></ResponseMetadata></ListAccessKeysResponse>"#
+            )
+        }
         "GetUser" => format!(
             r#"<GetUserResponse xmlns="{IAM}"><GetUserResult><User><Path>/</Path><UserName>{user}</UserName><UserId>AIDABENCH</UserId><Arn>{arn}</Arn><CreateDate>2026-01-01T00:00:00Z</CreateDate></User></GetUserResult><ResponseMetadata><RequestId>{id}</RequestId></ResponseMetadata></GetUserResponse>"#
         ),
@@ -489,6 +511,17 @@ fn start_credgate(
     dir: &Path,
     env: &[String],
 ) -> Result<(Proc, SocketAddr, SocketAddr), String> {
+    start_credgate_with(bin, config, &dir.join("aws-credentials"), dir, env)
+}
+
+/// As [`start_credgate`], with the AWS credentials file `credentials`.
+fn start_credgate_with(
+    bin: &Path,
+    config: &Path,
+    credentials: &Path,
+    dir: &Path,
+    env: &[String],
+) -> Result<(Proc, SocketAddr, SocketAddr), String> {
     let mut cmd = Command::new(bin);
     for pair in env {
         let (key, value) = pair
@@ -498,7 +531,7 @@ fn start_credgate(
     }
     cmd.args(["serve", "--config"])
         .arg(config)
-        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("aws-credentials"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", credentials)
         .env("AWS_CONFIG_FILE", dir.join("aws-config"))
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env_remove("RUST_LOG")
@@ -518,30 +551,35 @@ fn render_config(dir: &Path, name: &str, endpoint: &str) -> Result<PathBuf, Stri
     Ok(path)
 }
 
+/// Waits until the admin port at `admin` answers SERVING.
+async fn until_serving(admin: SocketAddr, started: Instant) -> Result<(), String> {
+    let channel = Channel::from_shared(format!("http://{admin}"))
+        .map_err(|e| e.to_string())?
+        .connect_lazy();
+    let mut health = HealthClient::new(channel);
+    loop {
+        let serving = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok_and(|r| r.get_ref().status == 1);
+        if serving {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err("credgate not SERVING within 30 s".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 async fn serving_ms(bin: &Path, config: &Path, dir: &Path, env: &[String]) -> Result<f64, String> {
     let mut samples = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
         let (proc, _, admin) = start_credgate(bin, config, dir, env)?;
-        let channel = Channel::from_shared(format!("http://{admin}"))
-            .map_err(|e| e.to_string())?
-            .connect_lazy();
-        let mut health = HealthClient::new(channel);
-        loop {
-            let serving = health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .is_ok_and(|r| r.get_ref().status == 1);
-            if serving {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err("credgate not SERVING within 10 s".to_owned());
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        until_serving(admin, started).await?;
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
         drop(proc);
     }
@@ -871,8 +909,128 @@ async fn run(args: RunArgs) -> Result<String, String> {
              (median of 5); idle RSS right after start {fresh_rss:.1} MiB."
         ));
     }
+    if wanted("callers") {
+        configured_callers(&args, &stack.endpoint, &mut report).await?;
+    }
+    if wanted("distinct") && dir.join("credgate-distinct.toml").exists() {
+        distinct_callers(&args, &stack.endpoint, &pki, &mut report).await?;
+    }
     let _ = writeln!(report.text);
     Ok(report.text)
+}
+
+/// Configured callers at scale: credgate started with `n` exact callers,
+/// each its own IAM user with its own profile (the costly case: no two
+/// share clients); the time to SERVING and the RSS then and once key
+/// custody's first sweep (one `ListAccessKeys` per user, four at a time)
+/// is over. Per caller: the RSS over the 10-caller run's, divided.
+async fn configured_callers(
+    args: &RunArgs,
+    endpoint: &str,
+    report: &mut Report,
+) -> Result<(), String> {
+    let dir = &args.dir;
+    let base = fs::read_to_string(dir.join("credgate.toml")).map_err(|e| e.to_string())?;
+    // The settings, without the four bench callers.
+    let head = base
+        .split("[[callers]]")
+        .next()
+        .unwrap_or_default()
+        .replace("@ENDPOINT@", endpoint);
+    report.line("");
+    report.line(
+        "| configured callers (a profile each) | SERVING after ms | RSS at SERVING MiB | RSS after key custody's first sweep MiB | per caller KiB, after the sweep (over 10 callers) |",
+    );
+    report.line("|--:|--:|--:|--:|--:|");
+    let mut small: Option<f64> = None;
+    for n in [10usize, 1_000, 10_000] {
+        let mut config = head.clone();
+        let mut credentials = String::new();
+        for i in 1..=n {
+            // Users bench-10001...: the upstream signs key AKIABENCH<n> as bench-<n>.
+            let user = 10_000 + i;
+            let _ = write!(
+                config,
+                "\n[[callers]]\nspiffe_id = \"spiffe://credgate.bench/ns/scale/sa/c{i}\"\n\
+                 iam_user = \"bench-{user}\"\naws_profile = \"scale-{user}\"\n"
+            );
+            let _ = write!(
+                credentials,
+                "[scale-{user}]\naws_access_key_id = AKIABENCH{user:011}\n\
+                 aws_secret_access_key = bench-secret\n"
+            );
+        }
+        let config_path = dir.join(format!("callers-{n}.toml"));
+        let credentials_path = dir.join(format!("aws-credentials-{n}"));
+        fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        fs::write(&credentials_path, credentials).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let (proc, _, admin) = start_credgate_with(
+            &args.credgate,
+            &config_path,
+            &credentials_path,
+            dir,
+            &args.credgate_env,
+        )?;
+        until_serving(admin, started).await?;
+        let serving_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let at_serving = status_mib(proc.pid(), "VmRSS");
+        // The sweep takes well under a millisecond per user here.
+        tokio::time::sleep(Duration::from_secs(2) + Duration::from_millis(n as u64)).await;
+        let swept = status_mib(proc.pid(), "VmRSS");
+        drop(proc);
+        let per_caller = match small {
+            Some(base) if n > 10 => format!("{:.2}", (swept - base) * 1024.0 / (n - 10) as f64),
+            _ => "—".to_owned(),
+        };
+        small.get_or_insert(swept);
+        report.line(format!(
+            "| {n} | {serving_ms:.0} | {at_serving:.1} | {swept:.1} | {per_caller} |"
+        ));
+    }
+    Ok(())
+}
+
+/// 1,000 distinct callers (one template), each making one change on its own
+/// new mTLS connection, 8 at once, against a fresh credgate: every one gets
+/// its own clients (the cache keeps 256), its key verified (STS) and the
+/// policy read; what memory that leaves behind.
+async fn distinct_callers(
+    args: &RunArgs,
+    endpoint: &str,
+    pki: &Arc<Pki>,
+    report: &mut Report,
+) -> Result<(), String> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let dir = &args.dir;
+    let config = render_config(dir, "credgate-distinct.toml", endpoint)?;
+    let (proc, addr, _) = start_credgate(&args.credgate, &config, dir, &args.credgate_env)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = status_mib(proc.pid(), "VmRSS");
+    let cpu_before = cpu_seconds(proc.pid());
+    let started = Instant::now();
+    // scripts/bench issues client-5 ... client-1004 to the distinct identities.
+    futures_util::stream::iter(5..5 + DISTINCT_CALLERS)
+        .map(|worker| {
+            let pki = pki.clone();
+            async move { call(&Target::Fresh { addr, worker }, &pki, true, false).await }
+        })
+        .buffer_unordered(8)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_ms = (cpu_seconds(proc.pid()) - cpu_before) * 1000.0 / DISTINCT_CALLERS as f64;
+    let after = status_mib(proc.pid(), "VmRSS");
+    let peak = status_mib(proc.pid(), "VmHWM");
+    drop(proc);
+    report.line("");
+    report.line(format!(
+        "- {DISTINCT_CALLERS} distinct callers (one template), one change each on a new mTLS \
+         connection, 8 at once: all succeeded in {elapsed:.1} s ({cpu_ms:.1} ms of credgate CPU \
+         each: handshake, key verification, policy read, change); credgate RSS {before:.1} MiB \
+         before, **{after:.1} MiB** after (peak {peak:.1} MiB)."
+    ));
+    Ok(())
 }
 
 fn main() -> ExitCode {
