@@ -6,8 +6,9 @@
 //!
 //! The users are the configured callers' and, with Secrets Manager, every
 //! user whose secret exists under `keys.secret_name`'s prefix: rotation does
-//! not depend on the caller list (a templated caller's user is known only
-//! once it calls).
+//! not depend on the caller list. With profiles, a templated caller's user
+//! is known only once it calls: its key age is checked then, and with every
+//! sweep after.
 
 pub(crate) mod status;
 
@@ -199,20 +200,23 @@ impl Custody {
         &self.settings
     }
 
-    /// Every user whose key is in custody: the configured callers', and
-    /// the users with a secret (Secrets Manager).
+    /// Every user whose key is in custody: the configured callers', the
+    /// users with a secret (Secrets Manager), and the users templated
+    /// callers used (profiles).
     pub(crate) async fn users(&self) -> Result<Vec<Signer>, String> {
         let mut users: BTreeSet<Signer> = self.configured.iter().cloned().collect();
-        users.extend(self.enrolled_unconfigured().await?);
+        users.extend(self.unconfigured().await?);
         Ok(users.into_iter().collect())
     }
 
-    /// The users with a secret (Secrets Manager) that no configured caller
-    /// names: a sweep checks them after the configured ones, which it does
-    /// not copy (there may be thousands).
-    async fn enrolled_unconfigured(&self) -> Result<Vec<Signer>, String> {
+    /// The users in custody that no configured caller names: with Secrets
+    /// Manager the users with a secret, with profiles the users templated
+    /// callers used. A sweep checks them after the configured ones, which
+    /// it does not copy (there may be thousands).
+    async fn unconfigured(&self) -> Result<Vec<Signer>, String> {
+        let used = self.iam.keys().used_unconfigured();
         let Some(secrets) = self.iam.keys().secrets() else {
-            return Ok(Vec::new());
+            return Ok(used);
         };
         let enrolled = secrets
             .enrolled()
@@ -397,12 +401,34 @@ impl Custody {
             }
             // Up to a tenth more, so that replicas started together drift apart.
             let jitter = interval.mul_f64(f64::from(rand_percent()) / 1000.0);
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(interval + jitter) => {}
+            let next = tokio::time::sleep(interval + jitter);
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        self.tasks.close();
+                        return;
+                    }
+                    () = &mut next => break,
+                    () = self.iam.keys().new_user() => self.check_new().await,
+                }
             }
         }
         self.tasks.close();
+    }
+
+    /// The key ages of users a templated caller started using since the
+    /// last sweep, now rather than up to an hour later.
+    async fn check_new(&self) {
+        for signer in self.iam.keys().used_unconfigured() {
+            if self.ages.knows(signer.iam_user()) {
+                continue;
+            }
+            let report = self.inspect(&signer, false).await;
+            if let Some(error) = &report.error {
+                tracing::warn!(signer = %signer, error = error.as_str(), "cannot check this IAM user's key");
+            }
+        }
     }
 
     /// How often keys are checked: a twentieth of `rotate_after` between a
@@ -417,7 +443,7 @@ impl Custody {
     }
 
     async fn check_all(self: &Arc<Self>, stop: &CancellationToken) {
-        let extra = match self.enrolled_unconfigured().await {
+        let extra = match self.unconfigured().await {
             Ok(extra) => extra,
             Err(e) => {
                 tracing::warn!(

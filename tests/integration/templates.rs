@@ -3,7 +3,7 @@
 //! the IAM emulator over mTLS; and `check-config`'s refusals and
 //! `--explain`.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use credgate::devpki::ClientSpec;
 use tonic::Code;
@@ -541,4 +541,46 @@ aws_profile = "cn-{svc}"
         help.contains("Exit 0 when mapped, 1 when not, 64 for a bad configuration"),
         "{help}"
     );
+}
+
+/// Key age covers templated callers too: their users are known only once
+/// they call, so the first call of one has its key's age checked then (one
+/// WARN line when too old), not at key custody's next sweep an hour later.
+#[tokio::test]
+async fn a_templated_callers_old_key_is_reported_after_its_first_call() {
+    let emulator = Emulator::shared();
+    let ns = unique("ns");
+    let user = emulator
+        .standard_user_named(&format!("svc-{ns}-aged"), "Aged-pass-1")
+        .await;
+    // Older than the warn_key_age below by the time credgate looks.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let pki = Pki::new();
+    let app = Setup::new(emulator, &pki)
+        .profile(&format!("{ns}-aged"), &user.key)
+        .toml(&format!("[keys]\nwarn_key_age = \"2s\"\n{TEMPLATES}"))
+        .start();
+    let age_warning = |v: &serde_json::Value| {
+        v["level"] == "WARN"
+            && v["iam_user"] == user.name.as_str()
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("older than keys.warn_key_age"))
+    };
+    // Not configured, so not in the start-up sweep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !app.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .any(|v| age_warning(&v)),
+        "no caller has used the templated user yet"
+    );
+    app.client(&pki, &pki.spiffe_client(&spiffe_id(&ns, "aged")))
+        .await
+        .change_password(change("Aged-pass-1", "Aged-pass-2"))
+        .await
+        .expect("templated caller");
+    app.wait_for_line("the templated user's age warning", age_warning)
+        .await;
 }

@@ -94,6 +94,14 @@ impl Ages {
             .remove(&self.hash(iam_user));
     }
 
+    /// Whether `iam_user`'s key age is known.
+    pub(crate) fn knows(&self, iam_user: &str) -> bool {
+        self.by_user
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&self.hash(iam_user))
+    }
+
     /// Forgets every user but `users` (no longer configured or enrolled).
     pub(crate) fn keep_only<'a>(&self, users: impl IntoIterator<Item = &'a str>) {
         let keep: HashSet<u64> = users.into_iter().map(|u| self.hash(u)).collect();
@@ -154,6 +162,7 @@ mod tests {
         assert_eq!(ages.over_age(), 0);
         assert!(ages.oldest_seconds().expect("some") < 11 * DAY.as_secs());
         ages.record("d", "AKIADDDDDDDDDDDDDDD5", now - 300 * DAY);
+        assert!(ages.knows("d") && !ages.knows("b"));
         ages.keep_only(["a", "c"]);
         assert_eq!(ages.over_age(), 0, "d is no longer in custody");
         assert!(ages.oldest_seconds().expect("some") < 11 * DAY.as_secs());

@@ -136,6 +136,28 @@ impl Keys {
         }
     }
 
+    /// The users whose keys callers used but no configured caller names:
+    /// templated callers' profiles (with Secrets Manager, every user with
+    /// a secret is known from the secrets already).
+    pub(crate) fn used_unconfigured(&self) -> Vec<Signer> {
+        match &self.source {
+            Source::Profiles(profiles) => profiles
+                .claimed()
+                .into_iter()
+                .map(|(profile, user)| Signer::new(&user, Some(&profile)))
+                .collect(),
+            Source::Secrets(_) => Vec::new(),
+        }
+    }
+
+    /// Resolves once such a user is first used (never with Secrets Manager).
+    pub(crate) async fn new_user(&self) {
+        match &self.source {
+            Source::Profiles(profiles) => profiles.new_user().await,
+            Source::Secrets(_) => std::future::pending().await,
+        }
+    }
+
     /// The Secrets Manager source, when it is the configured one.
     pub(crate) fn secrets(&self) -> Option<&Secrets> {
         match &self.source {

@@ -85,6 +85,9 @@ pub(crate) struct Profiles {
     /// The other profiles in use, each held by the IAM user of the first
     /// caller that used it.
     claimed: Mutex<HashMap<String, String>>,
+    /// Told when a profile is claimed: key custody checks the new user's
+    /// key age then, not at its next sweep.
+    new_user: tokio::sync::Notify,
     slots: UserCache<Slot>,
     /// The last parse of the files and their stamp: one parse serves every
     /// new profile until the files change.
@@ -114,6 +117,7 @@ impl Profiles {
             factory: factory.clone(),
             configured,
             claimed: Mutex::default(),
+            new_user: tokio::sync::Notify::new(),
             slots: UserCache::new(cache::MAX_USERS, cache::IDLE_AFTER),
             parsed: tokio::sync::Mutex::default(),
         }
@@ -160,13 +164,32 @@ impl Profiles {
     /// `profile` for `iam_user`, unless another user holds it.
     fn claim(&self, profile: &str, iam_user: &str) -> Result<(), Error> {
         let mut claimed = lock(&self.claimed);
-        let holder = claimed
-            .entry(profile.to_owned())
-            .or_insert_with(|| iam_user.to_owned());
+        let mut new = false;
+        let holder = claimed.entry(profile.to_owned()).or_insert_with(|| {
+            new = true;
+            iam_user.to_owned()
+        });
         if holder != iam_user {
             return Err(mismatch(profile, iam_user, holder));
         }
+        if new {
+            self.new_user.notify_one();
+        }
         Ok(())
+    }
+
+    /// The profiles no configured caller names that callers used (a
+    /// templated caller's), each with its user.
+    pub(crate) fn claimed(&self) -> Vec<(String, String)> {
+        lock(&self.claimed)
+            .iter()
+            .map(|(profile, user)| (profile.clone(), user.clone()))
+            .collect()
+    }
+
+    /// Resolves once a profile no configured caller names was first used.
+    pub(crate) async fn new_user(&self) {
+        self.new_user.notified().await;
     }
 
     /// `profile`'s clients for a look at its key (custody's key-age check):
