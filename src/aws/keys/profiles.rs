@@ -147,12 +147,7 @@ impl Profiles {
         let defined = parsed.as_ref().ok().and_then(|d| d.get(profile));
         if configured.is_none() {
             if defined.is_none() {
-                return Err(match parsed {
-                    Ok(_) => Error::IamUserNotProvisioned,
-                    Err(e) => Error::KeySourceUnavailable(Cause::msg(format!(
-                        "cannot read the AWS shared files: {e}"
-                    ))),
-                });
+                return Err(parsed.err().unwrap_or(Error::IamUserNotProvisioned));
             }
             self.claim(profile, iam_user)?;
         }
@@ -200,11 +195,7 @@ impl Profiles {
         if let Some(slot) = self.slots.peek(profile) {
             return Ok(slot.client.load_full());
         }
-        let parsed = self.parsed().await.map_err(|e| {
-            Error::KeySourceUnavailable(Cause::msg(format!(
-                "cannot read the AWS shared files: {e}"
-            )))
-        })?;
+        let parsed = self.parsed().await?;
         let Some(keys) = parsed.get(profile) else {
             return Err(Error::IamUserNotProvisioned);
         };
@@ -213,14 +204,18 @@ impl Profiles {
 
     /// The files as last parsed, parsed again when they changed on disk.
     /// One parse at a time, shared by every profile while they stay the
-    /// same.
-    async fn parsed(&self) -> Result<Arc<Defined>, String> {
+    /// same; `KEY_SOURCE_UNAVAILABLE` when they cannot be read.
+    async fn parsed(&self) -> Result<Arc<Defined>, Error> {
         let mut parsed = self.parsed.lock().await;
         let stamp = files_stamp();
         if let Some(p) = parsed.as_ref().filter(|p| p.stamp == stamp) {
             return Ok(p.defined.clone());
         }
-        let defined = Arc::new(load_defined().await?);
+        let defined = Arc::new(load_defined().await.map_err(|e| {
+            Error::KeySourceUnavailable(Cause::msg(format!(
+                "cannot read the AWS shared files: {e}"
+            )))
+        })?);
         *parsed = Some(Parsed {
             stamp,
             defined: defined.clone(),
