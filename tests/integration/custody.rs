@@ -48,13 +48,23 @@ async fn identity(emulator: &Emulator) -> AccessKey {
 
 /// A managed IAM user with the shipped policy only, its key in its secret.
 async fn enrolled(emulator: &Emulator, prefix: &str, password: &str) -> IamUser {
-    let user = emulator
-        .user_with_policy(Some(password), "managed-user-policy.json")
-        .await;
+    enrolled_named(emulator, prefix, &unique("user"), password).await
+}
+
+/// As [`enrolled`], named `name`.
+async fn enrolled_named(emulator: &Emulator, prefix: &str, name: &str, password: &str) -> IamUser {
+    let user = managed_user(emulator, name, password).await;
     emulator
         .put_secret(&format!("{prefix}/{}", user.name), &user.key)
         .await;
     user
+}
+
+/// A managed IAM user named `name` with the shipped policy only, no secret.
+async fn managed_user(emulator: &Emulator, name: &str, password: &str) -> IamUser {
+    emulator
+        .user_named_with_policy(name, Some(password), "managed-user-policy.json")
+        .await
 }
 
 fn last4(id: &str) -> &str {
@@ -215,23 +225,8 @@ async fn templated_callers_use_their_built_users_secrets_and_are_served_once_enr
     let prefix = prefix();
     let identity = identity(emulator).await;
     let ns = unique("ns");
-    let api = emulator
-        .user_named_with_policy(
-            &format!("svc-{ns}-api"),
-            Some("Tpl-pass-1"),
-            "managed-user-policy.json",
-        )
-        .await;
-    emulator
-        .put_secret(&format!("{prefix}/{}", api.name), &api.key)
-        .await;
-    let late = emulator
-        .user_named_with_policy(
-            &format!("svc-{ns}-late"),
-            Some("Late-pass-1"),
-            "managed-user-policy.json",
-        )
-        .await;
+    let api = enrolled_named(emulator, &prefix, &format!("svc-{ns}-api"), "Tpl-pass-1").await;
+    let late = managed_user(emulator, &format!("svc-{ns}-late"), "Late-pass-1").await;
     let pki = Pki::new();
     let app = Setup::new(emulator, &pki)
         .toml(
